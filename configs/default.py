@@ -1,0 +1,63 @@
+"""Every config field with its default; the experiment configs beside this file override a few.
+
+Not a run of its own: see pretrain_multiorgan.py and finetune_busi.py.
+"""
+import ml_collections
+
+from usjax.augment import AugmentConfig
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.task = "pretrain"               # 'pretrain' | 'finetune'
+  c.method = "simclr"               # contrastive method for pre-training
+  c.seed = 0
+  c.batch_size = 32                 # global: split over all devices and hosts
+  c.num_steps = 100
+  c.log_every = 10
+  c.checkpoint_every = 50
+  c.keep_checkpoints = 3
+
+  c.data = ml_collections.ConfigDict()
+  c.data.data_dir = "~/tensorflow_datasets"   # where prepared (array_record) data sets live and are reused
+  c.data.sources = "synthetic_breast,synthetic_lung,synthetic_heart"   # pre-training mixture (usjax.data.sources)
+  c.data.weights = ""               # mixture weights, e.g. '2,1,1'; '' = equal
+  c.data.pretrain_split = "train"   # never pre-train on a fine-tuning test split
+  c.data.source = "synthetic_breast"  # fine-tuning / evaluation source (needs masks)
+  c.data.label_fraction = 100       # % of the training labels used for fine-tuning: 100, 50, 25, 10 (nested)
+  c.data.image_size = 64
+  c.data.channels = 1
+  c.data.aspect = "pad"             # 'pad' | 'stretch' | 'crop' (usjax.data.pipeline)
+  c.data.num_workers = 0            # grain worker processes (0 = in the main process)
+  c.data.synthetic_size = 64        # the embedded synthetic set: image side, count, seed
+  c.data.synthetic_num_images = 600
+  c.data.synthetic_seed = 0
+  c.data.busi_dir = ""              # folders of downloaded real data (README: Data)
+  c.data.pocus_dir = ""
+  c.data.camus_dir = ""
+  c.data.us_folder_dir = ""
+  c.data.natural_dir = ""
+
+  c.model = ml_collections.ConfigDict()
+  c.model.encoder = "resnet18"      # 'resnet18' | 'resnet34' | 'resnet50' | 'plain'
+  c.model.decoder_widths = (256, 128, 64, 32, 16)
+  c.model.norm = "batch"            # 'batch' (global-batch statistics) | 'group'
+  c.model.with_decoder = False      # pre-train the whole U-Net (encoder+decoder) instead of the encoder
+  c.model.proj_dims = (512, 128)    # projection head: hidden layers..., output
+  c.model.dtype = "float32"         # 'bfloat16' for mixed precision on GPU/TPU
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adamw"            # 'adamw' | 'lars' | 'sgd'
+  c.optim.learning_rate = 1e-3
+  c.optim.weight_decay = 1e-6
+  c.optim.warmup_steps = 10
+
+  c.simclr = ml_collections.ConfigDict()
+  c.simclr.temperature = 0.5
+
+  c.augment = ml_collections.ConfigDict(AugmentConfig().__dict__)
+
+  c.init_from = ""                  # fine-tuning: a pre-training workdir ('' = from scratch)
+  c.transfer = "encoder"            # 'encoder' | 'encoder+decoder'
+  c.eval_split = "test"
+  return c

@@ -1,0 +1,11 @@
+import os
+import sys
+
+from absl import flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+
+# grain worker processes read absl flags; pytest does not parse them.
+flags.FLAGS.mark_as_parsed()

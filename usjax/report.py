@@ -1,0 +1,81 @@
+"""Report stage: progress lines while a run works, TensorBoard events, and `summary.json` when it ends.
+
+Only process 0 writes, so a many-host run produces one set of files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+
+def write_json(path: str, obj) -> None:
+  """Atomic write: a reader never sees half a file, an interrupted run never leaves one."""
+  d = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".json")
+  with os.fdopen(fd, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
+  os.replace(tmp, path)
+
+
+def _jsonable(x):
+  if isinstance(x, (np.generic, np.ndarray)):
+    return x.tolist()
+  return str(x)
+
+
+class Reporter:
+  """Progress to the log and TensorBoard scalars, every `every` steps."""
+
+  def __init__(self, workdir: str, total_steps: int, images_per_step: int, first_step: int = 0):
+    self.main = jax.process_index() == 0
+    self.total, self.images_per_step = total_steps, images_per_step
+    self.t_start = self.t_last = time.perf_counter()
+    self.step_last = first_step
+    self.history: list[dict] = []
+    self.writer = None
+    if self.main:
+      from tensorboardX import SummaryWriter
+      self.writer = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def mark(self, step: int) -> None:
+    """Restart the clock (after compilation) so images/second measures steady-state steps."""
+    self.t_last, self.step_last = time.perf_counter(), step
+
+  def log(self, step: int, metrics: dict) -> dict:
+    now = time.perf_counter()
+    rate = (step - self.step_last) * self.images_per_step / max(now - self.t_last, 1e-9)
+    self.t_last, self.step_last = now, step
+    row = {"step": step, **{k: float(v) for k, v in metrics.items()}, "images_per_sec": rate}
+    self.history.append(row)
+    if self.main:
+      eta = (self.total - step) * self.images_per_step / max(rate, 1e-9)
+      shown = " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step")
+      logging.info("step %d/%d (%3.0f%%) %s eta=%s", step, self.total, 100 * step / self.total, shown,
+                   time.strftime("%M:%S", time.gmtime(eta)))
+      for k, v in row.items():
+        if k != "step":
+          self.writer.add_scalar(f"train/{k}", v, step)
+      self.writer.flush()
+    return row
+
+  def scalars(self, step: int, values: dict, prefix: str) -> None:
+    if self.main:
+      for k, v in values.items():
+        self.writer.add_scalar(f"{prefix}/{k}", float(v), step)
+      self.writer.flush()
+
+  def mean_rate(self) -> float:
+    rates = [r["images_per_sec"] for r in self.history[1:]] or [r["images_per_sec"] for r in self.history]
+    return float(np.mean(rates)) if rates else 0.0
+
+  def close(self, workdir: str, summary: dict) -> None:
+    if self.main:
+      write_json(os.path.join(workdir, "summary.json"), summary)
+      write_json(os.path.join(workdir, "history.json"), self.history)
+      self.writer.close()

@@ -1,0 +1,288 @@
+"""Train stage: one pure step per task, compiled once with `jax.jit` over a device mesh, and the loop around it.
+
+The train state is a plain dict pytree {params, batch_stats, opt_state, step, rng}. Batches are sharded over the
+mesh's `data` axis and the state is replicated, so BatchNorm statistics and contrastive negatives span the global
+batch with no hand-written collectives. The state buffers are donated to each step. A non-finite loss or
+gradient leaves the state unchanged (the step selects the old one) and the loop stops before the next save, so a
+good checkpoint is never overwritten by a diverged one.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from usjax import UsjaxError, augment, checkpoint, evaluate, models, objectives, report
+from usjax.data import pipeline
+
+
+class DivergedError(UsjaxError):
+  pass
+
+
+# ---------------------------------------------------------------------------------------------------- set-up
+def make_mesh() -> jax.sharding.Mesh:
+  return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+
+
+def weight_decay_mask(params):
+  """Decay conv and dense kernels only: biases and normalisation scales are left alone (SimCLR, LARS)."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+  o = cfg.optim
+  warmup = min(o.warmup_steps, max(total_steps - 1, 0))
+  lr = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, warmup, max(total_steps, warmup + 1))
+  if o.name == "adamw":
+    return optax.adamw(lr, weight_decay=o.weight_decay, mask=weight_decay_mask)
+  if o.name == "lars":
+    return optax.lars(lr, weight_decay=o.weight_decay, weight_decay_mask=weight_decay_mask,
+                      trust_ratio_mask=weight_decay_mask, momentum=0.9)
+  if o.name == "sgd":
+    return optax.chain(optax.add_decayed_weights(o.weight_decay, weight_decay_mask), optax.sgd(lr, momentum=0.9))
+  raise UsjaxError(f"config.optim.name must be 'adamw', 'lars' or 'sgd', got {o.name!r}")
+
+
+def build_model(cfg, task: str):
+  m = cfg.model
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.dtype]
+  if task == "finetune":
+    return models.UNet(encoder=m.encoder, decoder_widths=tuple(m.decoder_widths), norm=m.norm, dtype=dtype)
+  return models.PretrainNet(encoder=m.encoder, decoder_widths=tuple(m.decoder_widths), norm=m.norm,
+                            with_decoder=m.with_decoder, proj_dims=tuple(m.proj_dims), dtype=dtype)
+
+
+def init_state(model, tx, seed: int, input_shape, mesh, params_override=None) -> dict:
+  """The replicated train state. `params_override(params, batch_stats)` may replace weights (transfer)."""
+  def init():
+    variables = model.init(jax.random.key(seed), jnp.zeros(input_shape, jnp.float32), train=False)
+    return variables["params"], variables.get("batch_stats", {})
+  repl = NamedSharding(mesh, P())
+  params, batch_stats = jax.jit(init, out_shardings=repl)()
+  if params_override is not None:
+    params, batch_stats = params_override(params, batch_stats)
+    params, batch_stats = jax.device_put((params, batch_stats), repl)
+  opt_state = jax.jit(tx.init, out_shardings=repl)(params)
+  rng = jax.device_put(jax.random.key_data(jax.random.key(seed + 1)), repl)
+  return {"params": params, "batch_stats": batch_stats, "opt_state": opt_state,
+          "step": jax.device_put(jnp.zeros((), jnp.int32), repl), "rng": rng}
+
+
+# ---------------------------------------------------------------------------------------------------- losses
+def simclr_loss(params, batch_stats, images, key, *, model, aug_cfg, temperature):
+  """Two augmented views per image, one forward pass over both (BatchNorm sees all 2N views), NT-Xent."""
+  v1, v2 = augment.two_views(key, images, aug_cfg)
+  (z, _), new_vars = model.apply({"params": params, "batch_stats": batch_stats}, jnp.concatenate([v1, v2]),
+                                 train=True, mutable=["batch_stats"])
+  n = images.shape[0]
+  loss = objectives.nt_xent(z[:n], z[n:], temperature)
+  return loss, (new_vars["batch_stats"], {"contrast_acc": objectives.contrastive_accuracy(z[:n], z[n:])})
+
+
+def segmentation_loss(params, batch_stats, batch, key, *, model, aug_cfg):
+  images, masks = augment.augment_batch_pairs(key, batch[0], batch[1], aug_cfg)
+  logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                                 mutable=["batch_stats"])
+  dice, _ = evaluate.dice_iou(logits > 0, masks > 0.5)
+  return objectives.dice_bce(logits, masks), (new_vars["batch_stats"], {"train_dice": dice.mean()})
+
+
+def train_step(state, batch, *, loss_fn, tx):
+  """One optimiser step. Pure: (state, batch) -> (state, metrics)."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+  (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state["params"], state["batch_stats"], batch, key)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new = {"params": optax.apply_updates(state["params"], updates), "batch_stats": batch_stats,
+         "opt_state": opt_state}
+  new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, {k: state[k] for k in new})
+  new.update(step=state["step"] + 1, rng=state["rng"])
+  return new, {"loss": loss, "grad_norm": grad_norm, "finite": finite, **metrics}
+
+
+def to_float(images):
+  return images.astype(jnp.float32) / 255.0
+
+
+def compile_step(loss_fn, tx, mesh):
+  repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  step = functools.partial(train_step, loss_fn=loss_fn, tx=tx)
+  return jax.jit(step, in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
+
+
+def global_batch(local: dict | np.ndarray, mesh):
+  """Per-process numpy arrays -> one global array per leaf, sharded on the data axis."""
+  sharding = NamedSharding(mesh, P("data"))
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
+
+
+# ---------------------------------------------------------------------------------------------------- loop
+def fit(cfg, workdir: str, task: str, state, step_fn, data_iter, to_batch, mesh, meta: dict):
+  """Runs `cfg.num_steps` steps with progress, checkpoints and the NaN guard; resumes from the latest save."""
+  ckpt = checkpoint.manager(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  restored = checkpoint.restore_latest(ckpt, abstract, data_iter)
+  if restored is not None:
+    state = restored[0]
+    logging.info("resuming from %s at step %d", ckpt.directory, int(state["step"]))
+  start = int(state["step"])
+  rep = report.Reporter(workdir, cfg.num_steps, cfg.batch_size, start)
+  t0, compile_s, row, pending = time.perf_counter(), 0.0, {}, []
+  for step in range(start + 1, cfg.num_steps + 1):
+    state, metrics = step_fn(state, to_batch(next(data_iter)))
+    pending.append(metrics)
+    if step == start + 1:
+      jax.block_until_ready(metrics["loss"])
+      compile_s = time.perf_counter() - t0
+      rep.mark(step)
+    is_save = step % cfg.checkpoint_every == 0 or step == cfg.num_steps
+    if step % cfg.log_every == 0 or is_save:
+      host = jax.device_get(pending)
+      pending = []
+      bad = [m for m in host if not m["finite"]]
+      if bad:
+        last = ckpt.latest_step()
+        ckpt.wait_until_finished()
+        raise DivergedError(f"non-finite loss or gradient by step {step} (loss={bad[0]['loss']}); stopped, the "
+                            f"last good checkpoint (step {last}) in {ckpt.directory} is kept")
+      row = rep.log(step, {k: np.mean([m[k] for m in host]) for k in host[-1] if k != "finite"})
+    if is_save:
+      checkpoint.save(ckpt, step, state, meta, data_iter)
+  ckpt.wait_until_finished()
+  ckpt.close()
+  summary = {"task": task, "steps": cfg.num_steps, "batch_size": cfg.batch_size,
+             "final_loss": row.get("loss"), "images_per_sec": rep.mean_rate(), "compile_s": compile_s,
+             "wall_s": time.perf_counter() - t0, "devices": jax.device_count(), "processes": jax.process_count()}
+  return state, rep, summary
+
+
+def pretrain(cfg, workdir: str) -> dict:
+  mesh = make_mesh()
+  model, tx = build_model(cfg, "pretrain"), make_optimizer(cfg, cfg.num_steps)
+  if cfg.method != "simclr":
+    raise UsjaxError(f"config.method must be 'simclr', got {cfg.method!r}")
+  aug_cfg = augment.AugmentConfig.from_dict(cfg.augment)
+  loss_fn = functools.partial(simclr_loss, model=model, aug_cfg=aug_cfg, temperature=cfg.simclr.temperature)
+  s = cfg.data.image_size
+  state = init_state(model, tx, cfg.seed, (2, s, s, cfg.data.channels), mesh)
+  logging.info("pre-training %s (%s, %.2fM parameters) with %s on %s", model.encoder,
+               "encoder+decoder" if cfg.model.with_decoder else "encoder",
+               models.count_params(state["params"]) / 1e6, cfg.method, cfg.data.sources)
+  data_iter = iter(pipeline.pretrain_dataset(cfg.data, cfg.batch_size, cfg.seed))
+  step_fn = compile_step(lambda p, b, x, k: loss_fn(p, b, to_float(x), k), tx, mesh)
+  meta = {"task": "pretrain", "method": cfg.method, "model": cfg.model.to_dict(), "sources": cfg.data.sources}
+  state, rep, summary = fit(cfg, workdir, "pretrain", state, step_fn, data_iter,
+                            lambda b: global_batch(b["image"], mesh), mesh, meta)
+  summary.update(method=cfg.method, sources=cfg.data.sources, first_loss=rep.history[0]["loss"]
+                 if rep.history else None)
+  rep.close(workdir, summary)
+  return summary
+
+
+def finetune(cfg, workdir: str) -> dict:
+  mesh = make_mesh()
+  model, tx = build_model(cfg, "finetune"), make_optimizer(cfg, cfg.num_steps)
+  transfer = {}
+  override = None
+  if cfg.init_from:
+    parts = {"encoder": ("encoder",), "encoder+decoder": ("encoder", "decoder")}.get(cfg.transfer)
+    if parts is None:
+      raise UsjaxError(f"config.transfer must be 'encoder' or 'encoder+decoder', got {cfg.transfer!r}")
+
+    def override(params, batch_stats):
+      params, batch_stats, info = checkpoint.load_pretrained(cfg.init_from, params, batch_stats, parts)
+      transfer.update(info)
+      return params, batch_stats
+  s = cfg.data.image_size
+  state = init_state(model, tx, cfg.seed, (2, s, s, cfg.data.channels), mesh, override)
+  if not cfg.init_from:
+    logging.info("training from scratch (no config.init_from): the supervised baseline")
+  train_ds, n_train = pipeline.finetune_dataset(cfg.data, cfg.batch_size, cfg.seed)
+  logging.info("fine-tuning U-Net/%s (%.2fM parameters) on %s, %d%% labels = %d training images",
+               cfg.model.encoder, models.count_params(state["params"]) / 1e6, cfg.data.source,
+               cfg.data.label_fraction, n_train)
+  aug_cfg = augment.AugmentConfig.from_dict(cfg.augment)
+  loss_fn = functools.partial(segmentation_loss, model=model, aug_cfg=aug_cfg)
+  step_fn = compile_step(lambda p, b, x, k: loss_fn(p, b, (to_float(x[0]), x[1].astype(jnp.float32)), k),
+                         tx, mesh)
+  meta = {"task": "finetune", "model": cfg.model.to_dict(), "source": cfg.data.source,
+          "init_from": cfg.init_from, "transfer": cfg.transfer if cfg.init_from else "none"}
+  state, rep, summary = fit(cfg, workdir, "finetune", state, step_fn, iter(train_ds),
+                            lambda b: global_batch((b["image"], b["mask"]), mesh), mesh, meta)
+  scores = evaluate_split(model, state, cfg, cfg.eval_split, mesh)
+  summary.update(evaluate.summarize(scores), source=cfg.data.source, label_fraction=cfg.data.label_fraction,
+                 train_images=n_train, eval_split=cfg.eval_split, init_from=cfg.init_from or None,
+                 transfer=transfer or None)
+  rep.scalars(cfg.num_steps, {"dice": summary["dice"], "iou": summary["iou"]}, cfg.eval_split)
+  logging.info("%s split: Dice %.4f, IoU %.4f over %d images", cfg.eval_split, summary["dice"], summary["iou"],
+               summary["num_images"])
+  rep.close(workdir, summary)
+  return summary
+
+
+def evaluate_split(model, state, cfg, split: str, mesh) -> dict[str, np.ndarray]:
+  variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+
+  @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P("data")))
+  def score(variables, images, masks):
+    logits = model.apply(variables, to_float(images), train=False)
+    return evaluate.dice_iou(logits > 0, masks > 0)
+  batches = pipeline.eval_batches(cfg.data, split, cfg.batch_size)
+  return evaluate.evaluate(lambda x, m: score(variables, x, m), batches, lambda a: global_batch(a, mesh))
+
+
+def maybe_initialize_distributed() -> None:
+  """Joins a multi-process run when the environment describes one (Slurm, Cloud TPU, or explicit variables)."""
+  if jax.distributed.is_initialized():
+    return
+  explicit = "JAX_COORDINATOR_ADDRESS" in os.environ
+  cluster = "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1
+  if explicit:
+    jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], int(os.environ["JAX_NUM_PROCESSES"]),
+                               int(os.environ["JAX_PROCESS_ID"]))
+  elif cluster or "TPU_WORKER_HOSTNAMES" in os.environ:
+    jax.distributed.initialize()
+
+
+def check_workdir(workdir: str) -> bool:
+  """Fails early, in one line, on a workdir that cannot be written. Returns whether it already existed."""
+  path = os.path.abspath(os.path.expanduser(workdir))
+  existed = os.path.isdir(path)
+  if os.path.exists(path) and not existed:
+    raise UsjaxError(f"--workdir {workdir}: exists and is not a directory")
+  parent = path
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+    raise UsjaxError(f"--workdir {workdir}: {parent} is not writable")
+  return existed
+
+
+def run(cfg, workdir: str) -> dict:
+  """Runs the task of `cfg` in `workdir`. A run that fails on bad input removes the workdir it created."""
+  if cfg.task not in ("pretrain", "finetune"):
+    raise UsjaxError(f"config.task must be 'pretrain' or 'finetune', got {cfg.task!r}")
+  maybe_initialize_distributed()
+  existed = check_workdir(workdir)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+  try:
+    return pretrain(cfg, workdir) if cfg.task == "pretrain" else finetune(cfg, workdir)
+  except UsjaxError:
+    ckdir = os.path.join(workdir, "checkpoints")
+    saved = os.path.isdir(ckdir) and any(n.isdigit() for n in os.listdir(ckdir))
+    if not existed and not saved and jax.process_index() == 0:
+      import shutil
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
