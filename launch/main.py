@@ -19,7 +19,8 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from usjax import UsjaxError, train
+  from usjax import UsjaxError, report, train
+  report.quiet_libraries()
   try:
     train.run(flags.FLAGS.config, flags.FLAGS.workdir)
   except UsjaxError as e:

@@ -182,7 +182,8 @@ def test_depth_gain_depends_on_depth_only():
 def test_fan_mask_zeroes_top_corners():
   x = jnp.ones((32, 32, 1))
   out, off = _jit(jax.vmap(lambda k: (augment.fan_mask(k, x, p=1.0),
-                                      augment.fan_mask(k, x, p=0.0))), _keys(64))
+                                      augment.fan_mask(k, x, p=0.0))),
+                  _keys(64))
   out = np.asarray(out)
   assert (out[:, 0, 0] == 0).all() and (out[:, 0, -1] == 0).all()
   assert (out[:, 16, 15:17] == 1).all()  # the beam axis stays

@@ -332,12 +332,12 @@ class AugmentConfig:
   crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
   hflip: bool = True
   vflip: bool = False
-  brightness: float = 0.4
-  contrast: float = 0.4
-  gamma: float = 0.3
+  brightness: float = 0.4  # gain factor ~ U(1 - b, 1 + b)
+  contrast: float = 0.4  # factor ~ U(1 - c, 1 + c)
+  gamma: float = 0.3  # exponent log-uniform in [1 / (1 + g), 1 + g]
   blur_prob: float = 0.5
-  speckle: float = 0.3
-  depth_gain_db: float = 6.0
+  speckle: float = 0.3  # largest std of the multiplicative speckle field
+  depth_gain_db: float = 6.0  # depth-gain knots ~ U(-dB, dB)
   fan_prob: float = 0.2
   shadow_prob: float = 0.2
 
@@ -345,8 +345,10 @@ class AugmentConfig:
     for f in dataclasses.fields(self):
       value = getattr(self, f.name)
       top = 1 if f.name.endswith('prob') or f.name == 'crop_scale' else math.inf
-      if isinstance(f.default, tuple) and not 0 < value[0] <= value[1] <= top:
-        raise ValueError(f'{f.name} needs 0 < low <= high <= {top}: {value}')
+      if isinstance(f.default, tuple) and not (
+          len(value) == 2 and 0 < value[0] <= value[1] <= top):
+        raise ValueError(f'{f.name} needs (low, high), 0 < low <= high <= '
+                         f'{top}; got {value}')
       if isinstance(f.default, float) and not 0 <= value <= top:
         raise ValueError(f'{f.name} must be in [0, {top}], got {value}')
 
@@ -367,20 +369,14 @@ class AugmentConfig:
     if hasattr(d, 'to_dict'):
       d = d.to_dict()
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-    values = {}
-    for key, value in dict(d).items():
+    for key in d:
       if key not in defaults:
         raise ValueError(f'unknown augmentation key {key!r}; expected one of '
                          f'{sorted(defaults)}')
-      if isinstance(defaults[key], bool):
-        values[key] = bool(value)
-      elif isinstance(defaults[key], float):
-        values[key] = float(value)
-      else:
-        values[key] = tuple(float(v) for v in value)
-        if len(values[key]) != 2:
-          raise ValueError(f'{key} needs two values, got {value!r}')
-    return dataclasses.replace(base or cls(), **values)
+    cast = lambda k, v: (tuple(map(float, v)) if isinstance(defaults[k], tuple)
+                         else type(defaults[k])(v))
+    return dataclasses.replace(base or cls(),
+                               **{k: cast(k, v) for k, v in dict(d).items()})
 
 
 # Uniform draws per stage: speckle level, shadow, depth knots, blur,

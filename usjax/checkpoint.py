@@ -70,13 +70,14 @@ def load_pretrained(path: str, params: dict, batch_stats: dict, parts: tuple[str
   names the checkpoint and the first mismatching parameter (orbax alone would silently keep the init values).
   """
   ckdir = find_checkpoint_dir(path)
-  mngr = ocp.CheckpointManager(ckdir, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  mngr = ocp.CheckpointManager(ckdir, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+                               item_handlers={"state": ocp.PyTreeCheckpointHandler()})
   step = mngr.latest_step()
   if step is None:
     raise CheckpointError(f"config.init_from: {ckdir} holds no checkpoint")
   try:
     stored = _flat(mngr.item_metadata(step)["state"].tree)
-  except Exception as e:  # not an orbax state checkpoint of this project
+  except (KeyError, AttributeError, ValueError, FileNotFoundError) as e:  # not an orbax state checkpoint of this project
     raise CheckpointError(f"config.init_from: {ckdir}/{step} is not a usjax checkpoint ({type(e).__name__})") from e
   target = {"params": {p: params[p] for p in parts if p in params},
             "batch_stats": {p: batch_stats[p] for p in parts if p in batch_stats}}

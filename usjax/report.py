@@ -14,6 +14,23 @@ import numpy as np
 from absl import logging
 
 
+def quiet_libraries() -> None:
+  """Keeps the console to this run's progress: INFO lines from orbax, TFDS and grain internals are dropped."""
+  import logging as pylog
+  noisy = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/array_record/", "/jax/_src/")
+  harmless = ("Using custom data configuration", "OpenCV is not installed", "read only=",
+              "read_only=True")
+
+  class Filter(pylog.Filter):
+    def filter(self, record):
+      if any(n in record.pathname for n in noisy):
+        return record.levelno >= pylog.WARNING and not str(record.msg).startswith(harmless) and not any(
+            h in str(record.msg) for h in harmless)
+      return True
+  for h in pylog.getLogger().handlers + [logging.get_absl_handler()]:
+    h.addFilter(Filter())
+
+
 def write_json(path: str, obj) -> None:
   """Atomic write: a reader never sees half a file, an interrupted run never leaves one."""
   d = os.path.dirname(os.path.abspath(path))

@@ -1,0 +1,103 @@
+"""A few-step pre-train -> save -> fine-tune-from-it -> evaluate run on tiny synthetic shapes, and bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import finetune_busi, pretrain_multiorgan
+from usjax import UsjaxError, checkpoint, train
+from usjax.checkpoint import CheckpointError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(cfg, data_dir):
+  cfg.data.data_dir = str(data_dir)
+  cfg.data.image_size = cfg.data.synthetic_size = 32
+  cfg.data.synthetic_num_images = 40
+  cfg.batch_size, cfg.num_steps, cfg.log_every, cfg.checkpoint_every = 8, 4, 2, 2
+  cfg.model.proj_dims = (64, 32)
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  root = tmp_path_factory.mktemp("e2e")
+  cfg = tiny(pretrain_multiorgan.get_config(), root / "data")
+  summary = train.run(cfg, str(root / "pre"))
+  return root, summary
+
+
+def test_pretrain_writes_checkpoint_summary_and_events(pretrained):
+  root, summary = pretrained
+  with open(root / "pre" / "summary.json") as f:
+    assert json.load(f) == pytest.approx(summary)
+  assert summary["steps"] == 4 and np.isfinite(summary["final_loss"])
+  assert summary["images_per_sec"] > 0
+  assert sorted(os.listdir(root / "pre" / "checkpoints")) == ["2", "4"]
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(root / "pre" / "tb"))
+
+
+def test_finetune_from_pretrained_restores_encoder_and_scores(pretrained):
+  root, _ = pretrained
+  cfg = tiny(finetune_busi.get_config(), root / "data")
+  cfg.init_from = str(root / "pre")
+  summary = train.run(cfg, str(root / "fine"))
+  assert summary["transfer"]["loaded"] == ["encoder"]
+  assert summary["transfer"]["init"] == ["decoder", "seg_head"]
+  assert 0.0 <= summary["dice"] <= 1.0 and 0.0 <= summary["iou"] <= summary["dice"] + 1e-6
+  assert summary["num_images"] == 8   # 20% of 40 synthetic breast images
+
+  # The encoder loaded into a fresh U-Net equals the one saved by pre-training.
+  saved = ocp.CheckpointManager(str(root / "pre" / "checkpoints"),
+                                item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  state = saved.restore(4, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
+  model = train.build_model(cfg, "finetune")
+  v = jax.jit(lambda: model.init(jax.random.key(3), np.zeros((1, 32, 32, 1), np.float32), train=False))()
+  params, stats, _ = checkpoint.load_pretrained(str(root / "pre"), v["params"], v["batch_stats"], ("encoder",))
+  for a, b in [(params["encoder"], state["params"]["encoder"]), (stats["encoder"], state["batch_stats"]["encoder"])]:
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert not np.array_equal(params["decoder"]["up0"]["Conv_0"]["kernel"], 0)
+
+
+def test_missing_init_checkpoint_is_one_line_and_leaves_no_workdir(pretrained, tmp_path):
+  root, _ = pretrained
+  cfg = tiny(finetune_busi.get_config(), root / "data")
+  cfg.init_from = str(tmp_path / "nowhere")
+  with pytest.raises(CheckpointError, match="nowhere"):
+    train.run(cfg, str(tmp_path / "fine"))
+  assert not (tmp_path / "fine").exists()
+
+
+def test_init_checkpoint_of_wrong_structure_is_rejected(pretrained, tmp_path):
+  root, _ = pretrained
+  other = ocp.CheckpointManager(str(tmp_path / "other" / "checkpoints"))
+  other.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": {"x": np.zeros(3)}})))
+  other.wait_until_finished()
+  cfg = tiny(finetune_busi.get_config(), root / "data")
+  cfg.init_from = str(tmp_path / "other")
+  with pytest.raises(CheckpointError, match="other.*has no parameter"):
+    train.run(cfg, str(tmp_path / "fine"))
+  assert not (tmp_path / "fine").exists()
+
+
+def test_unwritable_workdir_is_rejected(tmp_path):
+  (tmp_path / "file").write_text("")
+  cfg = pretrain_multiorgan.get_config()
+  with pytest.raises(UsjaxError, match="workdir"):
+    train.run(cfg, str(tmp_path / "file" / "run"))
+
+
+def test_unknown_config_key_fails_in_one_line(tmp_path):
+  out = subprocess.run([sys.executable, "launch/main.py", "--config=configs/pretrain_multiorgan.py",
+                        f"--workdir={tmp_path / 'w'}", "--config.num_stepz=3"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode != 0
+  assert "num_stepz" in out.stderr
+  assert not (tmp_path / "w").exists()
