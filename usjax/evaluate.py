@@ -24,25 +24,60 @@ def dice_iou(pred: jax.Array, true: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def summarize(per_image: dict[str, np.ndarray]) -> dict[str, float]:
-  """Means over the test images (and, where a label is present, per class)."""
-  out = {k: float(np.mean(v)) for k, v in per_image.items() if k in ("dice", "iou")}
-  out["num_images"] = int(len(per_image["dice"]))
+  """Means over the test images, and per class where the images carry one (BUSI: benign/malignant/normal).
+
+  On images whose ground truth is empty (normal), Dice is 1 or 0, so its mean is 1 - false-positive rate.
+  """
+  out = {"dice": float(np.mean(per_image["dice"])), "iou": float(np.mean(per_image["iou"])),
+         "num_images": int(len(per_image["dice"]))}
+  if "label" in per_image:
+    labels = np.asarray(per_image["label"])
+    for name in sorted(set(labels.tolist())):
+      sel = labels == name
+      out[f"dice_{name}"] = float(np.mean(np.asarray(per_image["dice"])[sel]))
+      out[f"iou_{name}"] = float(np.mean(np.asarray(per_image["iou"])[sel]))
+  if "empty_true" in per_image and np.any(per_image["empty_true"]):
+    empty = np.asarray(per_image["empty_true"], bool)
+    out["false_positive_rate"] = float(np.mean(~np.asarray(per_image["empty_pred"], bool)[empty]))
   return out
 
 
-def evaluate(predict_fn, batches, mesh_put) -> dict[str, np.ndarray]:
-  """Scores every real (non-padding) image of `batches`.
+def evaluate(score_fn, batches, to_global) -> dict[str, np.ndarray]:
+  """Scores every real (non-padding) image of `batches`, in split order.
 
-  `predict_fn(images, masks) -> (dice, iou)` is the jitted per-image scorer; `mesh_put` turns a host batch into
-  global arrays; each batch carries a `valid` flag for the padding that keeps the batch shape fixed.
+  `score_fn(images, masks) -> (dice, iou, pred)` is the jitted per-image scorer, `to_global` turns a host batch
+  into global arrays; padding images carry index -1 and are dropped after the cross-host gather.
   """
   from jax.experimental import multihost_utils
-  dice, iou = [], []
+  gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  out = {"index": [], "dice": [], "iou": [], "empty_true": [], "empty_pred": []}
   for batch in batches:
-    d, i = predict_fn(mesh_put(batch["image"]), mesh_put(batch["mask"]))
-    valid = multihost_utils.process_allgather(mesh_put(batch["valid"]), tiled=True).astype(bool)
-    d = multihost_utils.process_allgather(d, tiled=True)
-    i = multihost_utils.process_allgather(i, tiled=True)
-    dice.append(np.asarray(d)[valid])
-    iou.append(np.asarray(i)[valid])
-  return {"dice": np.concatenate(dice), "iou": np.concatenate(iou)}
+    dice, iou, pred = score_fn(to_global(batch["image"]), to_global(batch["mask"]))
+    index = gather(to_global(batch["index"]))
+    keep = index >= 0
+    pred, true = gather(pred)[keep], gather(to_global(batch["mask"]))[keep] > 0
+    out["index"].append(index[keep])
+    out["dice"].append(gather(dice)[keep])
+    out["iou"].append(gather(iou)[keep])
+    out["empty_true"].append(~true.reshape(len(true), -1).any(1))
+    out["empty_pred"].append(~pred.reshape(len(pred), -1).any(1))
+  return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def hd95(pred: np.ndarray, true: np.ndarray) -> float:
+  """95th-percentile symmetric Hausdorff distance, in pixels, between the boundaries of boolean masks [H, W].
+
+  The 95th percentile instead of the maximum keeps one stray pixel from deciding the score. Both masks empty is a
+  perfect 0.0; exactly one empty has no distance at all and is NaN, so callers count it apart and leave it out of
+  means (Dice already scores it 0).
+  """
+  from scipy import ndimage
+  pred, true = np.asarray(pred, bool), np.asarray(true, bool)
+  if not pred.any() and not true.any():
+    return 0.0
+  if not pred.any() or not true.any():
+    return float("nan")
+  edge = lambda m: m & ~ndimage.binary_erosion(m)  # border_value=0: pixels on the image edge are boundary too
+  ep, et = edge(pred), edge(true)
+  dist = np.concatenate([ndimage.distance_transform_edt(~et)[ep], ndimage.distance_transform_edt(~ep)[et]])
+  return float(np.percentile(dist, 95))

@@ -46,3 +46,31 @@ def dice_bce(logits: jax.Array, masks: jax.Array) -> jax.Array:
   """Segmentation loss: soft Dice plus pixel-wise binary cross entropy (the usual U-Net fine-tuning loss)."""
   bce = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), masks).mean()
   return soft_dice_loss(logits, masks) + bce
+
+
+def info_nce(q: jax.Array, k: jax.Array, queue: jax.Array, temperature: float = 0.2) -> jax.Array:
+  """MoCo's InfoNCE (He et al. 2020, eq. 1): each query against its key and the K queued negatives.
+
+  `q` and `k` are l2-normalised here; the `queue` rows are assumed unit-norm already (MoCo stores them so).
+  Keys and queue carry no gradient: they come from the momentum encoder.
+  """
+  q = l2_normalize(q.astype(jnp.float32))
+  k = jax.lax.stop_gradient(l2_normalize(k.astype(jnp.float32)))
+  queue = jax.lax.stop_gradient(queue.astype(jnp.float32))
+  pos = jnp.sum(q * k, axis=-1, keepdims=True)
+  logits = jnp.concatenate([pos, q @ queue.T], axis=1) / temperature
+  return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.zeros(q.shape[0], jnp.int32)).mean()
+
+
+def _cosine(p, z):
+  return jnp.sum(l2_normalize(p.astype(jnp.float32)) * l2_normalize(z.astype(jnp.float32)), axis=-1)
+
+
+def negative_cosine(p: jax.Array, z: jax.Array) -> jax.Array:
+  """SimSiam's D(p, stopgrad(z)) = -cos(p, z), batch mean: the stop-gradient is what prevents collapse."""
+  return -_cosine(p, jax.lax.stop_gradient(z)).mean()
+
+
+def byol_regression(p: jax.Array, z: jax.Array) -> jax.Array:
+  """BYOL's ||p/|p| - z/|z|||^2 = 2 - 2 cos(p, z), batch mean; the target `z` carries no gradient."""
+  return (2.0 - 2.0 * _cosine(p, jax.lax.stop_gradient(z))).mean()

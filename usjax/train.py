@@ -224,6 +224,8 @@ def finetune(cfg, workdir: str) -> dict:
                  train_images=n_train, eval_split=cfg.eval_split, init_from=cfg.init_from or None,
                  transfer=transfer or None)
   rep.scalars(cfg.num_steps, {"dice": summary["dice"], "iou": summary["iou"]}, cfg.eval_split)
+  if jax.process_index() == 0:
+    report.write_json(os.path.join(workdir, "per_image.json"), per_image_rows(scores))
   logging.info("%s split: Dice %.4f, IoU %.4f over %d images", cfg.eval_split, summary["dice"], summary["iou"],
                summary["num_images"])
   rep.close(workdir, summary)
@@ -231,14 +233,24 @@ def finetune(cfg, workdir: str) -> dict:
 
 
 def evaluate_split(model, state, cfg, split: str, mesh) -> dict[str, np.ndarray]:
+  """Per-image scores on `split` with ids and classes: {'index', 'id', 'label', 'dice', 'iou', ...}."""
   variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
 
   @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P("data")))
   def score(variables, images, masks):
-    logits = model.apply(variables, to_float(images), train=False)
-    return evaluate.dice_iou(logits > 0, masks > 0)
+    pred = model.apply(variables, to_float(images), train=False) > 0
+    return (*evaluate.dice_iou(pred, masks > 0), pred)
   batches = pipeline.eval_batches(cfg.data, split, cfg.batch_size)
-  return evaluate.evaluate(lambda x, m: score(variables, x, m), batches, lambda a: global_batch(a, mesh))
+  scores = evaluate.evaluate(lambda x, m: score(variables, x, m), batches, lambda a: global_batch(a, mesh))
+  ids, labels = pipeline.split_labels(cfg.data, split)
+  scores["id"] = np.asarray(ids)[scores["index"]]
+  scores["label"] = np.asarray(labels)[scores["index"]]
+  return scores
+
+
+def per_image_rows(scores: dict[str, np.ndarray]) -> list[dict]:
+  keys = [k for k in ("id", "label", "dice", "iou", "hd95") if k in scores]
+  return [{k: scores[k][i].item() for k in keys} for i in range(len(scores["dice"]))]
 
 
 def maybe_initialize_distributed() -> None:

@@ -134,9 +134,10 @@ def finetune_dataset(data_cfg, global_batch: int, seed: int) -> tuple[grain.Iter
 
 
 def eval_batches(data_cfg, split: str, global_batch: int):
-  """One pass over `split` in order, in fixed-size batches padded with `valid=0` images (no recompiles).
+  """One pass over `split` in order, in fixed-size batches padded with `index=-1` images (no recompiles).
 
-  Every process yields the same number of batches, as multi-host jit requires.
+  Every process yields the same number of batches, as multi-host jit requires; `index` (the position in the
+  split) survives the cross-host gather, so per-image results can be matched to ids and classes on any host.
   """
   src = sources.open_split(data_cfg.source, split, data_cfg)
   prep = Preprocess(data_cfg.image_size, data_cfg.channels, data_cfg.aspect, with_mask=True)
@@ -148,8 +149,23 @@ def eval_batches(data_cfg, split: str, global_batch: int):
   for b in range(n_batches):
     idx = mine[b * local:(b + 1) * local]
     batch = {"image": np.zeros((local, s, s, c), np.uint8), "mask": np.zeros((local, s, s, 1), np.uint8),
-             "valid": np.zeros((local,), np.int32)}
+             "index": np.full((local,), -1, np.int32)}
     for k, i in enumerate(idx):
       ex = prep.map(src[i])
-      batch["image"][k], batch["mask"][k], batch["valid"][k] = ex["image"], ex["mask"], 1
+      batch["image"][k], batch["mask"][k], batch["index"][k] = ex["image"], ex["mask"], i
     yield batch
+
+
+def split_labels(data_cfg, split: str) -> tuple[list[str], list[str]]:
+  """(ids, class names) of every example of `split`, read without decoding pixels."""
+  import tensorflow_datasets as tfds
+  builder = sources.builder_for(data_cfg.source, data_cfg)
+  skip = {k: tfds.decode.SkipDecoding() for k in ("image", "mask")}
+  src = sources.open_split(data_cfg.source, split, data_cfg, decoders=skip)
+  names = builder.info.features["label"].names
+  ids, labels = [], []
+  for i in range(len(src)):
+    ex = src[i]
+    ids.append(ex["id"].decode() if isinstance(ex["id"], bytes) else str(ex["id"]))
+    labels.append(names[int(ex["label"])])
+  return ids, labels

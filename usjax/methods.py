@@ -1,0 +1,219 @@
+"""Contrastive methods: SimCLR, MoCo v2, SimSiam and BYOL behind one interface of pure functions.
+
+A `Method` holds a `PretrainNet` configured for it and its hyper-parameters. The train step owns the optimiser;
+a method adds only an `extra` pytree to the train state (EMA target weights and BatchNorm statistics, MoCo's
+queue) and two pure functions: `loss` (differentiable in `params`, returns the new `extra` its forward pass
+produced) and `after_step` (the EMA update of the target once the optimiser has moved `params`).
+
+Every forward pass runs over both views at once, inside the jitted step over the global batch, so BatchNorm
+statistics are global (SyncBN) and a view never normalises with a subset that holds only its own pair.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from usjax import UsjaxError, models, objectives
+
+METHODS = ("simclr", "moco", "simsiam", "byol")
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def ema(target, online, momentum):
+  """Exponential moving average: momentum * target + (1 - momentum) * online, leaf by leaf."""
+  return jax.tree.map(lambda t, o: (momentum * t + (1.0 - momentum) * o).astype(t.dtype), target, online)
+
+
+def byol_momentum(step, num_steps: int, base: float):
+  """BYOL's target momentum: base at step 0, rising along a half cosine to 1 at `num_steps`."""
+  frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(num_steps, 1), 0.0, 1.0)
+  return 1.0 - (1.0 - base) * (jnp.cos(math.pi * frac) + 1.0) / 2.0
+
+
+def _without_predictor(tree):
+  """The target network's share of a variable tree: encoder (+ decoder) and projector, copied (the train step
+  donates its state, and a target that aliased the online buffers would be donated twice)."""
+  return {k: jax.tree.map(jnp.array, v) for k, v in tree.items() if k != "predictor"}
+
+
+def _z_std(z):
+  """Per-dimension std of l2-normalised embeddings (SimSiam's collapse monitor): ~1/sqrt(D) healthy, 0 collapsed."""
+  return jnp.mean(jnp.std(objectives.l2_normalize(z.astype(jnp.float32)), axis=0))
+
+
+def _queue_accuracy(q, k, queue):
+  """Fraction of queries whose own key beats every queued negative."""
+  q, k = objectives.l2_normalize(q), objectives.l2_normalize(k)
+  return jnp.mean(jnp.sum(q * k, axis=-1) > jnp.max(q @ queue.T, axis=-1))
+
+
+# ---------------------------------------------------------------------------------------------------- method
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A contrastive method: a `PretrainNet` (with a predictor for SimSiam/BYOL) and its hyper-parameters."""
+  name: str                            # 'simclr' | 'moco' | 'simsiam' | 'byol'
+  model: nn.Module
+  temperature: float = 0.5             # SimCLR, MoCo
+  queue_size: int = 0                  # MoCo: K negatives
+  momentum: float = 0.0                # MoCo: the EMA momentum (base of the cosine if scheduled); BYOL: tau_base
+  momentum_schedule: str = "constant"  # 'constant' | 'cosine' (byol_momentum)
+  num_steps: int = 1                   # schedule length
+  seed: int = 0                        # initial MoCo queue and key-batch shuffles
+
+  @property
+  def target_model(self) -> nn.Module:
+    """The EMA network: the same PretrainNet without the predictor (whose target output nothing uses)."""
+    return self.model.clone(pred_dims=())
+
+  @property
+  def has_target(self) -> bool:
+    return self.name in ("moco", "byol")
+
+  def momentum_at(self, step):
+    if self.momentum_schedule == "cosine":
+      return byol_momentum(step, self.num_steps, self.momentum)
+    return jnp.asarray(self.momentum, jnp.float32)
+
+  def init_extra(self, params, batch_stats) -> dict:
+    """Extra train state: EMA target params and batch stats (MoCo, BYOL), MoCo's queue and pointer."""
+    if not self.has_target:
+      return {}
+    extra = {"target_params": _without_predictor(params), "target_batch_stats": _without_predictor(batch_stats)}
+    if self.name == "moco":
+      queue = jax.random.normal(jax.random.key(self.seed), (self.queue_size, self.model.proj_dims[-1]))
+      extra.update(queue=objectives.l2_normalize(queue), queue_ptr=jnp.zeros((), jnp.int32))
+    return extra
+
+  def loss(self, params, batch_stats, extra, v1, v2, step):
+    """(loss, (new_batch_stats, new_extra, metrics)) for views v1, v2 [N, H, W, C] of the same N images."""
+    return _LOSSES[self.name](self, params, batch_stats, extra, v1, v2, step)
+
+  def after_step(self, extra, params, step) -> dict:
+    """Moves the target towards the updated online `params`; `step` is the index of the step just applied."""
+    if not self.has_target:
+      return extra
+    online = {k: params[k] for k in extra["target_params"]}
+    return {**extra, "target_params": ema(extra["target_params"], online, self.momentum_at(step))}
+
+
+def _online(m: Method, params, batch_stats, v1, v2):
+  """One online forward pass over both views: (z, p, new_batch_stats), rows [0, N) from v1, [N, 2N) from v2."""
+  (z, p), new = m.model.apply({"params": params, "batch_stats": batch_stats}, jnp.concatenate([v1, v2]),
+                              train=True, mutable=["batch_stats"])
+  return z, p, new["batch_stats"]
+
+
+def _target(m: Method, extra, x):
+  """Target forward pass in train mode (its BatchNorm uses and updates its own statistics); no gradient."""
+  (z, _), new = m.target_model.apply({"params": extra["target_params"], "batch_stats": extra["target_batch_stats"]},
+                                     x, train=True, mutable=["batch_stats"])
+  return jax.lax.stop_gradient(z), new["batch_stats"]
+
+
+# ---------------------------------------------------------------------------------------------------- losses
+def simclr_loss(m: Method, params, batch_stats, extra, v1, v2, step):
+  """NT-Xent over the 2N views; every other view in the global batch is a negative."""
+  z, _, new_bs = _online(m, params, batch_stats, v1, v2)
+  n = v1.shape[0]
+  loss = objectives.nt_xent(z[:n], z[n:], m.temperature)
+  return loss, (new_bs, extra, {"contrast_acc": objectives.contrastive_accuracy(z[:n], z[n:])})
+
+
+def moco_loss(m: Method, params, batch_stats, extra, v1, v2, step):
+  """MoCo v2, symmetrised: q(v1) against k(v2) and q(v2) against k(v1), each with the queue as negatives; the
+  loss is the mean of the two directions (the scale of the one-directional MoCo v2 loss, log(K + 1) at chance).
+  The 2N new keys are then enqueued first-in first-out.
+
+  BatchNorm leak: MoCo v1 shuffles the key batch across GPUs because per-GPU BatchNorm lets a query find its
+  positive key through shared sub-batch statistics. Here the step runs over the global batch, so every
+  BatchNorm (online and key encoder) normalises with whole-batch statistics (SyncBN, MoCo v3's remedy) and
+  no sub-batch pairs a query with its key. The key batch is still permuted before the key forward pass and
+  un-permuted after it ("shuffling BN"): under global BatchNorm this changes nothing (normalisation is
+  permutation-equivariant over the batch), it keeps parity should normalisation ever become per-device, and
+  costs one gather. Neither removes what every BatchNorm key encoder shares: all current keys are normalised
+  with this batch's statistics and the queued ones with older batches'. `model.norm='group'` has no batch
+  communication at all.
+  """
+  n, k_size = v1.shape[0], extra["queue"].shape[0]
+  if k_size % (2 * n):
+    raise UsjaxError(f"config.moco.queue_size ({k_size}) must be a multiple of 2 x the global batch ({2 * n})")
+  q, _, new_bs = _online(m, params, batch_stats, v1, v2)
+  x = jnp.concatenate([v1, v2])
+  perm = jax.random.permutation(jax.random.fold_in(jax.random.key(m.seed), step), 2 * n)
+  k_perm, target_bs = _target(m, extra, x[perm])
+  k = objectives.l2_normalize(k_perm[jnp.argsort(perm)])
+  queue, ptr = extra["queue"], extra["queue_ptr"]
+  loss = 0.5 * (objectives.info_nce(q[:n], k[n:], queue, m.temperature)
+                + objectives.info_nce(q[n:], k[:n], queue, m.temperature))
+  acc = 0.5 * (_queue_accuracy(q[:n], k[n:], queue) + _queue_accuracy(q[n:], k[:n], queue))
+  new_extra = {**extra, "target_batch_stats": target_bs,
+               "queue": jax.lax.dynamic_update_slice(queue, k.astype(queue.dtype), (ptr, 0)),
+               "queue_ptr": (ptr + 2 * n) % k_size}
+  return loss, (new_bs, new_extra, {"contrast_acc": acc, "ema_momentum": m.momentum_at(step)})
+
+
+def simsiam_loss(m: Method, params, batch_stats, extra, v1, v2, step):
+  """SimSiam: -0.5 cos(p1, sg(z2)) - 0.5 cos(p2, sg(z1)); the stop-gradient alone prevents collapse."""
+  z, p, new_bs = _online(m, params, batch_stats, v1, v2)
+  n = v1.shape[0]
+  loss = 0.5 * objectives.negative_cosine(p[:n], z[n:]) + 0.5 * objectives.negative_cosine(p[n:], z[:n])
+  return loss, (new_bs, extra, {"z_std": _z_std(z[:n])})
+
+
+def byol_loss(m: Method, params, batch_stats, extra, v1, v2, step):
+  """BYOL: the online prediction regresses the EMA target's projection of the other view, 2 - 2 cos, summed over
+  the two directions as in the paper (range [0, 8]; 4 means orthogonal)."""
+  _, p, new_bs = _online(m, params, batch_stats, v1, v2)
+  n = v1.shape[0]
+  zt, target_bs = _target(m, extra, jnp.concatenate([v1, v2]))
+  loss = objectives.byol_regression(p[:n], zt[n:]) + objectives.byol_regression(p[n:], zt[:n])
+  metrics = {"z_std": _z_std(p[:n]), "ema_momentum": m.momentum_at(step)}
+  return loss, (new_bs, {**extra, "target_batch_stats": target_bs}, metrics)
+
+
+_LOSSES = {"simclr": simclr_loss, "moco": moco_loss, "simsiam": simsiam_loss, "byol": byol_loss}
+
+
+# ---------------------------------------------------------------------------------------------------- config
+def _pred_dims(cfg, section: str) -> tuple[int, ...]:
+  dims = tuple(cfg[section].pred_dims)
+  if not dims or dims[-1] != cfg.model.proj_dims[-1]:
+    raise UsjaxError(f"config.{section}.pred_dims must end with the projection size "
+                     f"config.model.proj_dims[-1] = {cfg.model.proj_dims[-1]}, got {dims}")
+  return dims
+
+
+def _pretrain_net(m, pred_dims) -> models.PretrainNet:
+  """The PretrainNet of `config.model` (as train.build_model builds it) with the method's predictor."""
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.dtype]
+  return models.PretrainNet(encoder=m.encoder, decoder_widths=tuple(m.decoder_widths), norm=m.norm,
+                            with_decoder=m.with_decoder, proj_dims=tuple(m.proj_dims), pred_dims=tuple(pred_dims),
+                            dtype=dtype)
+
+
+def make_method(cfg) -> Method:
+  """The method named by `cfg.method`, its PretrainNet built from `cfg.model`."""
+  if cfg.method not in METHODS:
+    raise UsjaxError(f"config.method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+  net = lambda pred_dims: _pretrain_net(cfg.model, pred_dims)
+  common = {"name": cfg.method, "num_steps": cfg.num_steps, "seed": cfg.seed}
+  if cfg.method == "simclr":
+    return Method(model=net(()), temperature=cfg.simclr.temperature, **common)
+  if cfg.method == "moco":
+    k, keys = cfg.moco.queue_size, 2 * cfg.batch_size
+    if k <= 0 or k % keys:
+      raise UsjaxError(f"config.moco.queue_size must be a positive multiple of 2 x config.batch_size ({keys}: "
+                       f"both views' keys are enqueued each step), got {k}")
+    if cfg.moco.momentum_schedule not in ("constant", "cosine"):
+      raise UsjaxError(f"config.moco.momentum_schedule must be 'constant' or 'cosine', "
+                       f"got {cfg.moco.momentum_schedule!r}")
+    return Method(model=net(()), temperature=cfg.moco.temperature, queue_size=k, momentum=cfg.moco.momentum,
+                  momentum_schedule=cfg.moco.momentum_schedule, **common)
+  if cfg.method == "simsiam":
+    return Method(model=net(_pred_dims(cfg, "simsiam")), **common)
+  return Method(model=net(_pred_dims(cfg, "byol")), momentum=cfg.byol.momentum, momentum_schedule="cosine",
+                **common)
