@@ -1,0 +1,472 @@
+"""Analysis stage: finished fine-tuning runs -> the study's evidence (results table, bootstrap CIs, claims, plots).
+
+The statistics are pure functions of rows and per-image scores; `collect`, the writers and `write_report` do the
+file I/O. Everything tolerates a half-finished grid: unfinished cells are skipped and a claim whose arms are
+missing says "not run", so the report can be rebuilt at any moment.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+
+import numpy as np
+
+METRICS = ("dice", "iou", "hd95", "hd95_undefined", "dice_benign", "dice_malignant", "dice_normal", "iou_benign",
+           "iou_malignant", "iou_normal", "false_positive_rate", "num_images", "train_images", "steps",
+           "images_per_sec")
+PRETRAIN_ONLY = ("method", "transfer", "init_from")  # describe a pre-training: a scratch arm matches any value
+STATEMENTS = {
+    "C1": "pre-training beats training from scratch at the same label fraction",
+    "C2": "pre-trained with 50% of the labels is comparable to scratch with 100%",
+    "C3": "multi-organ pre-training beats breast-only pre-training at the same label fraction",
+}
+_NUM = (int, float, np.integer, np.floating)
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def _read_json(path: str):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def load_per_image(workdir: str) -> list[dict] | None:
+  rows = _read_json(os.path.join(workdir, "per_image.json"))
+  return rows if isinstance(rows, list) and rows else None
+
+
+def collect(cells: list[tuple[dict, str]]) -> list[dict]:
+  """One row per finished run: the cell's fields, then its summary metrics, then its workdir.
+
+  A cell without summary.json has not finished and is skipped. Fields the grid did not vary (so the cell omits
+  them) are taken from the summary where it has them, so pairing by pre-training and label fraction still works.
+  """
+  rows = []
+  for fields, workdir in cells:
+    summary = _read_json(os.path.join(workdir, "summary.json"))
+    if not isinstance(summary, dict) or summary.get("task", "finetune") != "finetune":
+      continue
+    row = dict(fields)
+    row.setdefault("pretrain", str(summary["init_from"]) if summary.get("init_from") else "none")
+    if "label_fraction" in summary:
+      row.setdefault("label_fraction", summary["label_fraction"])
+    row.update({k: summary[k] for k in METRICS if k in summary and k not in fields})
+    per_image = load_per_image(workdir)
+    if per_image and any("hd95" in r for r in per_image):
+      hd = np.array([np.nan if r.get("hd95") is None else r["hd95"] for r in per_image], float)
+      row["hd95"] = float(np.nanmean(hd)) if np.any(~np.isnan(hd)) else math.nan
+      row["hd95_undefined"] = int(np.isnan(hd).sum())
+    row["workdir"] = workdir
+    rows.append(row)
+  return rows
+
+
+def cell_fields(rows: list[dict]) -> list[str]:
+  return list(dict.fromkeys(k for r in rows for k in r if k not in METRICS and k != "workdir"))
+
+
+def columns(rows: list[dict]) -> list[str]:
+  """Stable CSV order: cell fields as the grid gave them, the metrics in a fixed order, the workdir last."""
+  present = {k for r in rows for k in r}
+  return cell_fields(rows) + [k for k in METRICS if k in present] + (["workdir"] if "workdir" in present else [])
+
+
+# ---------------------------------------------------------------------------------------------------- bootstrap
+def _boot_means(values_by_seed: list[np.ndarray], n_boot: int, rng: np.random.Generator) -> np.ndarray:
+  """Hierarchical bootstrap of the mean: resample seeds, then images within each chosen seed."""
+  vals = [v[~np.isnan(v)] for v in (np.asarray(v, float).ravel() for v in values_by_seed)]
+  vals = [v for v in vals if v.size]
+  picks = rng.integers(0, len(vals), (n_boot, len(vals)))
+  total = np.zeros(n_boot)
+  for k, v in enumerate(vals):
+    count = (picks == k).sum(1)
+    means = v[rng.integers(0, v.size, (int(count.sum()), v.size))].mean(1)
+    total += np.bincount(np.repeat(np.arange(n_boot), count), weights=means, minlength=n_boot)
+  return total / len(vals)
+
+
+def _point(values_by_seed) -> float:
+  means = [np.nanmean(v) for v in (np.asarray(v, float) for v in values_by_seed) if np.any(~np.isnan(v))]
+  return float(np.mean(means)) if means else math.nan
+
+
+def _ci(values_by_seed, n_boot: int, seed: int, alpha: float):
+  mean = _point(values_by_seed)
+  if math.isnan(mean):
+    return mean, math.nan, math.nan, np.full(n_boot, math.nan)
+  boot = _boot_means(values_by_seed, n_boot, np.random.default_rng(seed))
+  lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+  return mean, float(lo), float(hi), boot
+
+
+def bootstrap_ci(values_by_seed: list[np.ndarray], n_boot: int = 2000, seed: int = 0,
+                 alpha: float = 0.05) -> tuple[float, float, float]:
+  """Mean (of the per-seed means) with a percentile CI that carries both image and seed variability.
+
+  Seeds weigh equally; with one seed only images are resampled. NaNs (undefined HD95) are left out.
+  """
+  return _ci(values_by_seed, n_boot, seed, alpha)[:3]
+
+
+def _as_map(x, key: str):
+  if isinstance(x, Mapping):
+    return dict(x)
+  if isinstance(x, (list, tuple)) and x and isinstance(x[0], Mapping):
+    return {r["id"]: r.get(key) for r in x}
+  return None
+
+
+def _paired(a, b, key: str) -> np.ndarray:
+  """b - a per image: matched by id when both come with ids, else by position."""
+  ma, mb = _as_map(a, key), _as_map(b, key)
+  if ma is not None and mb is not None:
+    ids = sorted(set(ma) & set(mb))
+    if not ids:
+      raise ValueError("the two arms share no test image ids")
+    va, vb = ([np.nan if m[i] is None else m[i] for i in ids] for m in (ma, mb))
+  else:
+    va, vb = np.asarray(a, float).ravel(), np.asarray(b, float).ravel()
+    if va.shape != vb.shape:
+      raise ValueError(f"unpaired arms: {va.size} vs {vb.size} images and no ids to match them")
+  return np.asarray(vb, float) - np.asarray(va, float)
+
+
+def paired_difference_ci(a_by_seed: list, b_by_seed: list, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05,
+                         key: str = "dice") -> tuple[float, float, float, float]:
+  """Mean of (b - a) on the same test images, its bootstrap CI, and a two-sided bootstrap p-value.
+
+  Each arm is a list over seeds (paired by position) of per-image scores: arrays in a common order, {id: value}
+  maps, or per_image.json rows (matched by "id", scored by `key`). Pairing removes the between-image variance
+  that dominates an unpaired comparison on a test set this small.
+  """
+  if len(a_by_seed) != len(b_by_seed) or not a_by_seed:
+    raise ValueError(f"need the same number of seeds in both arms, got {len(a_by_seed)} and {len(b_by_seed)}")
+  diffs = [_paired(a, b, key) for a, b in zip(a_by_seed, b_by_seed)]
+  mean, lo, hi, boot = _ci(diffs, n_boot, seed, alpha)
+  if math.isnan(mean):
+    return mean, lo, hi, math.nan
+  tail = min(np.sum(boot <= 0), np.sum(boot >= 0))
+  return mean, lo, hi, float(min(1.0, 2 * (tail + 1) / (n_boot + 1)))
+
+
+# ---------------------------------------------------------------------------------------------------- groups
+def _h(v):
+  return v if isinstance(v, (str, bool, type(None)) + _NUM) else repr(v)
+
+
+def _sort_key(key: tuple) -> tuple:
+  """Numbers descending (100% labels first), strings ascending, missing last."""
+  return tuple((0, -float(v), "") if isinstance(v, _NUM) and not isinstance(v, bool) else
+               (2, 0.0, "") if v is None else (1, 0.0, str(v)) for v in key)
+
+
+def default_by(rows: list[dict]) -> tuple[str, ...]:
+  """(pretrain, label_fraction) plus any other cell field the grid varies except the seed, so arms never mix."""
+  fields = cell_fields(rows)
+  varying = [k for k in fields if k != "seed" and len({_h(r.get(k)) for r in rows}) > 1]
+  return tuple(dict.fromkeys([k for k in ("pretrain", "label_fraction") if k in fields] + varying))
+
+
+def _groups(rows: list[dict], by: tuple[str, ...]) -> list[tuple[dict, list[dict]]]:
+  out: dict[tuple, list[dict]] = {}
+  for r in rows:
+    out.setdefault(tuple(_h(r.get(k)) for k in by), []).append(r)
+  return [(dict(zip(by, k)), out[k]) for k in sorted(out, key=_sort_key)]
+
+
+def _scores(runs: list[dict], per_image: Mapping | None, key: str = "dice") -> list[np.ndarray] | None:
+  """Per-image scores of each run (one array per seed), or None when any run lacks them."""
+  if not per_image or any(not per_image.get(r.get("workdir")) for r in runs):
+    return None
+  return [np.array([np.nan if p.get(key) is None else p[key] for p in per_image[r["workdir"]]], float)
+          for r in runs]
+
+
+def _nanmean(values) -> float:
+  v = np.array([np.nan if x is None else x for x in values], float)
+  return float(np.nanmean(v)) if np.any(~np.isnan(v)) else math.nan
+
+
+def group_stats(rows: list[dict], per_image: Mapping | None = None, by: tuple[str, ...] | None = None,
+                n_boot: int = 2000, seed: int = 0) -> list[dict]:
+  """Per group: Dice mean with a 95% CI over images and seeds (over runs when per-image scores are missing)."""
+  by = tuple(by) if by is not None else default_by(rows)
+  out = []
+  for desc, runs in _groups(rows, by):
+    scores = _scores(runs, per_image)
+    values = scores or [np.array([r.get("dice", np.nan) for r in runs], float)]
+    mean, lo, hi = bootstrap_ci(values, n_boot, seed)
+    stat = {**desc, "n_runs": len(runs), "dice": mean, "dice_lo": lo, "dice_hi": hi,
+            "ci_over": "images+seeds" if scores else "runs"}
+    stat.update({k: _nanmean(r.get(k) for r in runs) for k in
+                 ("iou", "hd95", "dice_benign", "dice_malignant", "false_positive_rate")})
+    out.append(stat)
+  return out
+
+
+def _fmt(x, digits: int = 3) -> str:
+  return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _md(header: list[str], lines: list[list[str]]) -> str:
+  rows = [header, ["---"] * len(header)] + lines
+  return "\n".join("| " + " | ".join(str(c) for c in r) + " |" for r in rows) + "\n"
+
+
+def group_table(rows: list[dict], per_image: Mapping | None = None, by: tuple[str, ...] | None = None,
+                n_boot: int = 2000, seed: int = 0) -> str:
+  """Markdown table of the group means; HD95 in pixels, FPR = share of normal images with any predicted pixel."""
+  by = tuple(by) if by is not None else default_by(rows)
+  stats = group_stats(rows, per_image, by, n_boot, seed)
+  header = [*by, "n runs", "Dice mean [95% CI]", "IoU", "HD95 (px)", "Dice benign", "Dice malignant",
+            "FPR on normal"]
+  lines = [[*(s[k] for k in by), s["n_runs"], f"{_fmt(s['dice'])} [{_fmt(s['dice_lo'])}, {_fmt(s['dice_hi'])}]",
+            _fmt(s["iou"]), _fmt(s["hd95"], 1), _fmt(s["dice_benign"]), _fmt(s["dice_malignant"]),
+            _fmt(s["false_positive_rate"])] for s in stats]
+  return _md(header, lines)
+
+
+# ---------------------------------------------------------------------------------------------------- claims
+def _arm_name(desc: dict) -> str:
+  parts = [str(v) for k, v in desc.items() if k != "label_fraction"]
+  return "/".join(parts) + (f" @ {desc['label_fraction']}%" if "label_fraction" in desc else "")
+
+
+def _find(arms, like: dict, ignore: tuple, **want):
+  for desc, runs in arms:
+    if all(desc.get(k) == v for k, v in want.items()) and all(
+        desc.get(k) == like.get(k) for k in desc if k not in ignore and k not in want):
+      return desc, runs
+  return None
+
+
+def _pair_runs(a: list[dict], b: list[dict]) -> list[tuple[dict, dict]]:
+  """Runs paired by seed value where both arms carry seeds, else by position."""
+  sa, sb = ({r.get("seed"): r for r in x} for x in (a, b))
+  common = sorted((s for s in sa if s in sb), key=_h)
+  if common and None not in common:
+    return [(sa[s], sb[s]) for s in common]
+  return list(zip(a, b))
+
+
+def _verdict(claim: str, lo: float, hi: float, margin: float) -> tuple[str, str]:
+  within = -margin <= lo and hi <= margin
+  if lo > 0:
+    return "supported", "CI above 0"
+  if within:
+    return ("supported", f"comparable: CI within ±{margin}") if claim == "C2" else (
+        "not supported", f"no gain: CI within ±{margin}")
+  return ("not supported", "CI below 0: worse") if hi < 0 else ("inconclusive", "CI includes 0")
+
+
+def _not_run(claim: str, comparison: str, note: str) -> dict:
+  return {"claim": claim, "statement": STATEMENTS[claim], "comparison": comparison, "verdict": "not run",
+          "note": note}
+
+
+def _compare(claim, ref, treat, per_image, margin, n_boot, seed) -> dict:
+  """Claim row for treat - ref, paired by seed and by test image id."""
+  (dr, rr), (dt, rt) = ref, treat
+  row = _not_run(claim, f"{_arm_name(dt)} vs {_arm_name(dr)}", "")
+  pairs = _pair_runs(rr, rt)
+  if not per_image or not all(per_image.get(r.get("workdir")) for p in pairs for r in p):
+    return {**row, "verdict": "inconclusive", "note": "per-image scores missing"}
+  a = [per_image[p[0]["workdir"]] for p in pairs]
+  b = [per_image[p[1]["workdir"]] for p in pairs]
+  diff, lo, hi, p = paired_difference_ci(a, b, n_boot, seed)
+  verdict, note = _verdict(claim, lo, hi, margin)
+  n_images = min(len(set(r["id"] for r in x) & set(r["id"] for r in y)) for x, y in zip(a, b))
+  return {**row, "n_seeds": len(pairs), "n_images": n_images, "diff": diff, "lo": lo, "hi": hi, "p": p,
+          "verdict": verdict, "note": note}
+
+
+def claims(rows: list[dict], per_image: Mapping | None = None, *, scratch: str = "none",
+           multi: str = "multiorgan", breast: str = "breast", full=100, half=50, margin: float = 0.02,
+           n_boot: int = 2000, seed: int = 0) -> list[dict]:
+  """The paper's claims as rows: paired Dice difference (claimed-better arm minus reference) with CI and verdict.
+
+  C1/C3 are supported when the CI lies above 0, not supported when it lies below 0 or within ±margin (no gain
+  worth having), else inconclusive. C2 is supported when the CI lies within ±margin or above 0.
+  """
+  arms = _groups(rows, default_by(rows) if rows else ("pretrain", "label_fraction"))
+  ignore, out = ("pretrain", *PRETRAIN_ONLY), []
+  row = lambda c, ref, arm, what: (_compare(c, ref, arm, per_image, margin, n_boot, seed) if ref else
+                                   _not_run(c, f"{_arm_name(arm[0])} vs {what}", f"no {what} run"))
+  pre = [a for a in arms if a[0].get("pretrain") != scratch]
+  for claim, treated, ref_fraction in (("C1", pre, None), ("C2", [a for a in pre if a[0].get("label_fraction")
+                                                                  == half], full)):
+    for arm in treated:
+      lf = ref_fraction if ref_fraction is not None else arm[0].get("label_fraction")
+      ref = _find(arms, arm[0], ignore, pretrain=scratch, label_fraction=lf)
+      out.append(row(claim, ref, arm, f"{scratch} @ {lf}%"))
+    if not treated:
+      out.append(_not_run(claim, f"pre-trained vs {scratch}", "no pre-trained run" + (f" at {half}%" if ref_fraction
+                                                                                      else "")))
+  for name, other in ((multi, breast), (breast, multi)):
+    for arm in (a for a in arms if a[0].get("pretrain") == name):
+      ref = _find(arms, arm[0], ("pretrain",), pretrain=other)
+      if name == multi or not ref:   # each pair once, an unmatched breast arm still shows
+        out.append(row("C3", ref, arm, f"{other} @ {arm[0].get('label_fraction')}%") if name == multi else
+                   _not_run("C3", f"{multi} vs {_arm_name(arm[0])}", f"no {multi} run"))
+  if not any(r["claim"] == "C3" for r in out):
+    out.append(_not_run("C3", f"{multi} vs {breast}", f"no {multi} or {breast} runs"))
+  return out
+
+
+def claims_markdown(rows: list[dict]) -> str:
+  statements = "".join(f"- **{c}**: {s}\n" for c, s in STATEMENTS.items())
+  header = ["Claim", "Comparison", "Δ Dice [95% CI]", "p", "seeds × images", "Verdict", "Note"]
+  lines = [[r["claim"], r["comparison"],
+            f"{r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]" if "diff" in r else "–",
+            _fmt(r.get("p")), f"{r['n_seeds']} × {r['n_images']}" if "n_seeds" in r else "–",
+            r["verdict"], r.get("note", "")] for r in rows]
+  return statements + "\n" + _md(header, lines)
+
+
+# ---------------------------------------------------------------------------------------------------- plots
+def _figure(ncols: int = 1, nrows: int = 1, size=(6, 4)):
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib.figure import Figure   # no pyplot state: safe to call from any thread, nothing to close
+  fig = Figure(figsize=(size[0] * ncols, size[1] * nrows))
+  return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def _save(fig, path: str, ax=None, empty: str = "") -> str:
+  if empty:
+    ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  return path
+
+
+def plot_label_curves(rows: list[dict], path: str, per_image: Mapping | None = None, n_boot: int = 2000) -> str:
+  """Dice vs label fraction, one line per pre-training source (and any other varied field), 95% CI bars."""
+  fig, axes = _figure()
+  ax = axes[0, 0]
+  by = default_by(rows) if rows else ("pretrain", "label_fraction")
+  stats = group_stats(rows, per_image, by, n_boot) if rows and "label_fraction" in by else []
+  lines: dict[str, list[dict]] = {}
+  for s in stats:
+    lines.setdefault(_arm_name({k: s[k] for k in by if k != "label_fraction"}), []).append(s)
+  for name, pts in lines.items():
+    pts = sorted(pts, key=lambda s: s["label_fraction"])
+    x, y = [s["label_fraction"] for s in pts], np.array([s["dice"] for s in pts])
+    err = np.abs(np.array([[s["dice_lo"] for s in pts], [s["dice_hi"] for s in pts]]) - y)
+    ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
+  if lines:
+    ax.set_xticks(sorted({s["label_fraction"] for s in stats}))
+    ax.legend(fontsize=8)
+  ax.set(xlabel="labelled training images (%)", ylabel="test Dice", title="Dice vs label fraction (95% CI)")
+  ax.grid(alpha=0.3)
+  return _save(fig, path, ax, "" if lines else "no finished runs")
+
+
+def plot_loss_curves(histories: dict[str, list[dict]], path: str, title: str = "training loss") -> str:
+  fig, axes = _figure()
+  ax = axes[0, 0]
+  drawn = 0
+  for name, hist in histories.items():
+    pts = [(h["step"], h["loss"]) for h in hist or [] if "step" in h and h.get("loss") is not None]
+    if pts:
+      ax.plot(*zip(*pts), label=name, lw=1)
+      drawn += 1
+  if 0 < drawn <= 12:
+    ax.legend(fontsize=7)
+  ax.set(xlabel="step", ylabel="loss", title=title)
+  ax.grid(alpha=0.3)
+  return _save(fig, path, ax, "" if drawn else "no loss history")
+
+
+def plot_overlays(images, masks, preds, titles, path: str, ncols: int = 4) -> str:
+  """Test images with the ground-truth contour (green) and the predicted contour (red)."""
+  ncols = max(1, min(ncols, len(images)))
+  fig, axes = _figure(ncols, max(1, math.ceil(len(images) / ncols)), size=(3, 3))
+  for ax in axes.ravel():
+    ax.axis("off")
+  for ax, img, m, p, t in zip(axes.ravel(), images, masks, preds, titles):
+    img = np.asarray(img, float)
+    img = img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img
+    ax.imshow((img - img.min()) / max(np.ptp(img), 1e-9), cmap="gray")
+    for mask, color in ((m, "lime"), (p, "red")):
+      mask = np.asarray(mask).reshape(img.shape[:2]).astype(float)
+      if 0 < mask.sum() < mask.size:
+        ax.contour(mask, levels=[0.5], colors=color, linewidths=1)
+    ax.set_title(str(t), fontsize=8)
+  return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def _clean(x):
+  """JSON-safe: NaN/inf -> null, numpy scalars -> Python."""
+  if isinstance(x, Mapping):
+    return {str(k): _clean(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_clean(v) for v in x]
+  if isinstance(x, np.generic):
+    x = x.item()
+  return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def _write_text(path: str, text: str) -> None:
+  """Atomic, so a reader polling a running grid never sees half a file."""
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_")
+  with os.fdopen(fd, "w", newline="") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def write_csv(rows: list[dict], path: str) -> str:
+  import io
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=columns(rows), restval="", extrasaction="ignore")
+  writer.writeheader()
+  writer.writerows({k: _h(v) for k, v in r.items()} for r in rows)
+  _write_text(path, buf.getvalue())
+  return path
+
+
+def _cell_name(fields: dict) -> str:
+  return " ".join(f"{k}={_h(v)}" for k, v in fields.items())
+
+
+def write_report(cells: list[tuple[dict, str]], out_dir: str, pretrain_runs: dict[str, str] | None = None,
+                 overlays: dict | None = None, n_boot: int = 2000, seed: int = 0) -> dict[str, str]:
+  """results.csv, results.json, report.md and the plots for whatever part of the grid has finished.
+
+  `overlays`, when given, holds plot_overlays' arrays {images, masks, preds, titles}. Returns the written paths.
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  path = lambda name: os.path.join(out_dir, name)
+  rows = collect(cells)
+  per_image = {r["workdir"]: p for r in rows if (p := load_per_image(r["workdir"]))}
+  by = default_by(rows) if rows else ("pretrain", "label_fraction")
+  stats = group_stats(rows, per_image, by, n_boot, seed)
+  found = claims(rows, per_image, n_boot=n_boot, seed=seed)
+  paths = {"csv": write_csv(rows, path("results.csv")), "json": path("results.json"), "md": path("report.md")}
+  _write_text(paths["json"], json.dumps(_clean({"cells": len(cells), "finished": len(rows), "rows": rows,
+                                                "groups": stats, "claims": found}), indent=2) + "\n")
+  paths["label_curves"] = plot_label_curves(rows, path("label_curves.png"), per_image, n_boot)
+  finished = {r["workdir"] for r in rows}
+  ft = {_cell_name(f): _read_json(os.path.join(wd, "history.json")) for f, wd in cells if wd in finished}
+  paths["finetune_loss"] = plot_loss_curves(ft, path("finetune_loss.png"), "fine-tuning loss")
+  if pretrain_runs:
+    pt = {name: _read_json(os.path.join(wd, "history.json")) for name, wd in pretrain_runs.items()}
+    paths["pretrain_loss"] = plot_loss_curves(pt, path("pretrain_loss.png"), "contrastive pre-training loss")
+  if overlays:
+    paths["overlays"] = plot_overlays(overlays["images"], overlays["masks"], overlays["preds"],
+                                      overlays["titles"], path("overlays.png"))
+  figures = "".join(f"![{k}]({os.path.basename(v)})\n\n" for k, v in paths.items() if v.endswith(".png"))
+  md = (f"# Results\n\n{len(rows)} of {len(cells)} fine-tuning runs finished; unfinished cells are left out.\n\n"
+        f"## Test-set metrics\n\nDice CI: 95% bootstrap over test images and seeds.\n\n"
+        f"{group_table(rows, per_image, by, n_boot, seed)}\n"
+        f"## Claims\n\nΔ Dice = claimed-better arm minus reference, paired by seed and test image.\n\n"
+        f"{claims_markdown(found)}\n## Figures\n\n{figures}")
+  _write_text(paths["md"], md)
+  return paths
