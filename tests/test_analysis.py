@@ -165,7 +165,7 @@ def test_write_report(tmp_path):
   for claim in ("C1", "C2", "C3"):
     assert f"| {claim} |" in report
   assert "Dice mean [95% CI]" in report and "label_curves.png" in report
-  results = json.load(open(paths["json"]))
+  results = json.loads(open(paths["json"]).read(), parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
   assert results["finished"] == len(cells) - 1 and results["claims"]
   for key in ("label_curves", "finetune_loss", "pretrain_loss", "overlays"):
     assert os.path.getsize(paths[key]) > 1000

@@ -1,4 +1,6 @@
 """Contrastive methods: their losses against numpy formulas, MoCo's queue, EMA targets, and a few training steps."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,9 @@ from configs import default
 from usjax import UsjaxError, methods, objectives
 
 N, S = 8, 16   # batch, image side: resnet18 reaches 1x1 at stride 32
+# Compile time dominates on CPU; the least-optimising XLA backend halves it and the steps stay sub-second.
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
+                                                   "xla_llvm_disable_expensive_passes": True})
 
 
 def small_config(method: str) -> ConfigDict:
@@ -30,9 +35,17 @@ def views(seed=0):
   return jnp.asarray(noisy()), jnp.asarray(noisy())
 
 
+@functools.lru_cache
+def variables():
+  """One initialisation for every method: without a predictor, a PretrainNet's tree is this one minus
+  `predictor`. rbg keys compile much faster than threefry on CPU."""
+  model = methods.make_method(small_config("byol")).model
+  return jit(lambda: model.init(jax.random.key(0, impl="rbg"), jnp.zeros((2, S, S, 1)), train=False))()
+
+
 def init(method):
-  v = jax.jit(lambda: method.model.init(jax.random.key(0), jnp.zeros((2, S, S, 1)), train=False))()
-  params, batch_stats = v["params"], v["batch_stats"]
+  keep = lambda tree: {k: v for k, v in tree.items() if k != "predictor" or method.model.pred_dims}
+  params, batch_stats = keep(variables()["params"]), keep(variables()["batch_stats"])
   return params, batch_stats, method.init_extra(params, batch_stats)
 
 
@@ -95,23 +108,37 @@ def test_make_method_validates_config():
     methods.make_method(small_config("swav"))
 
 
-# ---------------------------------------------------------------------------------------------------- MoCo queue
+# ---------------------------------------------------------------------------------------------------- steps
+@functools.lru_cache
+def trainer(name):
+  """(method, optimiser, jitted train step), cached so the MoCo tests share one compilation."""
+  method, tx = methods.make_method(small_config(name)), optax.adam(1e-3)
+  v1, v2 = views()
+
+  @jit
+  def step(params, batch_stats, opt_state, extra, i):
+    (loss, (batch_stats, extra, metrics)), grads = jax.value_and_grad(method.loss, has_aux=True)(
+        params, batch_stats, extra, v1, v2, i)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, batch_stats, opt_state, method.after_step(extra, params, i), loss, metrics
+  return method, tx, step
+
+
 def test_moco_enqueues_normalised_keys_at_the_pointer():
-  method = methods.make_method(small_config("moco"))
+  method, tx, step = trainer("moco")
   params, batch_stats, extra = init(method)
   v1, v2 = views()
-  loss = jax.jit(method.loss)
 
-  @jax.jit
+  @jit
   def keys(extra):   # the key encoder without the shuffle: global BatchNorm makes the shuffle a no-op
-    (k, _), _ = method.target_model.apply({"params": extra["target_params"], "batch_stats": extra["target_batch_stats"]},
-                                          jnp.concatenate([v1, v2]), train=True, mutable=["batch_stats"])
+    variables = {"params": extra["target_params"], "batch_stats": extra["target_batch_stats"]}
+    (k, _), _ = method.target_model.apply(variables, jnp.concatenate([v1, v2]), train=True, mutable=["batch_stats"])
     return objectives.l2_normalize(k)
-  expected = keys(extra)
-  k_size = extra["queue"].shape[0]
+  expected, k_size = keys(extra), extra["queue"].shape[0]
   for ptr in (0, k_size - 2 * N):   # a plain advance and a wrap-around
     before = {**extra, "queue_ptr": jnp.asarray(ptr, jnp.int32)}
-    _, (_, after, _) = loss(params, batch_stats, before, v1, v2, jnp.asarray(3))
+    after = step(params, batch_stats, tx.init(params), before, 3)[3]
     np.testing.assert_allclose(after["queue"][ptr:ptr + 2 * N], expected, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(after["queue"][ptr:ptr + 2 * N], axis=1), 1.0, rtol=1e-5)
     rest = np.ones(k_size, bool)
@@ -120,25 +147,13 @@ def test_moco_enqueues_normalised_keys_at_the_pointer():
     assert int(after["queue_ptr"]) == (ptr + 2 * N) % k_size
 
 
-# ---------------------------------------------------------------------------------------------------- training
 @pytest.mark.parametrize("name", methods.METHODS)
 def test_method_trains_a_few_steps(name):
-  method = methods.make_method(small_config(name))
+  method, tx, step = trainer(name)
   params, batch_stats, extra = init(method)
   assert ("predictor" in params) == (name in ("simsiam", "byol"))
-  tx = optax.adam(1e-3)
-  v1, v2 = views()
-
-  @jax.jit
-  def step(params, batch_stats, opt_state, extra, i):
-    (loss, (batch_stats, extra, metrics)), grads = jax.value_and_grad(method.loss, has_aux=True)(
-        params, batch_stats, extra, v1, v2, i)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return params, batch_stats, opt_state, method.after_step(extra, params, i), loss, metrics
-
   opt_state, extra0, losses = tx.init(params), extra, []
-  for i in range(8):
+  for i in range(6):
     params, batch_stats, opt_state, extra, loss, metrics = step(params, batch_stats, opt_state, extra, i)
     if name == "moco":   # a fixed batch would fill the queue with its own positives: keep the negatives fixed
       extra = {**extra, "queue": extra0["queue"]}

@@ -91,13 +91,9 @@ def _boot_means(values_by_seed: list[np.ndarray], n_boot: int, rng: np.random.Ge
   return total / len(vals)
 
 
-def _point(values_by_seed) -> float:
-  means = [np.nanmean(v) for v in (np.asarray(v, float) for v in values_by_seed) if np.any(~np.isnan(v))]
-  return float(np.mean(means)) if means else math.nan
-
-
 def _ci(values_by_seed, n_boot: int, seed: int, alpha: float):
-  mean = _point(values_by_seed)
+  means = [np.nanmean(v) for v in (np.asarray(v, float) for v in values_by_seed) if np.any(~np.isnan(v))]
+  mean = float(np.mean(means)) if means else math.nan
   if math.isnan(mean):
     return mean, math.nan, math.nan, np.full(n_boot, math.nan)
   boot = _boot_means(values_by_seed, n_boot, np.random.default_rng(seed))
@@ -114,17 +110,11 @@ def bootstrap_ci(values_by_seed: list[np.ndarray], n_boot: int = 2000, seed: int
   return _ci(values_by_seed, n_boot, seed, alpha)[:3]
 
 
-def _as_map(x, key: str):
-  if isinstance(x, Mapping):
-    return dict(x)
-  if isinstance(x, (list, tuple)) and x and isinstance(x[0], Mapping):
-    return {r["id"]: r.get(key) for r in x}
-  return None
-
-
 def _paired(a, b, key: str) -> np.ndarray:
   """b - a per image: matched by id when both come with ids, else by position."""
-  ma, mb = _as_map(a, key), _as_map(b, key)
+  as_map = lambda x: (dict(x) if isinstance(x, Mapping) else {r["id"]: r.get(key) for r in x}
+                      if isinstance(x, (list, tuple)) and x and isinstance(x[0], Mapping) else None)
+  ma, mb = as_map(a), as_map(b)
   if ma is not None and mb is not None:
     ids = sorted(set(ma) & set(mb))
     if not ids:
@@ -295,28 +285,24 @@ def claims(rows: list[dict], per_image: Mapping | None = None, *, scratch: str =
   worth having), else inconclusive. C2 is supported when the CI lies within ±margin or above 0.
   """
   arms = _groups(rows, default_by(rows) if rows else ("pretrain", "label_fraction"))
-  ignore, out = ("pretrain", *PRETRAIN_ONLY), []
-  row = lambda c, ref, arm, what: (_compare(c, ref, arm, per_image, margin, n_boot, seed) if ref else
+  lf = lambda arm: arm[0].get("label_fraction")
+  cmp = lambda c, ref, arm, what: (_compare(c, ref, arm, per_image, margin, n_boot, seed) if ref else
                                    _not_run(c, f"{_arm_name(arm[0])} vs {what}", f"no {what} run"))
+  scratch_at = lambda arm, f: _find(arms, arm[0], ("pretrain", *PRETRAIN_ONLY), pretrain=scratch, label_fraction=f)
+  other = lambda arm, name: _find(arms, arm[0], ("pretrain",), pretrain=name)
   pre = [a for a in arms if a[0].get("pretrain") != scratch]
-  for claim, treated, ref_fraction in (("C1", pre, None), ("C2", [a for a in pre if a[0].get("label_fraction")
-                                                                  == half], full)):
-    for arm in treated:
-      lf = ref_fraction if ref_fraction is not None else arm[0].get("label_fraction")
-      ref = _find(arms, arm[0], ignore, pretrain=scratch, label_fraction=lf)
-      out.append(row(claim, ref, arm, f"{scratch} @ {lf}%"))
-    if not treated:
-      out.append(_not_run(claim, f"pre-trained vs {scratch}", "no pre-trained run" + (f" at {half}%" if ref_fraction
-                                                                                      else "")))
-  for name, other in ((multi, breast), (breast, multi)):
-    for arm in (a for a in arms if a[0].get("pretrain") == name):
-      ref = _find(arms, arm[0], ("pretrain",), pretrain=other)
-      if name == multi or not ref:   # each pair once, an unmatched breast arm still shows
-        out.append(row("C3", ref, arm, f"{other} @ {arm[0].get('label_fraction')}%") if name == multi else
-                   _not_run("C3", f"{multi} vs {_arm_name(arm[0])}", f"no {multi} run"))
-  if not any(r["claim"] == "C3" for r in out):
-    out.append(_not_run("C3", f"{multi} vs {breast}", f"no {multi} or {breast} runs"))
-  return out
+  out = [cmp("C1", scratch_at(a, lf(a)), a, f"{scratch} @ {lf(a)}%") for a in pre]
+  out += [cmp("C2", scratch_at(a, full), a, f"{scratch} @ {full}%") for a in pre if lf(a) == half]
+  out += [cmp("C3", other(a, breast), a, f"{breast} @ {lf(a)}%") for a in arms if a[0].get("pretrain") == multi]
+  out += [_not_run("C3", f"{multi} vs {_arm_name(a[0])}", f"no {multi} @ {lf(a)}% run") for a in arms
+          if a[0].get("pretrain") == breast and not other(a, multi)]
+  for claim, comparison, note in (
+      ("C1", f"pre-trained vs {scratch}", "no pre-trained runs"),
+      ("C2", f"pre-trained @ {half}% vs {scratch} @ {full}%", f"no pre-trained @ {half}% run"),
+      ("C3", f"{multi} vs {breast}", f"no {multi} or {breast} runs")):
+    if not any(r["claim"] == claim for r in out):
+      out.append(_not_run(claim, comparison, note))
+  return sorted(out, key=lambda r: r["claim"])
 
 
 def claims_markdown(rows: list[dict]) -> str:
@@ -331,9 +317,7 @@ def claims_markdown(rows: list[dict]) -> str:
 
 # ---------------------------------------------------------------------------------------------------- plots
 def _figure(ncols: int = 1, nrows: int = 1, size=(6, 4)):
-  import matplotlib
-  matplotlib.use("Agg")
-  from matplotlib.figure import Figure   # no pyplot state: safe to call from any thread, nothing to close
+  from matplotlib.figure import Figure   # no pyplot: no global backend or state, nothing to close
   fig = Figure(figsize=(size[0] * ncols, size[1] * nrows))
   return fig, fig.subplots(nrows, ncols, squeeze=False)
 
@@ -369,14 +353,14 @@ def plot_label_curves(rows: list[dict], path: str, per_image: Mapping | None = N
 
 
 def plot_loss_curves(histories: dict[str, list[dict]], path: str, title: str = "training loss") -> str:
+  """One line per run; a legend only while it stays readable."""
   fig, axes = _figure()
   ax = axes[0, 0]
-  drawn = 0
-  for name, hist in histories.items():
-    pts = [(h["step"], h["loss"]) for h in hist or [] if "step" in h and h.get("loss") is not None]
-    if pts:
-      ax.plot(*zip(*pts), label=name, lw=1)
-      drawn += 1
+  curves = {n: [(h["step"], h["loss"]) for h in hist or [] if "step" in h and h.get("loss") is not None]
+            for n, hist in histories.items()}
+  for name, pts in ((n, p) for n, p in curves.items() if p):
+    ax.plot(*zip(*pts), label=name, lw=1)
+  drawn = sum(bool(p) for p in curves.values())
   if 0 < drawn <= 12:
     ax.legend(fontsize=7)
   ax.set(xlabel="step", ylabel="loss", title=title)
@@ -404,13 +388,10 @@ def plot_overlays(images, masks, preds, titles, path: str, ncols: int = 4) -> st
 
 # ---------------------------------------------------------------------------------------------------- report
 def _clean(x):
-  """JSON-safe: NaN/inf -> null, numpy scalars -> Python."""
-  if isinstance(x, Mapping):
-    return {str(k): _clean(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_clean(v) for v in x]
-  if isinstance(x, np.generic):
-    x = x.item()
+  """Strict JSON: NaN/inf -> null, numpy scalars -> Python."""
+  if isinstance(x, (Mapping, list, tuple)):
+    return {str(k): _clean(v) for k, v in x.items()} if isinstance(x, Mapping) else [_clean(v) for v in x]
+  x = x.item() if isinstance(x, np.generic) else x
   return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
@@ -432,10 +413,6 @@ def write_csv(rows: list[dict], path: str) -> str:
   return path
 
 
-def _cell_name(fields: dict) -> str:
-  return " ".join(f"{k}={_h(v)}" for k, v in fields.items())
-
-
 def write_report(cells: list[tuple[dict, str]], out_dir: str, pretrain_runs: dict[str, str] | None = None,
                  overlays: dict | None = None, n_boot: int = 2000, seed: int = 0) -> dict[str, str]:
   """results.csv, results.json, report.md and the plots for whatever part of the grid has finished.
@@ -454,7 +431,8 @@ def write_report(cells: list[tuple[dict, str]], out_dir: str, pretrain_runs: dic
                                                 "groups": stats, "claims": found}), indent=2) + "\n")
   paths["label_curves"] = plot_label_curves(rows, path("label_curves.png"), per_image, n_boot)
   finished = {r["workdir"] for r in rows}
-  ft = {_cell_name(f): _read_json(os.path.join(wd, "history.json")) for f, wd in cells if wd in finished}
+  ft = {" ".join(f"{k}={_h(v)}" for k, v in f.items()): _read_json(os.path.join(wd, "history.json"))
+        for f, wd in cells if wd in finished}
   paths["finetune_loss"] = plot_loss_curves(ft, path("finetune_loss.png"), "fine-tuning loss")
   if pretrain_runs:
     pt = {name: _read_json(os.path.join(wd, "history.json")) for name, wd in pretrain_runs.items()}
@@ -464,7 +442,8 @@ def write_report(cells: list[tuple[dict, str]], out_dir: str, pretrain_runs: dic
                                       overlays["titles"], path("overlays.png"))
   figures = "".join(f"![{k}]({os.path.basename(v)})\n\n" for k, v in paths.items() if v.endswith(".png"))
   md = (f"# Results\n\n{len(rows)} of {len(cells)} fine-tuning runs finished; unfinished cells are left out.\n\n"
-        f"## Test-set metrics\n\nDice CI: 95% bootstrap over test images and seeds.\n\n"
+        f"## Test-set metrics\n\nDice CI: 95% bootstrap over test images and seeds (over runs where a run has no "
+        f"per_image.json). HD95 in pixels, images with exactly one empty mask left out.\n\n"
         f"{group_table(rows, per_image, by, n_boot, seed)}\n"
         f"## Claims\n\nΔ Dice = claimed-better arm minus reference, paired by seed and test image.\n\n"
         f"{claims_markdown(found)}\n## Figures\n\n{figures}")
