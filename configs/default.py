@@ -10,7 +10,8 @@ from usjax.augment import AugmentConfig
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "pretrain"               # 'pretrain' | 'finetune'
-  c.method = "simclr"               # contrastive method for pre-training
+  c.method = "simclr"               # 'simclr' | 'moco' | 'simsiam' | 'byol'
+
   c.seed = 0
   c.batch_size = 32                 # global: split over all devices and hosts
   c.num_steps = 100
@@ -52,8 +53,22 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 1e-6
   c.optim.warmup_steps = 10
 
+  # Methods (usjax/methods.py). Recipe defaults of the papers, scaled to small batches where noted.
   c.simclr = ml_collections.ConfigDict()
-  c.simclr.temperature = 0.5
+  c.simclr.temperature = 0.5        # SimCLR: 0.5 for small batches (0.1 with batch 4096 + LARS)
+
+  c.moco = ml_collections.ConfigDict()
+  c.moco.temperature = 0.2          # MoCo v2
+  c.moco.queue_size = 4096          # multiple of 2 x batch_size: both views' keys are enqueued each step
+  c.moco.momentum = 0.99            # key-encoder EMA (base of the cosine if scheduled)
+  c.moco.momentum_schedule = "constant"   # 'constant' | 'cosine'
+
+  c.simsiam = ml_collections.ConfigDict()
+  c.simsiam.pred_dims = (512, 128)  # predictor: hidden..., output (= model.proj_dims[-1])
+
+  c.byol = ml_collections.ConfigDict()
+  c.byol.pred_dims = (512, 128)
+  c.byol.momentum = 0.996           # tau_base of the cosine schedule to 1 at num_steps
 
   c.augment = ml_collections.ConfigDict(AugmentConfig().__dict__)
 

@@ -19,10 +19,11 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from usjax import UsjaxError, report, train
+  from usjax import UsjaxError, grid, report, train
   report.quiet_libraries()
+  cfg = flags.FLAGS.config
   try:
-    train.run(flags.FLAGS.config, flags.FLAGS.workdir)
+    (grid.run if cfg.task == "grid" else train.run)(cfg, flags.FLAGS.workdir)
   except UsjaxError as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)

@@ -13,7 +13,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import finetune_busi, pretrain_multiorgan  # noqa: E402
-from usjax import augment, train  # noqa: E402
+from usjax import augment, methods, train  # noqa: E402
 
 
 def one_step(task: str):
@@ -22,7 +22,8 @@ def one_step(task: str):
   cfg.optim.warmup_steps = 0
   cfg.optim.name, cfg.optim.learning_rate = "sgd", 0.1   # updates linear in the gradients: tight tolerances
   mesh = train.make_mesh()
-  model, tx = train.build_model(cfg, task), train.make_optimizer(cfg, 10)
+  method = methods.make_method(cfg) if task == "pretrain" else None
+  model, tx = method.model if method else train.build_model(cfg), train.make_optimizer(cfg, 10)
   state = train.init_state(model, tx, 0, (2, 32, 32, 1), mesh)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (8, 32, 32, 1), dtype=np.uint8)
@@ -31,13 +32,11 @@ def one_step(task: str):
   local = slice(pi * n, (pi + 1) * n)
   aug = augment.AugmentConfig.from_dict(cfg.augment)
   if task == "pretrain":
-    loss_fn = functools.partial(train.simclr_loss, model=model, aug_cfg=aug, temperature=0.5)
-    step = train.compile_step(lambda p, b, x, k: loss_fn(p, b, train.to_float(x), k), tx, mesh)
+    step = train.compile_step(functools.partial(train.pretrain_loss, method=method, aug_cfg=aug), tx, mesh)
     batch = train.global_batch(images[local], mesh)
   else:
-    loss_fn = functools.partial(train.segmentation_loss, model=model, aug_cfg=aug)
-    step = train.compile_step(lambda p, b, x, k: loss_fn(p, b, (train.to_float(x[0]), x[1] / 1.0), k), tx, mesh)
-    batch = train.global_batch((images[local], masks[local].astype(np.float32)), mesh)
+    step = train.compile_step(functools.partial(train.segmentation_loss, model=model, aug_cfg=aug), tx, mesh)
+    batch = train.global_batch((images[local], masks[local]), mesh)
   state, metrics = step(state, batch)
   local_copy = lambda x: np.asarray(x.addressable_data(0))   # replicated: every process holds all of it
   params = jax.tree.map(local_copy, state["params"])

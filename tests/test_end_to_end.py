@@ -57,7 +57,7 @@ def test_finetune_from_pretrained_restores_encoder_and_scores(pretrained):
   saved = ocp.CheckpointManager(str(root / "pre" / "checkpoints"),
                                 item_handlers={"state": ocp.PyTreeCheckpointHandler()})
   state = saved.restore(4, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
-  model = train.build_model(cfg, "finetune")
+  model = train.build_model(cfg)
   v = jax.jit(lambda: model.init(jax.random.key(3), np.zeros((1, 32, 32, 1), np.float32), train=False))()
   params, stats, _ = checkpoint.load_pretrained(str(root / "pre"), v["params"], v["batch_stats"], ("encoder",))
   for a, b in [(params["encoder"], state["params"]["encoder"]), (stats["encoder"], state["batch_stats"]["encoder"])]:

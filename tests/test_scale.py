@@ -102,9 +102,9 @@ def test_interrupted_run_resumes_bitwise(tmp_path, monkeypatch):
 
 
 def test_non_finite_step_keeps_state_and_run_stops_before_saving(tmp_path):
-  def nan_loss(params, batch_stats, batch, key):
+  def nan_loss(params, batch_stats, extra, batch, key, step):
     loss = jnp.sum(params["w"] * batch) * jnp.nan
-    return loss, (batch_stats, {})
+    return loss, (batch_stats, extra, {})
   import optax
   tx = optax.sgd(0.1)
   state = {"params": {"w": jnp.ones(3)}, "batch_stats": {}, "opt_state": tx.init({"w": jnp.ones(3)}),

@@ -30,6 +30,10 @@ def summarize(per_image: dict[str, np.ndarray]) -> dict[str, float]:
   """
   out = {"dice": float(np.mean(per_image["dice"])), "iou": float(np.mean(per_image["iou"])),
          "num_images": int(len(per_image["dice"]))}
+  if "hd95" in per_image:
+    hd = np.asarray(per_image["hd95"], np.float64)
+    if np.any(np.isfinite(hd)):   # undefined (NaN) where exactly one mask is empty
+      out["hd95"] = float(np.nanmean(hd))
   if "label" in per_image:
     labels = np.asarray(per_image["label"])
     for name in sorted(set(labels.tolist())):
@@ -42,15 +46,18 @@ def summarize(per_image: dict[str, np.ndarray]) -> dict[str, float]:
   return out
 
 
-def evaluate(score_fn, batches, to_global) -> dict[str, np.ndarray]:
+def evaluate(score_fn, batches, to_global, keep_examples: int = 8) -> tuple[dict[str, np.ndarray], dict]:
   """Scores every real (non-padding) image of `batches`, in split order.
 
   `score_fn(images, masks) -> (dice, iou, pred)` is the jitted per-image scorer, `to_global` turns a host batch
-  into global arrays; padding images carry index -1 and are dropped after the cross-host gather.
+  into global arrays; padding images carry index -1 and are dropped after the cross-host gather. Dice and IoU
+  come from the device; HD95 (a distance transform) is computed on the host. Also returns the first
+  `keep_examples` images with their masks and predictions, for overlay figures.
   """
   from jax.experimental import multihost_utils
   gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  out = {"index": [], "dice": [], "iou": [], "empty_true": [], "empty_pred": []}
+  out = {"index": [], "dice": [], "iou": [], "hd95": [], "empty_true": [], "empty_pred": []}
+  examples = {"image": [], "mask": [], "pred": []}
   for batch in batches:
     dice, iou, pred = score_fn(to_global(batch["image"]), to_global(batch["mask"]))
     index = gather(to_global(batch["index"]))
@@ -61,7 +68,13 @@ def evaluate(score_fn, batches, to_global) -> dict[str, np.ndarray]:
     out["iou"].append(gather(iou)[keep])
     out["empty_true"].append(~true.reshape(len(true), -1).any(1))
     out["empty_pred"].append(~pred.reshape(len(pred), -1).any(1))
-  return {k: np.concatenate(v) for k, v in out.items()}
+    out["hd95"].append(np.array([hd95(p[..., 0], t[..., 0]) for p, t in zip(pred, true)], np.float32))
+    if sum(len(x) for x in examples["image"]) < keep_examples:
+      examples["image"].append(gather(to_global(batch["image"]))[keep])
+      examples["mask"].append(true)
+      examples["pred"].append(pred)
+  examples = {k: np.concatenate(v)[:keep_examples] for k, v in examples.items() if v}
+  return {k: np.concatenate(v) for k, v in out.items()}, examples
 
 
 def hd95(pred: np.ndarray, true: np.ndarray) -> float:

@@ -19,7 +19,7 @@ import optax
 from absl import logging
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from usjax import UsjaxError, augment, checkpoint, evaluate, models, objectives, report
+from usjax import UsjaxError, augment, checkpoint, evaluate, methods, models, objectives, report
 from usjax.data import pipeline
 
 
@@ -51,13 +51,11 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
   raise UsjaxError(f"config.optim.name must be 'adamw', 'lars' or 'sgd', got {o.name!r}")
 
 
-def build_model(cfg, task: str):
+def build_model(cfg) -> models.UNet:
+  """The segmentation U-Net of `cfg.model` (pre-training networks come from `methods.make_method`)."""
   m = cfg.model
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.dtype]
-  if task == "finetune":
-    return models.UNet(encoder=m.encoder, decoder_widths=tuple(m.decoder_widths), norm=m.norm, dtype=dtype)
-  return models.PretrainNet(encoder=m.encoder, decoder_widths=tuple(m.decoder_widths), norm=m.norm,
-                            with_decoder=m.with_decoder, proj_dims=tuple(m.proj_dims), dtype=dtype)
+  return models.UNet(encoder=m.encoder, decoder_widths=tuple(m.decoder_widths), norm=m.norm, dtype=dtype)
 
 
 def init_state(model, tx, seed: int, input_shape, mesh, params_override=None) -> dict:
@@ -77,46 +75,49 @@ def init_state(model, tx, seed: int, input_shape, mesh, params_override=None) ->
 
 
 # ---------------------------------------------------------------------------------------------------- losses
-def simclr_loss(params, batch_stats, images, key, *, model, aug_cfg, temperature):
-  """Two augmented views per image, one forward pass over both (BatchNorm sees all 2N views), NT-Xent."""
-  v1, v2 = augment.two_views(key, images, aug_cfg)
-  (z, _), new_vars = model.apply({"params": params, "batch_stats": batch_stats}, jnp.concatenate([v1, v2]),
-                                 train=True, mutable=["batch_stats"])
-  n = images.shape[0]
-  loss = objectives.nt_xent(z[:n], z[n:], temperature)
-  return loss, (new_vars["batch_stats"], {"contrast_acc": objectives.contrastive_accuracy(z[:n], z[n:])})
+def to_float(images):
+  return images.astype(jnp.float32) / 255.0
 
 
-def segmentation_loss(params, batch_stats, batch, key, *, model, aug_cfg):
-  images, masks = augment.augment_batch_pairs(key, batch[0], batch[1], aug_cfg)
+def pretrain_loss(params, batch_stats, extra, images, key, step, *, method, aug_cfg):
+  """Two augmented views of each uint8 image, made on device, then the method's objective."""
+  v1, v2 = augment.two_views(key, to_float(images), aug_cfg)
+  return method.loss(params, batch_stats, extra, v1, v2, step)
+
+
+def segmentation_loss(params, batch_stats, extra, batch, key, step, *, model, aug_cfg):
+  """Dice + BCE on image/mask pairs that share one random geometric transform."""
+  images, masks = augment.augment_batch_pairs(key, to_float(batch[0]), batch[1].astype(jnp.float32), aug_cfg)
   logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
                                  mutable=["batch_stats"])
   dice, _ = evaluate.dice_iou(logits > 0, masks > 0.5)
-  return objectives.dice_bce(logits, masks), (new_vars["batch_stats"], {"train_dice": dice.mean()})
+  return objectives.dice_bce(logits, masks), (new_vars["batch_stats"], extra, {"train_dice": dice.mean()})
 
 
-def train_step(state, batch, *, loss_fn, tx):
-  """One optimiser step. Pure: (state, batch) -> (state, metrics)."""
+def train_step(state, batch, *, loss_fn, tx, after_step=None):
+  """One optimiser step. Pure: (state, batch) -> (state, metrics).
+
+  `state["extra"]`, when present, is a method's own state (EMA target, queue): the loss returns its new value
+  and `after_step(extra, params, step)` updates it once the optimiser has moved the parameters.
+  """
   key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-  (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state["params"], state["batch_stats"], batch, key)
+  (loss, (batch_stats, extra, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state["params"], state["batch_stats"], state.get("extra", {}), batch, key, state["step"])
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  new = {"params": optax.apply_updates(state["params"], updates), "batch_stats": batch_stats,
-         "opt_state": opt_state}
+  params = optax.apply_updates(state["params"], updates)
+  new = {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}
+  if "extra" in state:
+    new["extra"] = after_step(extra, params, state["step"]) if after_step else extra
   new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, {k: state[k] for k in new})
   new.update(step=state["step"] + 1, rng=state["rng"])
   return new, {"loss": loss, "grad_norm": grad_norm, "finite": finite, **metrics}
 
 
-def to_float(images):
-  return images.astype(jnp.float32) / 255.0
-
-
-def compile_step(loss_fn, tx, mesh):
+def compile_step(loss_fn, tx, mesh, after_step=None):
   repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  step = functools.partial(train_step, loss_fn=loss_fn, tx=tx)
+  step = functools.partial(train_step, loss_fn=loss_fn, tx=tx, after_step=after_step)
   return jax.jit(step, in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
 
 
@@ -166,21 +167,28 @@ def fit(cfg, workdir: str, task: str, state, step_fn, data_iter, to_batch, mesh,
   return state, rep, summary
 
 
+def data_meta(cfg) -> dict:
+  """What a later user of the checkpoint (prediction on new images) needs to preprocess like training did."""
+  return {"image_size": cfg.data.image_size, "channels": cfg.data.channels, "aspect": cfg.data.aspect}
+
+
 def pretrain(cfg, workdir: str) -> dict:
   mesh = make_mesh()
-  model, tx = build_model(cfg, "pretrain"), make_optimizer(cfg, cfg.num_steps)
-  if cfg.method != "simclr":
-    raise UsjaxError(f"config.method must be 'simclr', got {cfg.method!r}")
+  method, tx = methods.make_method(cfg), make_optimizer(cfg, cfg.num_steps)
   aug_cfg = augment.AugmentConfig.from_dict(cfg.augment)
-  loss_fn = functools.partial(simclr_loss, model=model, aug_cfg=aug_cfg, temperature=cfg.simclr.temperature)
   s = cfg.data.image_size
-  state = init_state(model, tx, cfg.seed, (2, s, s, cfg.data.channels), mesh)
-  logging.info("pre-training %s (%s, %.2fM parameters) with %s on %s", model.encoder,
+  state = init_state(method.model, tx, cfg.seed, (2, s, s, cfg.data.channels), mesh)
+  extra = jax.jit(method.init_extra, out_shardings=NamedSharding(mesh, P()))(state["params"], state["batch_stats"])
+  if extra:
+    state["extra"] = extra
+  logging.info("pre-training %s (%s, %.2fM parameters) with %s on %s", cfg.model.encoder,
                "encoder+decoder" if cfg.model.with_decoder else "encoder",
                models.count_params(state["params"]) / 1e6, cfg.method, cfg.data.sources)
   data_iter = iter(pipeline.pretrain_dataset(cfg.data, cfg.batch_size, cfg.seed))
-  step_fn = compile_step(lambda p, b, x, k: loss_fn(p, b, to_float(x), k), tx, mesh)
-  meta = {"task": "pretrain", "method": cfg.method, "model": cfg.model.to_dict(), "sources": cfg.data.sources}
+  loss_fn = functools.partial(pretrain_loss, method=method, aug_cfg=aug_cfg)
+  step_fn = compile_step(loss_fn, tx, mesh, method.after_step)
+  meta = {"task": "pretrain", "method": cfg.method, "model": cfg.model.to_dict(), "sources": cfg.data.sources,
+          "data": data_meta(cfg)}
   state, rep, summary = fit(cfg, workdir, "pretrain", state, step_fn, data_iter,
                             lambda b: global_batch(b["image"], mesh), mesh, meta)
   summary.update(method=cfg.method, sources=cfg.data.sources, first_loss=rep.history[0]["loss"]
@@ -191,7 +199,7 @@ def pretrain(cfg, workdir: str) -> dict:
 
 def finetune(cfg, workdir: str) -> dict:
   mesh = make_mesh()
-  model, tx = build_model(cfg, "finetune"), make_optimizer(cfg, cfg.num_steps)
+  model, tx = build_model(cfg), make_optimizer(cfg, cfg.num_steps)
   transfer = {}
   override = None
   if cfg.init_from:
@@ -212,20 +220,19 @@ def finetune(cfg, workdir: str) -> dict:
                cfg.model.encoder, models.count_params(state["params"]) / 1e6, cfg.data.source,
                cfg.data.label_fraction, n_train)
   aug_cfg = augment.AugmentConfig.from_dict(cfg.augment)
-  loss_fn = functools.partial(segmentation_loss, model=model, aug_cfg=aug_cfg)
-  step_fn = compile_step(lambda p, b, x, k: loss_fn(p, b, (to_float(x[0]), x[1].astype(jnp.float32)), k),
-                         tx, mesh)
-  meta = {"task": "finetune", "model": cfg.model.to_dict(), "source": cfg.data.source,
+  step_fn = compile_step(functools.partial(segmentation_loss, model=model, aug_cfg=aug_cfg), tx, mesh)
+  meta = {"task": "finetune", "model": cfg.model.to_dict(), "source": cfg.data.source, "data": data_meta(cfg),
           "init_from": cfg.init_from, "transfer": cfg.transfer if cfg.init_from else "none"}
   state, rep, summary = fit(cfg, workdir, "finetune", state, step_fn, iter(train_ds),
                             lambda b: global_batch((b["image"], b["mask"]), mesh), mesh, meta)
-  scores = evaluate_split(model, state, cfg, cfg.eval_split, mesh)
+  scores, examples = evaluate_split(model, state, cfg, cfg.eval_split, mesh)
   summary.update(evaluate.summarize(scores), source=cfg.data.source, label_fraction=cfg.data.label_fraction,
                  train_images=n_train, eval_split=cfg.eval_split, init_from=cfg.init_from or None,
                  transfer=transfer or None)
   rep.scalars(cfg.num_steps, {"dice": summary["dice"], "iou": summary["iou"]}, cfg.eval_split)
   if jax.process_index() == 0:
     report.write_json(os.path.join(workdir, "per_image.json"), per_image_rows(scores))
+    np.savez_compressed(os.path.join(workdir, "examples.npz"), **examples)
   logging.info("%s split: Dice %.4f, IoU %.4f over %d images", cfg.eval_split, summary["dice"], summary["iou"],
                summary["num_images"])
   rep.close(workdir, summary)
@@ -241,16 +248,21 @@ def evaluate_split(model, state, cfg, split: str, mesh) -> dict[str, np.ndarray]
     pred = model.apply(variables, to_float(images), train=False) > 0
     return (*evaluate.dice_iou(pred, masks > 0), pred)
   batches = pipeline.eval_batches(cfg.data, split, cfg.batch_size)
-  scores = evaluate.evaluate(lambda x, m: score(variables, x, m), batches, lambda a: global_batch(a, mesh))
+  scores, examples = evaluate.evaluate(lambda x, m: score(variables, x, m), batches,
+                                       lambda a: global_batch(a, mesh))
   ids, labels = pipeline.split_labels(cfg.data, split)
   scores["id"] = np.asarray(ids)[scores["index"]]
   scores["label"] = np.asarray(labels)[scores["index"]]
-  return scores
+  return scores, examples
 
 
 def per_image_rows(scores: dict[str, np.ndarray]) -> list[dict]:
   keys = [k for k in ("id", "label", "dice", "iou", "hd95") if k in scores]
-  return [{k: scores[k][i].item() for k in keys} for i in range(len(scores["dice"]))]
+  rows = [{k: scores[k][i].item() for k in keys} for i in range(len(scores["dice"]))]
+  for r in rows:   # JSON has no NaN: HD95 is undefined when exactly one of the masks is empty
+    if "hd95" in r and not np.isfinite(r["hd95"]):
+      r["hd95"] = None
+  return rows
 
 
 def maybe_initialize_distributed() -> None:

@@ -1,0 +1,300 @@
+"""Prediction stage: a fine-tuned checkpoint applied to new images of any size, scored at their own resolution.
+
+Each image gets the preprocessing its checkpoint was trained with (channels, `aspect` to a square, resize to
+`image_size`, all recorded in the checkpoint's `meta["data"]`); the logits then go through the exact inverse of
+that geometry (bilinear on the logits, then the 0 threshold), so masks and scores are at the image's original
+size, which is what a reader measures, not what the network saw. Batches are padded to a fixed size, so the
+forward pass compiles once whatever the number and sizes of the images.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from PIL import Image
+
+from usjax import UsjaxError, evaluate, models, report
+from usjax.data import DataError, folders, imageio, pipeline
+
+# configs/default.py's values, for checkpoints written before `meta["data"]` recorded them.
+FALLBACK_DATA = {"image_size": 64, "channels": 1, "aspect": "pad"}
+ASPECTS = ("pad", "stretch", "crop")
+_SKIP = re.compile(r"_(mask(_\d+)?|overlay)$")   # ground-truth masks beside their images, and our own outputs
+
+
+class PredictError(UsjaxError):
+  """A workdir that holds no usable fine-tuning checkpoint: the message names the path."""
+
+
+# ---------------------------------------------------------------------------------------------------- geometry
+def _resize(arr: np.ndarray, h: int, w: int, resample) -> np.ndarray:
+  if arr.shape == (h, w):
+    return arr
+  mode = "F" if arr.dtype != np.uint8 else "L"
+  return np.asarray(Image.fromarray(arr.astype(np.float32) if mode == "F" else arr, mode).resize((w, h), resample))
+
+
+def from_square(arr: np.ndarray, shape: tuple[int, int], aspect: str, resample=Image.BILINEAR,
+                fill: float = 0) -> np.ndarray:
+  """[S, S] map at model resolution -> [H, W]: the inverse of `pipeline.to_square`'s geometry.
+
+  'pad' resizes back to the padded square and cuts the image out of it; 'stretch' resizes to (H, W); 'crop'
+  resizes back to the centred square and sets the margins the network never saw to `fill`.
+  """
+  if aspect not in ASPECTS:
+    raise DataError(f"aspect must be 'pad', 'stretch' or 'crop', got {aspect!r}")
+  h, w = shape
+  if aspect == "stretch" or h == w:
+    return _resize(arr, h, w, resample)
+  s = max(h, w) if aspect == "pad" else min(h, w)
+  sq = _resize(arr, s, s, resample)
+  if aspect == "pad":
+    return sq[(s - h) // 2:(s - h) // 2 + h, (s - w) // 2:(s - w) // 2 + w]
+  out = np.full((h, w), fill, sq.dtype)
+  out[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s] = sq
+  return out
+
+
+def to_model_input(image: np.ndarray, size: int, channels: int, aspect: str) -> np.ndarray:
+  """[H, W, C] uint8 -> [size, size, channels] uint8, as the training pipeline prepares an image."""
+  return pipeline.to_square(pipeline.to_channels(image, channels), size, aspect, Image.BILINEAR)
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoint
+def settings(meta: dict, image_size=None, channels=None, aspect=None) -> dict:
+  """Preprocessing of a checkpoint: explicit values, else `meta["data"]`, else FALLBACK_DATA (older runs)."""
+  data = meta.get("data") or {}
+  given = {"image_size": image_size, "channels": channels, "aspect": aspect}
+  out = {}
+  for key, default in FALLBACK_DATA.items():
+    out[key] = given[key] if given[key] is not None else data.get(key)
+    if out[key] is None:
+      logging.warning("checkpoint meta has no data.%s (an older run): assuming %r", key, default)
+      out[key] = default
+  if out["aspect"] not in ASPECTS:
+    raise DataError(f"aspect must be 'pad', 'stretch' or 'crop', got {out['aspect']!r}")
+  if out["channels"] not in (1, 3) or int(out["image_size"]) < 1:
+    raise DataError(f"channels must be 1 or 3 and image_size positive, got {out['channels']}, {out['image_size']}")
+  out["image_size"], out["channels"] = int(out["image_size"]), int(out["channels"])
+  return out
+
+
+def build_unet(model_meta: dict) -> models.UNet:
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_meta.get("dtype", "float32")]
+  return models.UNet(encoder=model_meta["encoder"], decoder_widths=tuple(model_meta["decoder_widths"]),
+                     norm=model_meta["norm"], dtype=dtype)
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(v.shape)
+          for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def latest_checkpoint(workdir: str) -> str:
+  """`<workdir>/checkpoints/<latest step>` (a workdir or its checkpoints/ folder is accepted)."""
+  path = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
+  if not os.path.isdir(path):
+    raise PredictError(f"{workdir}: workdir not found")
+  ckdir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+  mngr = ocp.CheckpointManager(ckdir, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  step = mngr.latest_step()
+  mngr.close()
+  if step is None:
+    raise PredictError(f"{workdir}: no checkpoint (expected a fine-tuning workdir with checkpoints/<step>/)")
+  return os.path.join(ckdir, str(step))
+
+
+@dataclasses.dataclass
+class Predictor:
+  """A fine-tuned U-Net with its preprocessing; `predict` maps images to masks at their own size."""
+  model: models.UNet
+  variables: dict
+  image_size: int
+  channels: int
+  aspect: str
+  batch_size: int = 8
+  checkpoint: str = ""
+
+  def __post_init__(self):
+    self._forward = jax.jit(lambda v, x: self.model.apply(v, x.astype(jnp.float32) / 255.0, train=False)[..., 0])
+
+  def logits(self, squares: np.ndarray) -> np.ndarray:
+    """[N, S, S, C] uint8 -> [N, S, S] float32, in batches padded to `batch_size` (one compile)."""
+    out = []
+    for i in range(0, len(squares), self.batch_size):
+      chunk = squares[i:i + self.batch_size]
+      padded = np.zeros((self.batch_size, *squares.shape[1:]), np.uint8)
+      padded[:len(chunk)] = chunk
+      out.append(np.asarray(self._forward(self.variables, padded))[:len(chunk)])
+    return np.concatenate(out) if out else np.zeros((0, self.image_size, self.image_size), np.float32)
+
+  def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
+    """[H, W, C] uint8 images (any sizes, 1 or 3 channels) -> [H, W] bool masks at the same sizes."""
+    squares = np.stack([to_model_input(im, self.image_size, self.channels, self.aspect) for im in images]) \
+        if images else np.zeros((0, self.image_size, self.image_size, self.channels), np.uint8)
+    return [from_square(lg, im.shape[:2], self.aspect, fill=-np.inf) > 0
+            for lg, im in zip(self.logits(squares), images)]
+
+
+def load(workdir: str, *, image_size: int | None = None, channels: int | None = None, aspect: str | None = None,
+         batch_size: int = 8) -> Predictor:
+  """The latest checkpoint of a fine-tuning workdir, ready to predict; keyword values override its meta."""
+  path = latest_checkpoint(workdir)
+  try:
+    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(path, "meta"))
+  except (FileNotFoundError, ValueError, OSError) as e:
+    raise PredictError(f"{path}: no readable meta ({type(e).__name__}); not a usjax checkpoint") from None
+  if meta.get("task") != "finetune":
+    raise PredictError(f"{path}: a {meta.get('task', 'unknown')} checkpoint; prediction needs a fine-tuning workdir")
+  cfg = settings(meta, image_size, channels, aspect)
+  model = build_unet(meta["model"])
+  s = cfg["image_size"]
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, s, s, cfg["channels"])), train=False))
+  shapes = {k: shapes[k] for k in ("params", "batch_stats") if k in shapes}
+  try:
+    stored = _flat_shapes(ocp.PyTreeCheckpointHandler().metadata(epath.Path(path) / "state").tree)
+  except (FileNotFoundError, ValueError, OSError, AttributeError) as e:
+    raise PredictError(f"{path}/state: not a readable usjax train state ({type(e).__name__})") from None
+  for name, shape in _flat_shapes(shapes).items():
+    if stored.get(name) != shape:
+      raise PredictError(f"{path}: {name} is {stored.get(name, 'missing')}, the model of its meta expects {shape} "
+                         f"(channels={cfg['channels']}; wrong --channels?)")
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+  variables = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(os.path.join(path, "state"), args=ocp.args.PyTreeRestore(
+      item=target, partial_restore=True, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+  logging.info("loaded %s: U-Net/%s, %d px, %d channel(s), aspect %s", path, meta["model"]["encoder"], s,
+               cfg["channels"], cfg["aspect"])
+  return Predictor(model, variables, s, cfg["channels"], cfg["aspect"], batch_size, path)
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+def _edge(mask: np.ndarray, width: int) -> np.ndarray:
+  from scipy import ndimage
+  return mask & ~ndimage.binary_erosion(mask, iterations=width) if mask.any() else mask
+
+
+def overlay(image: np.ndarray, pred: np.ndarray, true: np.ndarray | None = None, alpha: float = 0.35) -> np.ndarray:
+  """[H, W, 3] uint8: the image, the prediction tinted and outlined in red, the ground truth outlined in green."""
+  rgb = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3]
+  out = rgb.astype(np.float32)
+  out[pred] = (1 - alpha) * out[pred] + alpha * np.array([255, 0, 0], np.float32)
+  width = max(1, round(min(pred.shape) / 200))   # a contour still visible on a 500-pixel scan
+  if true is not None:
+    out[_edge(true, width)] = (0, 255, 0)
+  out[_edge(pred, width)] = (255, 0, 0)
+  return out.round().astype(np.uint8)
+
+
+def _write_png(path: str, arr: np.ndarray) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(np.ascontiguousarray(arr)).save(path)
+
+
+def _write_outputs(out_dir: str, rel_stem: str, image, pred, true=None) -> dict:
+  mask_rel, overlay_rel = f"{rel_stem}_mask.png", f"{rel_stem}_overlay.png"
+  _write_png(os.path.join(out_dir, mask_rel), pred.astype(np.uint8) * 255)
+  _write_png(os.path.join(out_dir, overlay_rel), overlay(image, pred, true))
+  return {"mask": mask_rel, "overlay": overlay_rel}
+
+
+def score(pred: np.ndarray, true: np.ndarray) -> dict:
+  """Dice, IoU and HD95 of one pair of [H, W] bool masks, with the evaluation stage's empty-mask conventions.
+
+  `evaluate.dice_iou` runs on the masks flattened and padded with background to a power-of-two length: padding
+  changes no count, and images of every size then share a handful of compiled shapes.
+  """
+  n = pred.size
+  length = 1 << max(n - 1, 0).bit_length()
+  flat = lambda m: np.pad(np.asarray(m, bool).ravel(), (0, length - n))[None]
+  dice, iou = evaluate.dice_iou(flat(pred), flat(true))
+  return {"dice": float(dice[0]), "iou": float(iou[0]), "hd95": evaluate.hd95(pred, true),
+          "empty_true": not true.any(), "empty_pred": not pred.any()}
+
+
+def _predictor(workdir) -> Predictor:
+  return workdir if isinstance(workdir, Predictor) else load(workdir)
+
+
+def _check_out_dir(out_dir: str, folder: str) -> str:
+  if os.path.realpath(out_dir) == os.path.realpath(folder):
+    raise DataError(f"{out_dir}: the output folder must differ from the input folder (masks would overwrite it)")
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise DataError(f"{out_dir}: exists and is not a folder")
+  os.makedirs(out_dir, exist_ok=True)
+  return out_dir
+
+
+def _chunks(seq, n: int):
+  for i in range(0, len(seq), n):
+    yield seq[i:i + n]
+
+
+# ---------------------------------------------------------------------------------------------------- folders
+def evaluate_folder(workdir, folder: str, out_dir: str, *, save_predictions: bool = False) -> dict:
+  """Scores a checkpoint on a folder in the BUSI layout, at each image's original resolution.
+
+  `workdir` is a fine-tuning workdir or a loaded `Predictor`. Writes `per_image.json` (id, class, Dice, IoU,
+  HD95) and `summary.json` (means, per class, false-positive rate on normal images) to `out_dir`, and with
+  `save_predictions` the masks and overlays (prediction red, ground truth green) under the class sub-folders.
+  """
+  from usjax import train
+  from usjax.data import busi
+  root = busi.find_root(folder)
+  items = busi.scan(root)
+  out_dir = _check_out_dir(out_dir, root)
+  p = _predictor(workdir)
+  rows = []
+  for chunk in _chunks(items, p.batch_size):
+    images = [imageio.read_image(it.paths[0], 3) for it in chunk]
+    for it, image, pred in zip(chunk, images, p.predict(images)):
+      true = np.logical_or.reduce([imageio.read_mask(m) for m in it.paths[1:]])
+      rows.append({"id": it.id, "label": busi.CLASSES[it.label], **score(pred, true)})
+      if save_predictions:
+        _write_outputs(out_dir, os.path.splitext(it.id)[0], image, pred, true)
+  scores = {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
+  summary = {**evaluate.summarize(scores), "folder": os.path.abspath(folder), "checkpoint": p.checkpoint,
+             "image_size": p.image_size, "aspect": p.aspect}
+  report.write_json(os.path.join(out_dir, "per_image.json"), train.per_image_rows(scores))
+  report.write_json(os.path.join(out_dir, "summary.json"), summary)
+  return summary
+
+
+def _output_stems(paths: list[str], folder: str) -> list[str]:
+  """Relative path without extension per image; 'a.png' beside 'a.jpg' become 'a_png' and 'a_jpg'."""
+  stems = [os.path.splitext(os.path.relpath(p, folder))[0] for p in paths]
+  clash = {s for s in stems if stems.count(s) > 1}
+  return [s if s not in clash else os.path.relpath(p, folder).replace(".", "_") for s, p in zip(stems, paths)]
+
+
+def predict_folder(workdir, folder: str, out_dir: str) -> list[dict]:
+  """Every PNG/JPEG under `folder` (recursive) -> `<name>_mask.png` (0/255) and `<name>_overlay.png`.
+
+  Outputs keep the original size and relative sub-path. Files named like ground-truth masks (`*_mask.png`,
+  `*_mask_1.png`) or earlier overlays are skipped, and so is `out_dir` when it lies inside `folder`. Also writes
+  `predictions.json`: per image its outputs, size and predicted lesion area in pixels.
+  """
+  folders.require_dir(folder)
+  out_abs = os.path.realpath(out_dir)
+  paths = [p for p in folders.list_images(folder, recursive=True)
+           if not _SKIP.search(os.path.splitext(os.path.basename(p))[0])
+           and not os.path.realpath(p).startswith(out_abs + os.sep)]
+  if not paths:
+    raise DataError(f"{folder}: no PNG/JPEG images to predict on")
+  out_dir = _check_out_dir(out_dir, folder)
+  p = _predictor(workdir)
+  rows = []
+  for chunk in _chunks(list(zip(paths, _output_stems(paths, folder))), p.batch_size):
+    images = [imageio.read_image(path, 3) for path, _ in chunk]
+    for (path, stem), image, pred in zip(chunk, images, p.predict(images)):
+      rows.append({"image": os.path.relpath(path, folder), **_write_outputs(out_dir, stem, image, pred),
+                   "height": pred.shape[0], "width": pred.shape[1], "lesion_pixels": int(pred.sum())})
+  report.write_json(os.path.join(out_dir, "predictions.json"), rows)
+  return rows
