@@ -101,3 +101,26 @@ def test_unknown_config_key_fails_in_one_line(tmp_path):
   assert out.returncode != 0
   assert "num_stepz" in out.stderr
   assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("method", ["moco", "simsiam", "byol"])
+def test_each_method_pretrains_and_transfers_encoder_and_decoder(pretrained, tmp_path, method):
+  root, _ = pretrained
+  cfg = tiny(pretrain_multiorgan.get_config(), root / "data")
+  cfg.method, cfg.model.with_decoder = method, True
+  cfg.moco.queue_size = 32
+  cfg.simsiam.pred_dims = cfg.byol.pred_dims = (64, 32)
+  summary = train.run(cfg, str(tmp_path / "pre"))
+  assert summary["method"] == method and np.isfinite(summary["final_loss"])
+  ft = tiny(finetune_busi.get_config(), root / "data")
+  ft.num_steps, ft.init_from, ft.transfer = 2, str(tmp_path / "pre"), "encoder+decoder"
+  out = train.run(ft, str(tmp_path / "fine"))
+  assert out["transfer"]["loaded"] == ["decoder", "encoder"] and out["transfer"]["init"] == ["seg_head"]
+
+
+def test_decoder_transfer_from_encoder_only_pretraining_is_rejected(pretrained, tmp_path):
+  root, _ = pretrained
+  ft = tiny(finetune_busi.get_config(), root / "data")
+  ft.init_from, ft.transfer = str(root / "pre"), "encoder+decoder"
+  with pytest.raises(CheckpointError, match="with_decoder=True"):
+    train.run(ft, str(tmp_path / "fine"))
