@@ -11,7 +11,6 @@ import os
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -103,6 +102,3 @@ def load_pretrained(path: str, params: dict, batch_stats: dict, parts: tuple[str
                report["checkpoint"], ", ".join(report["loaded"]), ", ".join(report["init"]))
   return params, batch_stats, report
 
-
-def tree_equal(a, b) -> bool:
-  return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
