@@ -11,6 +11,7 @@ import os
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -78,22 +79,35 @@ def load_pretrained(path: str, params: dict, batch_stats: dict, parts: tuple[str
     stored = _flat(mngr.item_metadata(step)["state"].tree)
   except (KeyError, AttributeError, ValueError, FileNotFoundError) as e:  # not an orbax state checkpoint of this project
     raise CheckpointError(f"config.init_from: {ckdir}/{step} is not a usjax checkpoint ({type(e).__name__})") from e
-  target = {"params": {p: params[p] for p in parts if p in params},
-            "batch_stats": {p: batch_stats[p] for p in parts if p in batch_stats}}
+  target = jax.tree.map(lambda x: x, {"params": {p: params[p] for p in parts if p in params},   # own containers
+                                      "batch_stats": {p: batch_stats[p] for p in parts if p in batch_stats}})
   for p in parts:
     if p not in params:
       raise CheckpointError(f"config.transfer: the model has no {p!r} to load into")
+  stem = "params/encoder/stem/kernel"
   for name, shape in _flat(target).items():
     if name not in stored:
       raise CheckpointError(f"config.init_from: {ckdir}/{step} has no parameter {name} (was it pre-trained with "
                             f"the same model.encoder and, for decoder transfer, model.with_decoder=True?)")
-    if stored[name] != shape:
+    if stored[name] != shape and not (name == stem and stored[name][:2] + stored[name][3:] == shape[:2] + shape[3:]):
       raise CheckpointError(f"config.init_from: {ckdir}/{step}: {name} has shape {stored[name]}, the model "
-                            f"expects {shape} (different model.encoder or channels?)")
+                            f"expects {shape} (different model.encoder?)")
+  # A stem pre-trained on another number of input channels (RGB natural images -> grayscale ultrasound) is
+  # restored as stored and converted: summed over its input channels for 1 channel (a gray image seen as
+  # R=G=B gives the same response), or its mean repeated for several.
+  stem_shape = stored.get(stem) if stem in _flat(target) else None
+  if stem_shape is not None and stem_shape != _flat(target)[stem]:
+    want = target["params"]["encoder"]["stem"]["kernel"]
+    target["params"]["encoder"]["stem"]["kernel"] = np.zeros(stem_shape, np.float32)
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
   got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item=target, partial_restore=True, restore_args=restore_args)))["state"]
   mngr.close()
+  if stem_shape is not None and stem_shape != tuple(want.shape):
+    k = np.asarray(got["params"]["encoder"]["stem"]["kernel"])
+    k = k.sum(2, keepdims=True) if want.shape[2] == 1 else np.repeat(k.mean(2, keepdims=True), want.shape[2], 2)
+    got["params"]["encoder"]["stem"]["kernel"] = jax.numpy.asarray(k, want.dtype)
+    logging.info("transfer: stem kernel %s converted to %s input channels", stem_shape, want.shape[2])
   params = {**params, **got["params"]}
   batch_stats = {**batch_stats, **got.get("batch_stats", {})}
   report = {"checkpoint": f"{ckdir}/{step}", "loaded": sorted(target["params"]),
