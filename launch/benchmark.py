@@ -29,7 +29,7 @@ flags.DEFINE_integer("warmup", 2, "Untimed steps per case after compilation.")
 flags.DEFINE_string("encoder", "resnet18", "model.encoder")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "model.dtype")
 flags.DEFINE_list("cases", "unet,simclr", "Step cases: unet (fine-tuning), simclr (pre-training).")
-flags.DEFINE_bool("noaug", True, "Also time each step without the augmentation.")
+flags.DEFINE_list("variants", "aug,noaug", "Step variants: aug (the real step), noaug (no augmentation).")
 flags.DEFINE_string("data_root", os.path.join(os.path.dirname(ROOT), "shared", "data"),
                     "Folder with busi/, pocus/ and cifar10_test/.")
 flags.DEFINE_string("data_dir", os.path.join(tempfile.gettempdir(), "usjax_bench_data"),
@@ -117,8 +117,9 @@ def step_cases():
       real = functools.partial(train.pretrain_loss, method=method, aug_cfg=augment.AugmentConfig.from_dict(cfg.augment))
       bare = functools.partial(noaug_pretrain_loss, method=method)
       local = {"+aug": images, "noaug": rng.integers(0, 256, (2 * b, s, s, 1), np.uint8)}
-    variants = [("+aug", real)] + ([("noaug", bare)] if FLAGS.noaug else [])
-    for variant, loss_fn in variants:
+    for variant, loss_fn in (("+aug", real), ("noaug", bare)):
+      if variant.lstrip("+") not in FLAGS.variants:
+        continue
       state = train.init_state(model, tx, 0, (2, s, s, 1), mesh)
       step_fn = train.compile_step(loss_fn, tx, mesh, after_step)
       yield f"{case} {variant}", time_step(step_fn, state, train.global_batch(local[variant], mesh), b)
