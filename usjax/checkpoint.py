@@ -95,19 +95,19 @@ def load_pretrained(path: str, params: dict, batch_stats: dict, parts: tuple[str
   # A stem pre-trained on another number of input channels (RGB natural images -> grayscale ultrasound) is
   # restored as stored and converted: summed over its input channels for 1 channel (a gray image seen as
   # R=G=B gives the same response), or its mean repeated for several.
-  stem_shape = stored.get(stem) if stem in _flat(target) else None
-  if stem_shape is not None and stem_shape != _flat(target)[stem]:
+  want = None
+  if stem in _flat(target) and stored[stem] != _flat(target)[stem]:
     want = target["params"]["encoder"]["stem"]["kernel"]
-    target["params"]["encoder"]["stem"]["kernel"] = np.zeros(stem_shape, np.float32)
+    target["params"]["encoder"]["stem"]["kernel"] = np.zeros(stored[stem], np.float32)
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
   got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item=target, partial_restore=True, restore_args=restore_args)))["state"]
   mngr.close()
-  if stem_shape is not None and stem_shape != tuple(want.shape):
+  if want is not None:
     k = np.asarray(got["params"]["encoder"]["stem"]["kernel"])
     k = k.sum(2, keepdims=True) if want.shape[2] == 1 else np.repeat(k.mean(2, keepdims=True), want.shape[2], 2)
     got["params"]["encoder"]["stem"]["kernel"] = jax.numpy.asarray(k, want.dtype)
-    logging.info("transfer: stem kernel %s converted to %s input channels", stem_shape, want.shape[2])
+    logging.info("transfer: stem kernel %s converted to %s input channels", stored[stem], want.shape[2])
   params = {**params, **got["params"]}
   batch_stats = {**batch_stats, **got.get("batch_stats", {})}
   report = {"checkpoint": f"{ckdir}/{step}", "loaded": sorted(target["params"]),
