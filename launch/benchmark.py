@@ -2,6 +2,7 @@
 
     python launch/benchmark.py --what=step       # U-Net fine-tuning and SimCLR pre-training steps
     python launch/benchmark.py --what=pipeline   # BUSI and the multi-organ mix from ../shared/data
+    python launch/benchmark.py --what=conv       # each convolution of both networks, per pass and lowering
     python launch/benchmark.py --what=all --res=128 --batch=16 --steps=10
 
 Prints a table and one JSON line per case. Step cases run `usjax.train`'s own jitted step on random data of the
@@ -12,6 +13,7 @@ Images/second count source images (a SimCLR image is two views); warm-up and com
 import functools
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -21,7 +23,7 @@ sys.path.insert(0, ROOT)  # `configs` and `usjax`
 
 from absl import app, flags  # noqa: E402
 
-flags.DEFINE_enum("what", "all", ["step", "pipeline", "all"], "Which benchmark to run.")
+flags.DEFINE_enum("what", "all", ["step", "pipeline", "conv", "all"], "Which benchmark to run.")
 flags.DEFINE_integer("res", 128, "Image side in pixels (step cases).")
 flags.DEFINE_integer("batch", 16, "Source images per step (SimCLR sees twice as many views).")
 flags.DEFINE_integer("steps", 10, "Timed steps (or pipeline batches) per case, after warm-up.")
@@ -62,17 +64,21 @@ def time_step(step_fn, state, batch, n_images: int) -> dict:
   for _ in range(FLAGS.warmup):
     state, metrics = compiled(state, batch)
   jax.block_until_ready(state)
-  times = []
+  times, usage0 = [], resource.getrusage(resource.RUSAGE_SELF)
   for _ in range(FLAGS.steps):
     t = time.perf_counter()
     state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t)
   mean_s = sum(times) / len(times)
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  cpu_s = (usage.ru_utime - usage0.ru_utime) + (usage.ru_stime - usage0.ru_stime)
   flops = total_flops(compiled)
   return {"img_s": n_images / mean_s, "step_ms": 1e3 * mean_s, "min_step_ms": 1e3 * min(times),
           "compile_s": compile_s, "gflop_per_step": flops / 1e9, "gflop_s": flops / mean_s / 1e9,
-          "loss": float(metrics["loss"])}
+          "loss": float(metrics["loss"]),
+          "cores_busy": cpu_s / sum(times), "sys_frac": (usage.ru_stime - usage0.ru_stime) / max(cpu_s, 1e-9),
+          "faults_per_step": (usage.ru_minflt - usage0.ru_minflt) / FLAGS.steps}
 
 
 def noaug_pretrain_loss(params, batch_stats, extra, images, key, step, *, method):
@@ -125,6 +131,62 @@ def step_cases():
       yield f"{case} {variant}", time_step(step_fn, state, train.global_batch(local[variant], mesh), b)
 
 
+def conv_shapes(case: str) -> dict:
+  """{(x shape, kernel shape, stride): count} of the convolutions `case`'s network runs, recorded by tracing it."""
+  import collections
+  import jax
+  from usjax import methods, models, train
+  seen, original = collections.Counter(), models.cpu_conv_paths
+  def record(x_shape, kernel_shape, stride):
+    seen[(tuple(x_shape), tuple(kernel_shape), stride)] += 1
+    return original(x_shape, kernel_shape, stride)
+  cfg = base_config()
+  n = FLAGS.batch
+  if case == "simclr":
+    cfg.method, cfg.model.proj_dims = "simclr", (512, 128)
+    model, n = methods.make_method(cfg).model, 2 * FLAGS.batch
+  else:
+    model = train.build_model(cfg)
+  models.cpu_conv_paths = record
+  try:
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros((n, FLAGS.res, FLAGS.res, 1))))
+  finally:
+    models.cpu_conv_paths = original
+  return dict(seen)
+
+
+def conv_cases():
+  """Yields (name, result): milliseconds per pass (fwd, dx, dw) of each lowering, and of the chosen one."""
+  import jax
+  from usjax import models
+  def ms(fn, *args):
+    fn = jax.jit(fn)
+    jax.block_until_ready(fn(*args))
+    t = time.perf_counter()
+    for _ in range(FLAGS.steps):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    return 1e3 * (time.perf_counter() - t) / FLAGS.steps
+  lowerings = {"lax": models.lax_conv, "matmul": models.conv_as_matmul}
+  for case in FLAGS.cases:
+    for (xs, ks, stride), count in conv_shapes(case).items():
+      kx, kk, kd = jax.random.split(jax.random.key(0), 3)
+      x, k = jax.random.normal(kx, xs), jax.random.normal(kk, ks)
+      dy = jax.random.normal(kd, jax.eval_shape(lambda x, k: models.lax_conv(x, k, stride), x, k).shape)
+      res = {"count": count}
+      for name, conv in lowerings.items():
+        res[f"fwd_{name}"] = ms(lambda x, k: conv(x, k, stride), x, k)
+        if ks[2] > 1:   # the stem's input needs no gradient
+          res[f"dx_{name}"] = ms(lambda x, k, dy: jax.vjp(lambda x: conv(x, k, stride), x)[1](dy)[0], x, k, dy)
+        res[f"dw_{name}"] = ms(lambda x, k, dy: jax.vjp(lambda k: conv(x, k, stride), k)[1](dy)[0], x, k, dy)
+      res["dw_taps"] = ms(lambda x, dy: models.conv_weight_grad_by_taps(x, dy, ks, stride), x, dy)
+      chosen = models.cpu_conv_paths(xs, ks, stride)
+      res["chosen"] = sum(res.get(f"{p}_{c}", 0.0) for p, c in zip(("fwd", "dx", "dw"), chosen))
+      res["best"] = sum(min((v for key, v in res.items() if key.startswith(p + "_")), default=0.0)
+                        for p in ("fwd", "dx", "dw"))
+      yield f"conv {case} {xs[1]}x{xs[2]} {ks[2]}->{ks[3]} k{ks[0]} s{stride} x{count} [{'/'.join(chosen)}]", res
+
+
 def pipeline_cases():
   """Yields (name, result) for BUSI fine-tuning batches and the busi+pocus+natural pre-training mix."""
   from usjax.data import pipeline
@@ -159,12 +221,14 @@ def pipeline_cases():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from usjax import report
+  from usjax import report, runtime
+  runtime.keep_host_memory()   # before JAX's first computation, as launch/main.py does
   report.quiet_libraries()
   import jax
   print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.device_count()} device(s), "
         f"{os.cpu_count()} cpu(s)); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
   gens = ([step_cases()] if FLAGS.what in ("step", "all") else []) + \
+         ([conv_cases()] if FLAGS.what == "conv" else []) + \
          ([pipeline_cases()] if FLAGS.what in ("pipeline", "all") else [])
   rows = []
   for gen in gens:
@@ -172,11 +236,21 @@ def main(argv):
       rows.append((name, res))
       print(json.dumps({"case": name, "res": FLAGS.res, "batch": FLAGS.batch, "encoder": FLAGS.encoder,
                         "dtype": FLAGS.dtype, **{k: round(v, 4) for k, v in res.items()}}), flush=True)
-  print(f"\n{'case':<32}{'img/s':>9}{'step ms':>9}{'compile s':>11}{'GFLOP/s':>9}")
-  for name, r in rows:
-    cells = [f"{r['img_s']:9.1f}"] + [f"{r[k]:{w}.1f}" if k in r else " " * w
-                                      for k, w in (("step_ms", 9), ("compile_s", 11), ("gflop_s", 9))]
+  throughput = [(n, r) for n, r in rows if "img_s" in r]
+  if throughput:
+    print(f"\n{'case':<32}{'img/s':>9}{'step ms':>9}{'compile s':>11}{'GFLOP/s':>9}{'cores':>7}")
+  for name, r in throughput:
+    cells = [f"{r['img_s']:9.1f}"] + [f"{r[k]:{w}.{d}f}" if k in r else " " * w for k, w, d in
+                                      (("step_ms", 9, 1), ("compile_s", 11, 1), ("gflop_s", 9, 1), ("cores_busy", 7, 2))]
     print(f"{name:<32}{''.join(cells)}")
+  convs = [(n, r) for n, r in rows if "chosen" in r]
+  if convs:
+    cols = ("fwd_lax", "fwd_matmul", "dx_lax", "dx_matmul", "dw_lax", "dw_matmul", "dw_taps", "chosen", "best")
+    print(f"\n{'convolution (ms per call)':<52}" + "".join(f"{c:>11}" for c in cols))
+    for name, r in convs:
+      print(f"{name:<52}" + "".join(f"{r[c]:11.1f}" if c in r else " " * 11 for c in cols))
+    for key in ("chosen", "best"):
+      print(f"sum x count, {key}: {sum(r[key] * r['count'] for _, r in convs):.0f} ms")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from usjax import UsjaxError, grid, report, train
+  from usjax import UsjaxError, grid, report, runtime, train
+  runtime.keep_host_memory()   # before JAX's first computation
   report.quiet_libraries()
   cfg = flags.FLAGS.config
   try:

@@ -31,7 +31,8 @@ flags.mark_flags_as_required(["workdir", "input", "output"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from usjax import UsjaxError, predict, report
+  from usjax import UsjaxError, predict, report, runtime
+  runtime.keep_host_memory()   # before JAX's first computation
   report.quiet_libraries()
   f = flags.FLAGS
   try:

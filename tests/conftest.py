@@ -9,3 +9,7 @@ SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 # grain worker processes read absl flags; pytest does not parse them.
 flags.FLAGS.mark_as_parsed()
+
+from usjax import runtime  # noqa: E402
+
+runtime.keep_host_memory()  # as the entry points do: the suite runs the same steps, faster

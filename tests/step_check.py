@@ -13,7 +13,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import finetune_busi, pretrain_multiorgan  # noqa: E402
-from usjax import augment, methods, train  # noqa: E402
+from usjax import augment, methods, runtime, train  # noqa: E402
 
 
 def one_step(task: str):
@@ -46,7 +46,7 @@ def one_step(task: str):
 
 
 if __name__ == "__main__":
-  train.maybe_initialize_distributed()
+  runtime.maybe_initialize_distributed()
   out = {**one_step("pretrain"), **one_step("finetune"), "devices": np.asarray(jax.device_count())}
   if jax.process_index() == 0:
     np.savez(sys.argv[1], **out)

@@ -40,6 +40,71 @@ def conv_as_matmul(x, kernel, stride: int):
   return jnp.einsum("nhwk,ko->nhwo", patches, kernel.reshape(-1, cout))
 
 
+def lax_conv(x, kernel, stride: int):
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def conv_weight_grad_by_taps(x, dy, kernel_shape, stride: int):
+  """dL/dkernel of a SAME convolution as one (C, N*H*W) @ (N*H*W, D) matmul per kernel tap.
+
+  XLA lowers the weight gradient as a convolution whose window is the whole feature map; on CPU that runs at
+  3-15 GFLOP/s on ResNet's 32x32 and 16x16 stages. Per-tap matmuls over a channels-first copy of the input
+  run several times faster and never materialise the 9x larger im2col matrix."""
+  kh, kw, c, d = kernel_shape
+  (ph, ho), (pw, wo) = _same_pads(x.shape[1], kh, stride), _same_pads(x.shape[2], kw, stride)
+  xt = jnp.pad(jnp.transpose(x, (3, 0, 1, 2)), ((0, 0), (0, 0), ph, pw))
+  dy2 = dy.reshape(-1, d)
+  taps = [xt[:, :, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride].reshape(c, -1) @ dy2
+          for i in range(kh) for j in range(kw)]
+  return jnp.stack(taps).reshape(kh, kw, c, d)
+
+
+def cpu_conv_paths(x_shape, kernel_shape, stride: int) -> tuple[str, str, str]:
+  """Which lowering (lax | matmul | taps) the forward, input-gradient and weight-gradient passes use on CPU.
+
+  Chosen per shape from `launch/benchmark.py --what=conv`: XLA's convolution is fastest on large maps with few
+  channels (the U-Net decoder); im2col matmuls win on tiny maps and strided convolutions; per-tap matmuls win
+  the weight gradient on mid-sized maps with many channels; the single-channel stem's weight gradient is a
+  matmul."""
+  kh, _, cin, _ = kernel_shape
+  out_hw = (-(-x_shape[1] // stride)) * (-(-x_shape[2] // stride))
+  small = out_hw <= 16 or (stride > 1 and kh > 1 and cin > 3)
+  fwd = dx = "matmul" if small else "lax"
+  if cin <= 4 or (small and kh > 1):
+    dw = "matmul"
+  else:
+    dw = "taps" if out_hw <= 64 * 64 else "lax"
+  return fwd, dx, dw
+
+
+def _conv_by(path: str):
+  return conv_as_matmul if path == "matmul" else lax_conv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def cpu_conv(x, kernel, stride: int):
+  """SAME NHWC/HWIO convolution whose three passes each take the fastest CPU lowering for their shape."""
+  return _conv_by(cpu_conv_paths(x.shape, kernel.shape, stride)[0])(x, kernel, stride)
+
+
+def _cpu_conv_fwd(x, kernel, stride):
+  return cpu_conv(x, kernel, stride), (x, kernel)
+
+
+def _cpu_conv_bwd(stride, res, dy):
+  x, kernel = res
+  _, dx_path, dw_path = cpu_conv_paths(x.shape, kernel.shape, stride)
+  dx = jax.vjp(lambda x: _conv_by(dx_path)(x, kernel, stride), x)[1](dy)[0]
+  if dw_path == "taps":
+    dw = conv_weight_grad_by_taps(x, dy, kernel.shape, stride).astype(kernel.dtype)
+  else:
+    dw = jax.vjp(lambda k: _conv_by(dw_path)(x, k, stride), kernel)[1](dy)[0]
+  return dx, dw
+
+
+cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
+
+
 class Conv(nn.Module):
   """`nn.Conv` (same parameter names and layout, SAME padding) that picks the faster XLA lowering per shape."""
   features: int
@@ -54,15 +119,17 @@ class Conv(nn.Module):
     kh, kw = self.kernel_size
     kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features), jnp.float32)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    out_hw = (-(-x.shape[1] // self.strides)) * (-(-x.shape[2] // self.strides))
-    if jax.default_backend() == "cpu" and (out_hw <= 16 or (self.strides > 1 and kh > 1 and x.shape[-1] > 3)):
-      y = conv_as_matmul(x, kernel, self.strides)
-    else:
-      y = jax.lax.conv_general_dilated(x, kernel, (self.strides,) * 2, "SAME",
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = cpu_conv(x, kernel, self.strides) if jax.default_backend() == "cpu" else lax_conv(x, kernel, self.strides)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
     return y
+
+
+def upsample2x(x):
+  """Nearest-neighbour x2 upsampling as a broadcast: the same values as `jax.image.resize(..., "nearest")`,
+  whose gather-based gradient is slow on CPU."""
+  b, h, w, c = x.shape
+  return jnp.broadcast_to(x[:, :, None, :, None], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
 
 
 def norm_layer(kind: str, train: bool, dtype) -> Callable[..., nn.Module]:
@@ -172,10 +239,10 @@ class UNetDecoder(nn.Module):
     norm = norm_layer(self.norm, train, self.dtype)
     x, skips = feats[-1], feats[-2::-1]
     for i, w in enumerate(self.widths):
-      b, h, wd, c = x.shape
+      h = x.shape[1]
       if h >= out_hw[0]:
         break
-      x = jax.image.resize(x, (b, h * 2, wd * 2, c), "nearest")
+      x = upsample2x(x)
       if i < len(skips):
         x = jnp.concatenate([x, skips[i].astype(x.dtype)], axis=-1)
       x = ConvBlock(w, norm, self.dtype, name=f"up{i}")(x)

@@ -19,7 +19,7 @@ import optax
 from absl import logging
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from usjax import UsjaxError, augment, checkpoint, evaluate, methods, models, objectives, report
+from usjax import UsjaxError, augment, checkpoint, evaluate, methods, models, objectives, report, runtime
 from usjax.data import pipeline
 
 
@@ -265,19 +265,6 @@ def per_image_rows(scores: dict[str, np.ndarray]) -> list[dict]:
   return rows
 
 
-def maybe_initialize_distributed() -> None:
-  """Joins a multi-process run when the environment describes one (Slurm, Cloud TPU, or explicit variables)."""
-  if jax.distributed.is_initialized():
-    return
-  explicit = "JAX_COORDINATOR_ADDRESS" in os.environ
-  cluster = "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1
-  if explicit:
-    jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], int(os.environ["JAX_NUM_PROCESSES"]),
-                               int(os.environ["JAX_PROCESS_ID"]))
-  elif cluster or "TPU_WORKER_HOSTNAMES" in os.environ:
-    jax.distributed.initialize()
-
-
 def check_workdir(workdir: str) -> bool:
   """Fails early, in one line, on a workdir that cannot be written. Returns whether it already existed."""
   path = os.path.abspath(os.path.expanduser(workdir))
@@ -296,7 +283,7 @@ def run(cfg, workdir: str) -> dict:
   """Runs the task of `cfg` in `workdir`. A run that fails on bad input removes the workdir it created."""
   if cfg.task not in ("pretrain", "finetune"):
     raise UsjaxError(f"config.task must be 'pretrain' or 'finetune', got {cfg.task!r}")
-  maybe_initialize_distributed()
+  runtime.maybe_initialize_distributed()
   existed = check_workdir(workdir)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if jax.process_index() == 0:

@@ -1,0 +1,96 @@
+"""`models.Conv` lowers some convolutions as im2col + matmul on CPU: it must be the same convolution as XLA's."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from usjax import models
+
+
+def lax_conv(x, w, stride):
+  return jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+# (spatial size, kernel, stride, in, out): tiny maps, odd sizes, strided, 1x1 projections, the 7x7 stem
+SHAPES = [(2, 3, 1, 8, 4), (4, 3, 2, 8, 4), (5, 3, 2, 3, 4), (7, 1, 2, 6, 4), (9, 7, 2, 1, 4), (1, 3, 1, 4, 4)]
+
+
+@pytest.mark.parametrize("hw,k,stride,cin,cout", SHAPES)
+def test_conv_as_matmul_matches_lax_forward_and_gradients(hw, k, stride, cin, cout):
+  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (2, hw, hw + 1, cin))
+  w = jax.random.normal(kw, (k, k, cin, cout))
+  y_ref, vjp_ref = jax.vjp(lambda x, w: lax_conv(x, w, stride), x, w)
+  y, vjp = jax.vjp(lambda x, w: models.conv_as_matmul(x, w, stride), x, w)
+  assert y.shape == y_ref.shape
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  g = jax.random.normal(kg, y.shape)
+  for a, b in zip(vjp(g), vjp_ref(g)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("hw,stride", [(2, 1), (4, 2), (8, 1), (8, 2)])
+def test_conv_module_matches_flax_conv(hw, stride):
+  """Same parameters, same output as `nn.Conv` with SAME padding, whichever lowering the shape gets."""
+  x = jax.random.normal(jax.random.key(1), (2, hw, hw, 8))
+  conv = models.Conv(16, (3, 3), stride)
+  variables = conv.init(jax.random.key(2), x)
+  ref = nn.Conv(16, (3, 3), stride, padding="SAME")
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, ref.init(jax.random.key(2), x))
+  np.testing.assert_allclose(conv.apply(variables, x), ref.apply(variables, x), rtol=1e-5, atol=1e-5)
+
+
+# (x shape, kernel shape, stride) reaching every (fwd, dx, dw) path of `cpu_conv_paths`
+PATH_CASES = [
+    ((2, 16, 18, 1), (7, 7, 1, 8), 2),      # stem: lax forward, matmul weight gradient
+    ((2, 9, 9, 8), (3, 3, 8, 4), 1),        # mid-sized map: lax forward, per-tap weight gradient
+    ((1, 65, 66, 5), (3, 3, 5, 2), 1),      # large map (> 64x64): lax everywhere
+    ((2, 9, 8, 8), (3, 3, 8, 16), 2),       # strided 3x3: matmul everywhere
+    ((2, 12, 12, 8), (1, 1, 8, 16), 2),     # strided 1x1 projection: per-tap weight gradient
+    ((2, 3, 3, 16), (3, 3, 16, 8), 1),      # tiny map: matmul everywhere
+]
+
+
+def test_path_cases_cover_every_lowering():
+  paths = {models.cpu_conv_paths(x, k, s) for x, k, s in PATH_CASES}
+  assert {p[0] for p in paths} == {"lax", "matmul"}
+  assert {p[2] for p in paths} == {"lax", "matmul", "taps"}
+
+
+@pytest.mark.parametrize("x_shape,k_shape,stride", PATH_CASES)
+def test_cpu_conv_value_and_gradients_match_lax(x_shape, k_shape, stride):
+  """The custom-VJP convolution is the same function as XLA's, whichever lowering each pass takes."""
+  kx, kw, kg = jax.random.split(jax.random.key(3), 3)
+  x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, k_shape)
+  y_ref, vjp_ref = jax.vjp(lambda x, w: lax_conv(x, w, stride), x, w)
+  y, vjp = jax.vjp(lambda x, w: models.cpu_conv(x, w, stride), x, w)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-4)
+  g = jax.random.normal(kg, y.shape)
+  for a, b in zip(vjp(g), vjp_ref(g)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("hw,k,stride", [(6, 3, 1), (7, 3, 2), (5, 1, 2), (9, 7, 2)])
+def test_weight_grad_by_taps_matches_numpy_correlation(hw, k, stride):
+  """dW[i, j, c, d] = sum over n, output pixels p of xpad[n, s*p + (i, j), c] * dy[n, p, d], in plain numpy."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, hw, hw + 1, 3)).astype(np.float32)
+  (ph, ho), (pw, wo) = models._same_pads(hw, k, stride), models._same_pads(hw + 1, k, stride)
+  dy = rng.normal(size=(2, ho, wo, 5)).astype(np.float32)
+  xp = np.pad(x, ((0, 0), ph, pw, (0, 0)))
+  ref = np.zeros((k, k, 3, 5))
+  for i in range(k):
+    for j in range(k):
+      win = xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+      ref[i, j] = np.einsum("nhwc,nhwd->cd", win, dy)
+  got = models.conv_weight_grad_by_taps(jnp.asarray(x), jnp.asarray(dy), (k, k, 3, 5), stride)
+  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_decoder_upsampling_is_nearest_neighbour():
+  """The decoder's x2 upsampling (a broadcast) equals `jax.image.resize(..., "nearest")`."""
+  x = jax.random.normal(jax.random.key(4), (2, 3, 5, 4))
+  b, h, w, c = x.shape
+  ours = models.upsample2x(x)
+  np.testing.assert_array_equal(ours, jax.image.resize(x, (b, 2 * h, 2 * w, c), "nearest"))
