@@ -218,15 +218,24 @@ def pipeline_cases():
                                                        "startup_s": first_s}
 
 
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+  except OSError:
+    return "unknown"
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from usjax import report, runtime
-  runtime.keep_host_memory()   # before JAX's first computation, as launch/main.py does
+  kept = runtime.keep_host_memory()   # before JAX's first computation, as launch/main.py does
   report.quiet_libraries()
   import jax
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.device_count()} device(s), "
-        f"{os.cpu_count()} cpu(s)); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.device_count()} device(s): "
+        f"{jax.devices()[0].device_kind}; {os.cpu_count()} cpu(s): {cpu_model()}); "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; host heap kept: {kept}", flush=True)
   gens = ([step_cases()] if FLAGS.what in ("step", "all") else []) + \
          ([conv_cases()] if FLAGS.what == "conv" else []) + \
          ([pipeline_cases()] if FLAGS.what in ("pipeline", "all") else [])
