@@ -63,8 +63,8 @@ def cpu_conv_paths(x_shape, kernel_shape, stride: int) -> tuple[str, str, str]:
   """Which lowering (lax | matmul | taps) the forward, input-gradient and weight-gradient passes use on CPU.
 
   Chosen per shape from `launch/benchmark.py --what=conv`: XLA's convolution is fastest on large maps with few
-  channels (the U-Net decoder); im2col matmuls win on tiny maps and strided convolutions; per-tap matmuls win
-  the weight gradient on mid-sized maps with many channels; the single-channel stem's weight gradient is a
+  channels (the U-Net decoder's 128x128 stage); im2col matmuls win on tiny maps and strided convolutions;
+  per-tap matmuls win the weight gradient on maps up to 64x64; the single-channel stem's weight gradient is a
   matmul."""
   kh, _, cin, _ = kernel_shape
   out_hw = (-(-x_shape[1] // stride)) * (-(-x_shape[2] // stride))
