@@ -23,7 +23,8 @@ sys.path.insert(0, ROOT)  # `configs` and `usjax`
 
 from absl import app, flags  # noqa: E402
 
-flags.DEFINE_enum("what", "all", ["step", "pipeline", "conv", "all"], "Which benchmark to run.")
+flags.DEFINE_enum("what", "all", ["step", "pipeline", "conv", "all"],
+                  "Which benchmark to run; all = step + pipeline (conv is a CPU diagnostic, run on its own).")
 flags.DEFINE_integer("res", 128, "Image side in pixels (step cases).")
 flags.DEFINE_integer("batch", 16, "Source images per step (SimCLR sees twice as many views).")
 flags.DEFINE_integer("steps", 10, "Timed steps (or pipeline batches) per case, after warm-up.")

@@ -28,14 +28,21 @@ def _same_pads(n: int, k: int, s: int):
   return (total // 2, total - total // 2), out
 
 
+def _tap_windows(x, kh: int, kw: int, stride: int, axis: int = 1) -> list[jax.Array]:
+  """The kh*kw strided input windows of a SAME convolution over spatial axes (axis, axis + 1), one per tap."""
+  (ph, ho), (pw, wo) = _same_pads(x.shape[axis], kh, stride), _same_pads(x.shape[axis + 1], kw, stride)
+  pads = [(0, 0)] * x.ndim
+  pads[axis], pads[axis + 1] = ph, pw
+  x = jnp.pad(x, pads)
+  rows = [jax.lax.slice_in_dim(x, i, i + stride * (ho - 1) + 1, stride, axis) for i in range(kh)]
+  return [jax.lax.slice_in_dim(r, j, j + stride * (wo - 1) + 1, stride, axis + 1) for r in rows for j in range(kw)]
+
+
 def conv_as_matmul(x, kernel, stride: int):
   """SAME convolution as patches @ kernel. XLA's CPU convolution is pathologically slow on tiny feature maps
   (ResNet's last stages: 2x2 maps ran at ~0.5 GFLOP/s) and on strided backward passes; a matmul is not."""
   kh, kw, _, cout = kernel.shape
-  (ph, ho), (pw, wo) = _same_pads(x.shape[1], kh, stride), _same_pads(x.shape[2], kw, stride)
-  x = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
-  cols = [x[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
-          for i in range(kh) for j in range(kw)]
+  cols = _tap_windows(x, kh, kw, stride)
   patches = jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0]
   return jnp.einsum("nhwk,ko->nhwo", patches, kernel.reshape(-1, cout))
 
@@ -51,11 +58,8 @@ def conv_weight_grad_by_taps(x, dy, kernel_shape, stride: int):
   3-15 GFLOP/s on ResNet's 32x32 and 16x16 stages. Per-tap matmuls over a channels-first copy of the input
   run several times faster and never materialise the 9x larger im2col matrix."""
   kh, kw, c, d = kernel_shape
-  (ph, ho), (pw, wo) = _same_pads(x.shape[1], kh, stride), _same_pads(x.shape[2], kw, stride)
-  xt = jnp.pad(jnp.transpose(x, (3, 0, 1, 2)), ((0, 0), (0, 0), ph, pw))
   dy2 = dy.reshape(-1, d)
-  taps = [xt[:, :, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride].reshape(c, -1) @ dy2
-          for i in range(kh) for j in range(kw)]
+  taps = [w.reshape(c, -1) @ dy2 for w in _tap_windows(jnp.transpose(x, (3, 0, 1, 2)), kh, kw, stride, axis=2)]
   return jnp.stack(taps).reshape(kh, kw, c, d)
 
 
@@ -66,8 +70,8 @@ def cpu_conv_paths(x_shape, kernel_shape, stride: int) -> tuple[str, str, str]:
   channels (the U-Net decoder's 128x128 stage); im2col matmuls win on tiny maps and strided convolutions;
   per-tap matmuls win the weight gradient on maps up to 64x64; the single-channel stem's weight gradient is a
   matmul."""
-  kh, _, cin, _ = kernel_shape
-  out_hw = (-(-x_shape[1] // stride)) * (-(-x_shape[2] // stride))
+  kh, kw, cin, _ = kernel_shape
+  out_hw = _same_pads(x_shape[1], kh, stride)[1] * _same_pads(x_shape[2], kw, stride)[1]
   small = out_hw <= 16 or (stride > 1 and kh > 1 and cin > 3)
   fwd = dx = "matmul" if small else "lax"
   if cin <= 4 or (small and kh > 1):
