@@ -3,12 +3,21 @@
     python launch/benchmark.py --what=step       # U-Net fine-tuning and SimCLR pre-training steps
     python launch/benchmark.py --what=pipeline   # BUSI and the multi-organ mix from ../shared/data
     python launch/benchmark.py --what=conv       # each convolution of both networks, per pass and lowering
+    python launch/benchmark.py --what=feed       # the SimCLR step fed by the grain pre-training pipeline
     python launch/benchmark.py --what=all --res=128 --batch=16 --steps=10
+    # GPU (README "Benchmarks"): SimCLR ResNet-50, 224 px, bf16, 256 images = 512 views per step
+    python launch/benchmark.py --what=step,feed --cases=simclr --encoder=resnet50 --res=224 --dtype=bfloat16 \
+        --batch=256 --workers=4,12
 
 Prints a table and one JSON line per case. Step cases run `usjax.train`'s own jitted step on random data of the
 real shapes; each is timed twice: `+aug` is the real step (on-device augmentation included) and `noaug` is the
 same step fed the images directly, the like-for-like number for a framework benchmark that does no augmentation.
 Images/second count source images (a SimCLR image is two views); warm-up and compilation are excluded.
+GFLOP/s is the step's model FLOPs (`usjax.report.step_flops`: its matmuls and convolutions) over the mean step
+time, and MFU that over the chip's dense peak (`--peak_tflops`, else the bf16 peak of a known accelerator).
+`feed` times the grain pipeline alone (the host's ceiling), then the real SimCLR step on its batches: dispatch
+is asynchronous, so the host prepares batch k+1 while the accelerator runs step k, and the step keeps its rate
+only if the pipeline keeps up.
 """
 import functools
 import json
@@ -23,8 +32,8 @@ sys.path.insert(0, ROOT)  # `configs` and `usjax`
 
 from absl import app, flags  # noqa: E402
 
-flags.DEFINE_enum("what", "all", ["step", "pipeline", "conv", "all"],
-                  "Which benchmark to run; all = step + pipeline (conv is a CPU diagnostic, run on its own).")
+flags.DEFINE_list("what", "all", "Benchmarks to run, of step, pipeline, feed, conv; all = step + pipeline "
+                  "(conv is a CPU diagnostic).")
 flags.DEFINE_integer("res", 128, "Image side in pixels (step cases).")
 flags.DEFINE_integer("batch", 16, "Source images per step (SimCLR sees twice as many views).")
 flags.DEFINE_integer("steps", 10, "Timed steps (or pipeline batches) per case, after warm-up.")
@@ -38,30 +47,65 @@ flags.DEFINE_string("data_root", os.path.join(os.path.dirname(ROOT), "shared", "
 flags.DEFINE_string("data_dir", os.path.join(tempfile.gettempdir(), "usjax_bench_data"),
                     "Where the prepared data sets are written and reused.")
 flags.DEFINE_list("sizes", "128,256", "Pipeline image sizes.")
-flags.DEFINE_list("workers", "0,2", "Pipeline data.num_workers values.")
+flags.DEFINE_list("workers", "0,2", "data.num_workers values (pipeline and feed).")
+flags.DEFINE_string("feed_sources", "synthetic_breast,synthetic_lung,synthetic_heart",
+                    "data.sources of the feed benchmark (busi, pocus, natural read --data_root).")
+flags.DEFINE_integer("feed_steps", 100, "Timed batches and fed steps per feed case (many more than the "
+                     "pipeline's buffers hold).")
+flags.DEFINE_integer("synthetic_size", 256, "data.synthetic_size of the feed benchmark (stored image side).")
+flags.DEFINE_integer("synthetic_num_images", 600, "data.synthetic_num_images of the feed benchmark.")
+flags.DEFINE_float("peak_tflops", 0.0, "Dense peak of one device for MFU (0 = the bf16 peak of a known chip).")
 FLAGS = flags.FLAGS
 
 
-def base_config():
+def base_config(case: str = "unet"):
+  """configs/finetune_busi.py's U-Net, or (case simclr) configs/pretrain_multiorgan.py's SimCLR with a
+  512-512-128 projection head, at the flags' encoder, dtype, batch and size."""
   from configs import default
   cfg = default.get_config()
   cfg.model.encoder, cfg.model.dtype, cfg.batch_size = FLAGS.encoder, FLAGS.dtype, FLAGS.batch
   cfg.data.image_size = FLAGS.res
+  if case == "simclr":
+    cfg.method, cfg.model.proj_dims = "simclr", (512, 128)
   return cfg
 
 
-def total_flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  costs = cost if isinstance(cost, (list, tuple)) else [cost]
-  return float(sum((c or {}).get("flops", 0.0) for c in costs))
+# Dense bf16 peak TFLOP/s per chip, by device_kind substring (first match wins); MFU is reported against it.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("A100", 312.0),
+                    ("TPU v4", 275.0), ("TPU v5 lite", 197.0), ("TPU v5", 459.0), ("TPU v6", 918.0))
 
 
-def time_step(step_fn, state, batch, n_images: int) -> dict:
+def peak_flops() -> float:
+  """One device's dense peak in FLOP/s, or 0 where unknown (CPUs, fp32 on an accelerator)."""
+  import jax
+  if FLAGS.peak_tflops:
+    return FLAGS.peak_tflops * 1e12
+  if FLAGS.dtype != "bfloat16" or jax.default_backend() == "cpu":
+    return 0.0
+  kind = jax.devices()[0].device_kind
+  return next((t * 1e12 for name, t in PEAK_BF16_TFLOPS if name in kind), 0.0)
+
+
+def rates(flops: float, mean_s: float, n_images: int, views: int) -> dict:
+  """Throughput of a step of `flops` (`report.step_flops`) in `mean_s` seconds: images and views per second,
+  achieved GFLOP/s and MFU."""
+  import jax
+  peak = peak_flops()
+  out = {"img_s": n_images / mean_s, "views_s": views * n_images / mean_s, "step_ms": 1e3 * mean_s,
+         "gflop_per_step": flops / 1e9, "gflop_s": flops / mean_s / 1e9}
+  if peak:   # the step runs on all devices: compare with all their peaks
+    out["mfu_pct"] = 100 * flops / mean_s / (peak * jax.device_count())
+  return out
+
+
+def time_step(step_fn, state, batch, n_images: int, views: int = 1) -> dict:
   """Compiles once (timed), runs `warmup` untimed steps, then `steps` timed ones."""
   import jax
+  from usjax import report
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
+  flops = report.step_flops(step_fn, state, batch)
   for _ in range(FLAGS.warmup):
     state, metrics = compiled(state, batch)
   jax.block_until_ready(state)
@@ -71,13 +115,10 @@ def time_step(step_fn, state, batch, n_images: int) -> dict:
     state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t)
-  mean_s = sum(times) / len(times)
   usage = resource.getrusage(resource.RUSAGE_SELF)
   cpu_s = (usage.ru_utime - usage0.ru_utime) + (usage.ru_stime - usage0.ru_stime)
-  flops = total_flops(compiled)
-  return {"img_s": n_images / mean_s, "step_ms": 1e3 * mean_s, "min_step_ms": 1e3 * min(times),
-          "compile_s": compile_s, "gflop_per_step": flops / 1e9, "gflop_s": flops / mean_s / 1e9,
-          "loss": float(metrics["loss"]),
+  return {**rates(flops, sum(times) / len(times), n_images, views), "min_step_ms": 1e3 * min(times),
+          "compile_s": compile_s, "loss": float(metrics["loss"]),
           "cores_busy": cpu_s / sum(times), "sys_frac": (usage.ru_stime - usage0.ru_stime) / max(cpu_s, 1e-9),
           "faults_per_step": (usage.ru_minflt - usage0.ru_minflt) / FLAGS.steps}
 
@@ -108,7 +149,7 @@ def step_cases():
   s, b = FLAGS.res, FLAGS.batch
   images = rng.integers(0, 256, (b, s, s, 1), np.uint8)
   for case in FLAGS.cases:
-    cfg = base_config()
+    cfg = base_config(case)
     tx, after_step = train.make_optimizer(cfg, 1000), None
     if case == "unet":   # configs/finetune_busi.py: segmentation augmentation recipe, Dice + BCE, adamw
       model = train.build_model(cfg)
@@ -117,8 +158,7 @@ def step_cases():
       bare = functools.partial(noaug_segmentation_loss, model=model)
       pair = (images, (rng.random((b, s, s, 1)) > 0.7).astype(np.uint8))
       local = {"+aug": pair, "noaug": pair}
-    else:   # configs/pretrain_multiorgan.py: SimCLR, 512-512-128 projection head, NT-Xent
-      cfg.method, cfg.model.proj_dims = "simclr", (512, 128)
+    else:   # SimCLR, NT-Xent
       method = methods.make_method(cfg)
       model, after_step = method.model, method.after_step
       real = functools.partial(train.pretrain_loss, method=method, aug_cfg=augment.AugmentConfig.from_dict(cfg.augment))
@@ -129,7 +169,8 @@ def step_cases():
         continue
       state = train.init_state(model, tx, 0, (2, s, s, 1), mesh)
       step_fn = train.compile_step(loss_fn, tx, mesh, after_step)
-      yield f"{case} {variant}", time_step(step_fn, state, train.global_batch(local[variant], mesh), b)
+      yield f"{case} {variant}", time_step(step_fn, state, train.global_batch(local[variant], mesh), b,
+                                           views=2 if case == "simclr" else 1)
 
 
 def conv_shapes(case: str) -> dict:
@@ -141,10 +182,9 @@ def conv_shapes(case: str) -> dict:
   def record(x_shape, kernel_shape, stride):
     seen[(tuple(x_shape), tuple(kernel_shape), stride)] += 1
     return original(x_shape, kernel_shape, stride)
-  cfg = base_config()
+  cfg = base_config(case)
   n = FLAGS.batch
   if case == "simclr":
-    cfg.method, cfg.model.proj_dims = "simclr", (512, 128)
     model, n = methods.make_method(cfg).model, 2 * FLAGS.batch
   else:
     model = train.build_model(cfg)
@@ -188,35 +228,84 @@ def conv_cases():
       yield f"conv {case} {xs[1]}x{xs[2]} {ks[2]}->{ks[3]} k{ks[0]} s{stride} x{count} [{'/'.join(chosen)}]", res
 
 
+def with_data(cfg, size: int, workers: int):
+  """`cfg` reading the real sets under --data_root (and the synthetic ones) at `size` px with `workers`."""
+  root, d = FLAGS.data_root, cfg.data
+  d.data_dir, d.image_size, d.num_workers = FLAGS.data_dir, size, workers
+  d.busi_dir, d.pocus_dir = os.path.join(root, "busi"), os.path.join(root, "pocus")
+  d.natural_dir = os.path.join(root, "cifar10_test")
+  d.synthetic_size, d.synthetic_num_images = FLAGS.synthetic_size, FLAGS.synthetic_num_images
+  return cfg
+
+
+def time_batches(it, workers: int, n: int) -> tuple[float, float]:
+  """(seconds to the first batches, batches/second over the next `n`) of a pipeline iterator `it`.
+
+  The first batches include those the worker processes prefetched while starting (about two per worker), so
+  the timed ones measure how fast the pipeline makes batches, not how fast its buffers empty."""
+  t0 = time.perf_counter()
+  for _ in range(max(FLAGS.warmup, 1) + 2 * workers):
+    next(it)
+  first_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(n):
+    next(it)
+  return first_s, n / (time.perf_counter() - t0)
+
+
 def pipeline_cases():
   """Yields (name, result) for BUSI fine-tuning batches and the busi+pocus+natural pre-training mix."""
   from usjax.data import pipeline
-  root = FLAGS.data_root
-  if not os.path.isdir(os.path.join(root, "busi")):
-    print(f"pipeline: skipped, no data at {root}")
+  if not os.path.isdir(os.path.join(FLAGS.data_root, "busi")):
+    print(f"pipeline: skipped, no data at {FLAGS.data_root}")
     return
   for size in map(int, FLAGS.sizes):
     for workers in map(int, FLAGS.workers):
-      cfg = base_config()
-      d = cfg.data
-      d.data_dir, d.image_size, d.num_workers = FLAGS.data_dir, size, workers
-      d.busi_dir, d.pocus_dir = os.path.join(root, "busi"), os.path.join(root, "pocus")
-      d.natural_dir = os.path.join(root, "cifar10_test")
+      d = with_data(base_config(), size, workers).data
       d.source, d.sources = "busi", "busi,pocus,natural"
       for name, make in (("busi", lambda: pipeline.finetune_dataset(d, FLAGS.batch, 0)[0]),
                          ("multiorgan", lambda: pipeline.pretrain_dataset(d, FLAGS.batch, 0))):
         it = iter(make())
-        t0 = time.perf_counter()
-        for _ in range(max(FLAGS.warmup, 1)):
-          next(it)
-        first_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for _ in range(FLAGS.steps):
-          next(it)
-        dt = time.perf_counter() - t0
+        first_s, batches_s = time_batches(it, workers, FLAGS.steps)
         del it
-        yield f"pipeline {name} {size}px w{workers}", {"img_s": FLAGS.batch * FLAGS.steps / dt,
-                                                       "startup_s": first_s}
+        yield f"pipeline {name} {size}px w{workers}", {"img_s": FLAGS.batch * batches_s, "startup_s": first_s}
+
+
+def feed_cases():
+  """Yields (name, result) per worker count: the pre-training pipeline alone, then the SimCLR step fed by it."""
+  import jax
+  import numpy as np
+  from usjax import augment, methods, report, train
+  from usjax.data import pipeline
+  mesh, s, b = train.make_mesh(), FLAGS.res, FLAGS.batch
+  cfg = base_config("simclr")
+  method, tx = methods.make_method(cfg), train.make_optimizer(cfg, 1000)
+  loss_fn = functools.partial(train.pretrain_loss, method=method, aug_cfg=augment.AugmentConfig.from_dict(cfg.augment))
+  step_fn = train.compile_step(loss_fn, tx, mesh, method.after_step)
+  state = train.init_state(method.model, tx, 0, (2, s, s, 1), mesh)
+  t0 = time.perf_counter()
+  zeros = train.global_batch(np.zeros((b, s, s, 1), np.uint8), mesh)
+  compiled = step_fn.lower(state, zeros).compile()
+  compile_s = time.perf_counter() - t0
+  flops = report.step_flops(step_fn, state, zeros)
+  for workers in map(int, FLAGS.workers):
+    d = with_data(cfg, s, workers).data
+    d.sources = FLAGS.feed_sources
+    it = iter(pipeline.pretrain_dataset(d, b, 0))
+    n = FLAGS.feed_steps
+    first_s, batches_s = time_batches(it, workers, n)   # the pipeline alone
+    for _ in range(FLAGS.warmup):
+      state, metrics = compiled(state, train.global_batch(next(it)["image"], mesh))
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    for _ in range(n):
+      state, metrics = compiled(state, train.global_batch(next(it)["image"], mesh))
+    jax.block_until_ready((state, metrics))
+    mean_s = (time.perf_counter() - t0) / n
+    del it
+    yield f"feed simclr {s}px w{workers}", {**rates(flops, mean_s, b, 2), "compile_s": compile_s,
+                                            "loss": float(metrics["loss"]), "pipe_img_s": b * batches_s,
+                                            "startup_s": first_s}
 
 
 def cpu_model() -> str:
@@ -237,9 +326,12 @@ def main(argv):
   print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.device_count()} device(s): "
         f"{jax.devices()[0].device_kind}; {os.cpu_count()} cpu(s): {cpu_model()}); "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; host heap kept: {kept}", flush=True)
-  gens = ([step_cases()] if FLAGS.what in ("step", "all") else []) + \
-         ([conv_cases()] if FLAGS.what == "conv" else []) + \
-         ([pipeline_cases()] if FLAGS.what in ("pipeline", "all") else [])
+  what = {"step", "pipeline"} if "all" in FLAGS.what else set(FLAGS.what)
+  unknown = what - {"step", "pipeline", "feed", "conv"}
+  if unknown:
+    raise app.UsageError(f"--what: unknown {', '.join(sorted(unknown))}; use step, pipeline, feed, conv or all")
+  gens = [make() for name, make in (("step", step_cases), ("conv", conv_cases), ("feed", feed_cases),
+                                    ("pipeline", pipeline_cases)) if name in what]
   rows = []
   for gen in gens:
     for name, res in gen:
@@ -247,12 +339,13 @@ def main(argv):
       print(json.dumps({"case": name, "res": FLAGS.res, "batch": FLAGS.batch, "encoder": FLAGS.encoder,
                         "dtype": FLAGS.dtype, **{k: round(v, 4) for k, v in res.items()}}), flush=True)
   throughput = [(n, r) for n, r in rows if "img_s" in r]
+  rate_cols = (("img_s", "img/s", 9, 1), ("views_s", "views/s", 9, 1), ("pipe_img_s", "pipe img/s", 11, 1),
+               ("step_ms", "step ms", 9, 1), ("compile_s", "compile s", 11, 1), ("gflop_s", "GFLOP/s", 10, 1),
+               ("mfu_pct", "MFU %", 7, 1), ("cores_busy", "cores", 7, 2))
   if throughput:
-    print(f"\n{'case':<32}{'img/s':>9}{'step ms':>9}{'compile s':>11}{'GFLOP/s':>9}{'cores':>7}")
+    print(f"\n{'case':<32}" + "".join(f"{title:>{w}}" for _, title, w, _ in rate_cols))
   for name, r in throughput:
-    cells = [f"{r['img_s']:9.1f}"] + [f"{r[k]:{w}.{d}f}" if k in r else " " * w for k, w, d in
-                                      (("step_ms", 9, 1), ("compile_s", 11, 1), ("gflop_s", 9, 1), ("cores_busy", 7, 2))]
-    print(f"{name:<32}{''.join(cells)}")
+    print(f"{name:<32}" + "".join(f"{r[k]:{w}.{d}f}" if k in r else " " * w for k, _, w, d in rate_cols))
   convs = [(n, r) for n, r in rows if "chosen" in r]
   if convs:
     cols = ("fwd_lax", "fwd_matmul", "dx_lax", "dx_matmul", "dw_lax", "dw_matmul", "dw_taps", "chosen", "best")
