@@ -13,8 +13,9 @@ Prints a table and one JSON line per case. Step cases run `usjax.train`'s own ji
 real shapes; each is timed twice: `+aug` is the real step (on-device augmentation included) and `noaug` is the
 same step fed the images directly, the like-for-like number for a framework benchmark that does no augmentation.
 Images/second count source images (a SimCLR image is two views); warm-up and compilation are excluded.
-GFLOP/s is the step's model FLOPs (`usjax.report.step_flops`: its matmuls and convolutions) over the mean step
-time, and MFU that over the chip's dense peak (`--peak_tflops`, else the bf16 peak of a known accelerator).
+GFLOP/s is the step's FLOPs (`usjax.report.step_flops`: its matmuls and convolutions as they run, so CPU
+Winograd convolutions count 2.25x fewer) over the mean step time, and MFU that over the chip's dense peak
+(`--peak_tflops`, else the bf16 peak of a known accelerator; accelerators run the model's direct convolutions).
 `feed` times the grain pipeline alone (the host's ceiling), then the real SimCLR step on its batches: dispatch
 is asynchronous, so the host prepares batch k+1 while the accelerator runs step k, and the step keeps its rate
 only if the pipeline keeps up.
@@ -208,19 +209,18 @@ def conv_cases():
       out = fn(*args)
     jax.block_until_ready(out)
     return 1e3 * (time.perf_counter() - t) / FLAGS.steps
-  lowerings = {"lax": models.lax_conv, "matmul": models.conv_as_matmul}
   for case in FLAGS.cases:
     for (xs, ks, stride), count in conv_shapes(case).items():
       kx, kk, kd = jax.random.split(jax.random.key(0), 3)
       x, k = jax.random.normal(kx, xs), jax.random.normal(kk, ks)
       dy = jax.random.normal(kd, jax.eval_shape(lambda x, k: models.lax_conv(x, k, stride), x, k).shape)
       res = {"count": count}
-      for name, conv in lowerings.items():
-        res[f"fwd_{name}"] = ms(lambda x, k: conv(x, k, stride), x, k)
+      for path in ("lax", "matmul") + (("winograd",) if models.winograd_fits(xs, ks, stride) else ()):
+        res[f"fwd_{path}"] = ms(lambda x, k: models.conv_by(path)(x, k, stride), x, k)
         if ks[2] > 1:   # the stem's input needs no gradient
-          res[f"dx_{name}"] = ms(lambda x, k, dy: jax.vjp(lambda x: conv(x, k, stride), x)[1](dy)[0], x, k, dy)
-        res[f"dw_{name}"] = ms(lambda x, k, dy: jax.vjp(lambda k: conv(x, k, stride), k)[1](dy)[0], x, k, dy)
-      res["dw_taps"] = ms(lambda x, dy: models.conv_weight_grad_by_taps(x, dy, ks, stride), x, dy)
+          res[f"dx_{path}"] = ms(lambda x, k, dy: models.conv_input_grad(path, dy, x, k, stride), x, k, dy)
+      for path in ("lax", "matmul", "taps"):
+        res[f"dw_{path}"] = ms(lambda x, k, dy: models.conv_weight_grad(path, dy, x, k, stride), x, k, dy)
       chosen = models.cpu_conv_paths(xs, ks, stride)
       res["chosen"] = sum(res.get(f"{p}_{c}", 0.0) for p, c in zip(("fwd", "dx", "dw"), chosen))
       res["best"] = sum(min((v for key, v in res.items() if key.startswith(p + "_")), default=0.0)
@@ -348,7 +348,8 @@ def main(argv):
     print(f"{name:<32}" + "".join(f"{r[k]:{w}.{d}f}" if k in r else " " * w for k, _, w, d in rate_cols))
   convs = [(n, r) for n, r in rows if "chosen" in r]
   if convs:
-    cols = ("fwd_lax", "fwd_matmul", "dx_lax", "dx_matmul", "dw_lax", "dw_matmul", "dw_taps", "chosen", "best")
+    cols = ("fwd_lax", "fwd_matmul", "fwd_winograd", "dx_lax", "dx_matmul", "dx_winograd", "dw_lax", "dw_matmul",
+            "dw_taps", "chosen", "best")
     print(f"\n{'convolution (ms per call)':<52}" + "".join(f"{c:>11}" for c in cols))
     for name, r in convs:
       print(f"{name:<52}" + "".join(f"{r[c]:11.1f}" if c in r else " " * 11 for c in cols))

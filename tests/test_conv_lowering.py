@@ -1,4 +1,5 @@
-"""`models.Conv` lowers some convolutions as im2col + matmul on CPU: it must be the same convolution as XLA's."""
+"""`models.Conv` lowers some convolutions as im2col + matmul or Winograd on CPU: it must be the same convolution
+as XLA's."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -54,12 +55,13 @@ PATH_CASES = [
     ((2, 9, 8, 8), (3, 3, 8, 16), 2),       # strided 3x3: matmul everywhere
     ((2, 12, 12, 8), (1, 1, 8, 16), 2),     # strided 1x1 projection: per-tap weight gradient
     ((2, 3, 3, 16), (3, 3, 16, 8), 1),      # tiny map: matmul everywhere
+    ((1, 16, 18, 64), (3, 3, 64, 64), 1),   # 3x3 stride 1, >= 64 channels: Winograd forward and input gradient
 ]
 
 
 def test_path_cases_cover_every_lowering():
   paths = {models.cpu_conv_paths(x, k, s) for x, k, s in PATH_CASES}
-  assert {p[0] for p in paths} == {"lax", "matmul"}
+  assert {p[0] for p in paths} == {p[1] for p in paths} == {"lax", "matmul", "winograd"}
   assert {p[2] for p in paths} == {"lax", "matmul", "taps"}
 
 
@@ -86,6 +88,18 @@ def test_weight_grad_by_taps_matches_numpy_correlation(hw, k, stride):
       ref[i, j] = np.einsum("nhwc,nhwd->cd", win, dy)
   got = models.conv_weight_grad_by_taps(jnp.asarray(x), jnp.asarray(dy), (k, k, 3, 5), stride)
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_winograd_matches_numpy_correlation():
+  """y[n, h, w, o] = sum over taps (i, j) and c of xpad[n, h + i, w + j, c] * k[i, j, c, o], in plain numpy."""
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(2, 6, 10, 3)).astype(np.float32)
+  k = rng.normal(size=(3, 3, 3, 5)).astype(np.float32)
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  ref = sum(np.einsum("nhwc,co->nhwo", xp[:, i:i + 6, j:j + 10], k[i, j]) for i in range(3) for j in range(3))
+  np.testing.assert_allclose(models.conv3x3_winograd(jnp.asarray(x), jnp.asarray(k)), ref, rtol=1e-5, atol=1e-5)
+  assert not models.winograd_fits((2, 7, 10, 3), k.shape, 1)   # odd maps and strides keep another lowering
+  assert not models.winograd_fits(x.shape, k.shape, 2)
 
 
 def test_decoder_upsampling_is_nearest_neighbour():

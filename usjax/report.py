@@ -1,5 +1,5 @@
 """Report stage: progress lines while a run works, TensorBoard events, and `summary.json` when it ends; the
-model FLOPs of a step, from which benchmarks report MFU.
+FLOPs of a step, from which benchmarks report GFLOP/s and MFU.
 
 Only process 0 writes, so a many-host run produces one set of files.
 """
@@ -81,10 +81,12 @@ def _jaxpr_flops(jaxpr) -> float:
 
 
 def step_flops(fn, *args) -> float:
-  """Model FLOPs of `fn(*args)`: its matmuls and convolutions, counted from the traced program.
+  """FLOPs of `fn(*args)` in its matmuls and convolutions, counted from the traced program.
 
-  The same on every backend, unlike XLA's cost analysis, which on GPU no longer sees the convolutions once they
-  became cuDNN calls; element-wise work (normalisation, activations, the optimiser) is not counted, as in MFU.
+  Unlike XLA's cost analysis it counts on every backend: on GPU that analysis no longer sees the convolutions
+  once they became cuDNN calls. Element-wise work (normalisation, activations, the optimiser) is not counted, as in MFU.
+  On an accelerator this is the model's count. On CPU it counts what runs: a Winograd convolution
+  (`models.conv3x3_winograd`) does 2.25x fewer multiplies than the model's direct one.
   """
   return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
 
