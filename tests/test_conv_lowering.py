@@ -73,20 +73,21 @@ def test_cpu_conv_value_and_gradients_match_lax(x_shape, k_shape, stride):
   assert_same_conv(models.cpu_conv, x, w, stride, tol_value=(1e-5, 1e-4), tol_grad=(1e-4, 1e-3))
 
 
-@pytest.mark.parametrize("hw,k,stride", [(6, 3, 1), (7, 3, 2), (5, 1, 2), (9, 7, 2)])
-def test_weight_grad_by_taps_matches_numpy_correlation(hw, k, stride):
-  """dW[i, j, c, d] = sum over n, output pixels p of xpad[n, s*p + (i, j), c] * dy[n, p, d], in plain numpy."""
+@pytest.mark.parametrize("hw,k,stride,c", [(6, 3, 1, 6), (7, 3, 2, 6), (5, 1, 2, 6), (9, 7, 2, 1), (6, 3, 1, 3)])
+def test_weight_grad_by_taps_matches_numpy_correlation(hw, k, stride, c):
+  """dW[i, j, c, d] = sum over n, output pixels p of xpad[n, s*p + (i, j), c] * dy[n, p, d], in plain numpy.
+  Up to 4 input channels (the stem) all taps are one matmul; above, one matmul per tap."""
   rng = np.random.default_rng(0)
-  x = rng.normal(size=(2, hw, hw + 1, 3)).astype(np.float32)
+  x = rng.normal(size=(2, hw, hw + 1, c)).astype(np.float32)
   (ph, ho), (pw, wo) = models._same_pads(hw, k, stride), models._same_pads(hw + 1, k, stride)
   dy = rng.normal(size=(2, ho, wo, 5)).astype(np.float32)
   xp = np.pad(x, ((0, 0), ph, pw, (0, 0)))
-  ref = np.zeros((k, k, 3, 5))
+  ref = np.zeros((k, k, c, 5))
   for i in range(k):
     for j in range(k):
       win = xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
       ref[i, j] = np.einsum("nhwc,nhwd->cd", win, dy)
-  got = models.conv_weight_grad_by_taps(jnp.asarray(x), jnp.asarray(dy), (k, k, 3, 5), stride)
+  got = models.conv_weight_grad_by_taps(jnp.asarray(x), jnp.asarray(dy), (k, k, c, 5), stride)
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 

@@ -93,8 +93,10 @@ def conv_weight_grad_by_taps(x, dy, kernel_shape, stride: int):
   run several times faster and never materialise the 9x larger im2col matrix."""
   kh, kw, c, d = kernel_shape
   dy2 = dy.reshape(-1, d)
-  taps = [w.reshape(c, -1) @ dy2 for w in _tap_windows(jnp.transpose(x, (3, 0, 1, 2)), kh, kw, stride, axis=2)]
-  return jnp.stack(taps).reshape(kh, kw, c, d)
+  wins = [w.reshape(c, -1) for w in _tap_windows(jnp.transpose(x, (3, 0, 1, 2)), kh, kw, stride, axis=2)]
+  if c <= 4:   # the stem: one (taps x C) row per tap and channel in a single matmul, 3x faster than im2col's
+    return jnp.einsum("tck,kd->tcd", jnp.stack(wins), dy2).reshape(kh, kw, c, d)
+  return jnp.stack([w @ dy2 for w in wins]).reshape(kh, kw, c, d)
 
 
 def cpu_conv_paths(x_shape, kernel_shape, stride: int) -> tuple[str, str, str]:
@@ -103,18 +105,17 @@ def cpu_conv_paths(x_shape, kernel_shape, stride: int) -> tuple[str, str, str]:
   Chosen per shape from `launch/benchmark.py --what=conv`: XLA's convolution is fastest on large maps with few
   channels (the U-Net decoder's 128x128 stage); Winograd wins 1.3-2x on 3x3 stride-1 maps of 16x16 and more
   with >= 64 channels in and out; im2col matmuls win on tiny maps and strided convolutions;
-  per-tap matmuls win the weight gradient on maps up to 64x64; the single-channel stem's weight gradient is a
-  matmul."""
+  per-tap matmuls win the weight gradient on maps up to 64x64, and for the single-channel stem at any size."""
   kh, kw, cin, cout = kernel_shape
   out_hw = _same_pads(x_shape[1], kh, stride)[1] * _same_pads(x_shape[2], kw, stride)[1]
   small = out_hw <= 16 or (stride > 1 and kh > 1 and cin > 3)
   fwd = dx = "matmul" if small else "lax"
   if winograd_fits(x_shape, kernel_shape, stride) and out_hw >= 16 * 16 and min(cin, cout) >= 64:
     fwd = dx = "winograd"
-  if cin <= 4 or (small and kh > 1):
+  if small and kh > 1 and cin > 4:
     dw = "matmul"
   else:
-    dw = "taps" if out_hw <= 64 * 64 else "lax"
+    dw = "taps" if out_hw <= 64 * 64 or cin <= 4 else "lax"
   return fwd, dx, dw
 
 
