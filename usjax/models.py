@@ -100,7 +100,8 @@ def conv_weight_grad_by_taps(x, dy, kernel_shape, stride: int):
 
 
 def cpu_conv_paths(x_shape, kernel_shape, stride: int) -> tuple[str, str, str]:
-  """Which lowering (lax | matmul | taps) the forward, input-gradient and weight-gradient passes use on CPU.
+  """Which lowering (lax | matmul | winograd | taps) the forward, input-gradient and weight-gradient passes use
+  on CPU.
 
   Chosen per shape from `launch/benchmark.py --what=conv`: XLA's convolution is fastest on large maps with few
   channels (the U-Net decoder's 128x128 stage); Winograd wins 1.3-2x on 3x3 stride-1 maps of 16x16 and more
