@@ -99,14 +99,18 @@ def rates(flops: float, mean_s: float, n_images: int, views: int) -> dict:
   return out
 
 
-def time_step(step_fn, state, batch, n_images: int, views: int = 1) -> dict:
-  """Compiles once (timed), runs `warmup` untimed steps, then `steps` timed ones."""
-  import jax
+def compile_timed(step_fn, state, batch):
+  """(the compiled step, seconds its compilation took, its FLOPs)."""
   from usjax import report
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
-  flops = report.step_flops(step_fn, state, batch)
+  return compiled, time.perf_counter() - t0, report.step_flops(step_fn, state, batch)
+
+
+def time_step(step_fn, state, batch, n_images: int, views: int = 1) -> dict:
+  """Compiles once (timed), runs `warmup` untimed steps, then `steps` timed ones."""
+  import jax
+  compiled, compile_s, flops = compile_timed(step_fn, state, batch)
   for _ in range(FLAGS.warmup):
     state, metrics = compiled(state, batch)
   jax.block_until_ready(state)
@@ -275,7 +279,7 @@ def feed_cases():
   """Yields (name, result) per worker count: the pre-training pipeline alone, then the SimCLR step fed by it."""
   import jax
   import numpy as np
-  from usjax import augment, methods, report, train
+  from usjax import augment, methods, train
   from usjax.data import pipeline
   mesh, s, b = train.make_mesh(), FLAGS.res, FLAGS.batch
   cfg = base_config("simclr")
@@ -283,11 +287,8 @@ def feed_cases():
   loss_fn = functools.partial(train.pretrain_loss, method=method, aug_cfg=augment.AugmentConfig.from_dict(cfg.augment))
   step_fn = train.compile_step(loss_fn, tx, mesh, method.after_step)
   state = train.init_state(method.model, tx, 0, (2, s, s, 1), mesh)
-  t0 = time.perf_counter()
   zeros = train.global_batch(np.zeros((b, s, s, 1), np.uint8), mesh)
-  compiled = step_fn.lower(state, zeros).compile()
-  compile_s = time.perf_counter() - t0
-  flops = report.step_flops(step_fn, state, zeros)
+  compiled, compile_s, flops = compile_timed(step_fn, state, zeros)
   for workers in map(int, FLAGS.workers):
     d = with_data(cfg, s, workers).data
     d.sources = FLAGS.feed_sources
