@@ -109,3 +109,32 @@ def test_decoder_upsampling_is_nearest_neighbour():
   b, h, w, c = x.shape
   ours = models.upsample2x(x)
   np.testing.assert_array_equal(ours, jax.image.resize(x, (b, 2 * h, 2 * w, c), "nearest"))
+
+
+def test_upsampled_conv_matches_numpy_upsample_then_correlate():
+  """conv(upsample2x(x)) in numpy (np.repeat, then a 3x3 correlation with zero padding), on an odd, non-square
+  map so that every border phase is checked; gradients against XLA's convolution of the upsampled map."""
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(2, 3, 5, 4)).astype(np.float32)
+  k = rng.normal(size=(3, 3, 4, 6)).astype(np.float32)
+  up = np.pad(x.repeat(2, axis=1).repeat(2, axis=2), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  ref = sum(np.einsum("nhwc,co->nhwo", up[:, i:i + 6, j:j + 10], k[i, j]) for i in range(3) for j in range(3))
+  np.testing.assert_allclose(models.conv3x3_upsampled(jnp.asarray(x), jnp.asarray(k)), ref, rtol=1e-5, atol=1e-5)
+  y, vjp = jax.vjp(models.conv3x3_upsampled, jnp.asarray(x), jnp.asarray(k))
+  vjp_ref = jax.vjp(lambda x, k: lax_conv(models.upsample2x(x), k, 1), jnp.asarray(x), jnp.asarray(k))[1]
+  g = jax.random.normal(jax.random.key(9), y.shape)
+  for a, b in zip(vjp(g), vjp_ref(g)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("with_skip", [True, False])
+def test_upsampling_conv_module_matches_flax_conv_of_the_concatenation(with_skip):
+  """`Conv(upsample=True)(x, skip)` is `nn.Conv` of `concat([upsample2x(x), skip])`: same parameters, same output."""
+  kx, ks = jax.random.split(jax.random.key(5))
+  x, skip = jax.random.normal(kx, (2, 4, 3, 6)), jax.random.normal(ks, (2, 8, 6, 5)) if with_skip else None
+  conv = models.Conv(7, (3, 3), use_bias=False, upsample=True)
+  variables = conv.init(jax.random.key(6), x, skip)
+  inp = models.upsample2x(x) if skip is None else jnp.concatenate([models.upsample2x(x), skip], axis=-1)
+  ref = nn.Conv(7, (3, 3), padding="SAME", use_bias=False)
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, ref.init(jax.random.key(6), inp))
+  np.testing.assert_allclose(conv.apply(variables, x, skip), ref.apply(variables, inp), rtol=1e-5, atol=1e-5)

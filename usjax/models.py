@@ -81,6 +81,26 @@ def conv3x3_winograd(x, kernel):
   return y.reshape(n, h, w, -1)
 
 
+# Nearest x2 upsampling, then a 3x3 SAME convolution: output row 2i+a reads only low-res rows (i-1, i) for a = 0
+# and (i, i+1) for a = 1, with the kernel rows that land on the same low-res row summed. [phase][tap][kernel row]
+_UP2X_ROWS = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
+
+
+def conv3x3_upsampled(x, kernel):
+  """`conv(upsample2x(x), kernel)` (3x3, SAME, stride 1) computed on x itself: each of the four output phases of
+  the upsampling is a 2x2 convolution of x, so a low-res pixel costs 16 multiplies per channel pair instead of
+  the 36 of its four upsampled copies, and the 4x larger upsampled map is never built. The four phases are
+  one (N*(H+1)*(W+1), 4C) @ (4C, 4D) matmul over x's 2x2 windows."""
+  n, h, w, c = x.shape
+  r = jnp.asarray(_UP2X_ROWS, jnp.float32)
+  k = jnp.einsum("api,bqj,ijco->pqcabo", r, r, kernel.astype(jnp.float32)).astype(x.dtype).reshape(4 * c, -1)
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  patches = jnp.concatenate([xp[:, p:p + h + 1, q:q + w + 1] for p in range(2) for q in range(2)], axis=-1)
+  z = (patches.reshape(-1, 4 * c) @ k).reshape(n, h + 1, w + 1, 2, 2, -1)
+  y = jnp.stack([jnp.stack([z[:, a:a + h, b:b + w, a, b] for b in range(2)], axis=3) for a in range(2)], axis=2)
+  return y.reshape(n, 2 * h, 2 * w, -1)
+
+
 def lax_conv(x, kernel, stride: int):
   return jax.lax.conv_general_dilated(x, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
@@ -163,20 +183,35 @@ cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
 
 
 class Conv(nn.Module):
-  """`nn.Conv` (same parameter names and layout, SAME padding) that picks the faster XLA lowering per shape."""
+  """`nn.Conv` (same parameter names and layout, SAME padding) that picks the faster XLA lowering per shape.
+
+  With `upsample`, it convolves `concat([upsample2x(x), skip])` (the U-Net decoder's input); on CPU the
+  upsampled part is computed by `conv3x3_upsampled` without building it."""
   features: int
   kernel_size: tuple[int, int] = (3, 3)
   strides: int = 1
   use_bias: bool = True
   kernel_init: Callable = conv_init
   dtype: Any = jnp.float32
+  upsample: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, skip=None):
     kh, kw = self.kernel_size
-    kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features), jnp.float32)
+    cin = x.shape[-1] + (0 if skip is None else skip.shape[-1])
+    kernel = self.param("kernel", self.kernel_init, (kh, kw, cin, self.features), jnp.float32)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    y = cpu_conv(x, kernel, self.strides) if jax.default_backend() == "cpu" else lax_conv(x, kernel, self.strides)
+    skip = None if skip is None else skip.astype(self.dtype)
+    on_cpu = jax.default_backend() == "cpu"
+    if self.upsample and on_cpu and self.kernel_size == (3, 3) and self.strides == 1:
+      c = x.shape[-1]
+      y = conv3x3_upsampled(x, kernel[:, :, :c])
+      if skip is not None:
+        y = y + cpu_conv(skip, kernel[:, :, c:], 1)
+    else:
+      if self.upsample:
+        x = upsample2x(x) if skip is None else jnp.concatenate([upsample2x(x), skip], axis=-1)
+      y = cpu_conv(x, kernel, self.strides) if on_cpu else lax_conv(x, kernel, self.strides)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
     return y
@@ -272,17 +307,19 @@ class PlainEncoder(nn.Module):
 
 
 class ConvBlock(nn.Module):
-  """Two 3x3 conv + norm + ReLU: the U-Net decoder (and plain encoder) unit."""
+  """Two 3x3 conv + norm + ReLU: the U-Net decoder (and plain encoder) unit. With `upsample`, the first
+  convolution's input is `concat([upsample2x(x), skip])`."""
   features: int
   norm: ModuleDef
   dtype: Any = jnp.float32
+  upsample: bool = False
 
   @nn.compact
-  def __call__(self, x):
-    for _ in range(2):
-      x = Conv(self.features, (3, 3), use_bias=False, dtype=self.dtype)(x)
-      x = nn.relu(self.norm()(x))
-    return x
+  def __call__(self, x, skip=None):
+    x = Conv(self.features, (3, 3), use_bias=False, dtype=self.dtype, upsample=self.upsample)(x, skip)
+    x = nn.relu(self.norm()(x))
+    x = Conv(self.features, (3, 3), use_bias=False, dtype=self.dtype)(x)
+    return nn.relu(self.norm()(x))
 
 
 class UNetDecoder(nn.Module):
@@ -299,10 +336,7 @@ class UNetDecoder(nn.Module):
       h = x.shape[1]
       if h >= out_hw[0]:
         break
-      x = upsample2x(x)
-      if i < len(skips):
-        x = jnp.concatenate([x, skips[i].astype(x.dtype)], axis=-1)
-      x = ConvBlock(w, norm, self.dtype, name=f"up{i}")(x)
+      x = ConvBlock(w, norm, self.dtype, upsample=True, name=f"up{i}")(x, skips[i] if i < len(skips) else None)
     return x
 
 
