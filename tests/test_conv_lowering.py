@@ -138,3 +138,17 @@ def test_upsampling_conv_module_matches_flax_conv_of_the_concatenation(with_skip
   ref = nn.Conv(7, (3, 3), padding="SAME", use_bias=False)
   assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, ref.init(jax.random.key(6), inp))
   np.testing.assert_allclose(conv.apply(variables, x, skip), ref.apply(variables, inp), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 8, 3), (2, 7, 5, 3)])
+def test_max_pool_matches_flax_with_the_first_maximum_taking_the_gradient(shape):
+  """Value and gradient of `nn.max_pool` (3x3, stride 2, padding 1), on even and odd maps with many ties
+  (zeros and repeated values, as after a ReLU), where the gradient must go to one element per window only."""
+  x = jax.random.normal(jax.random.key(7), shape)
+  x = jnp.where(x < 0, 0.0, jnp.round(2 * x))
+  y, vjp = jax.vjp(models.max_pool_3x3_s2, x)
+  y_ref, vjp_ref = jax.vjp(lambda x: nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1))), x)
+  np.testing.assert_array_equal(y, y_ref)
+  g = jax.random.normal(jax.random.key(8), y.shape)
+  np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(vjp(g)[0].sum(), g.sum(), rtol=1e-5)   # each window's gradient lands once
