@@ -182,8 +182,8 @@ def conv_shapes(case: str) -> dict:
   """{(x shape, kernel shape, stride): count} of the convolutions `case`'s network runs, recorded by tracing it."""
   import collections
   import jax
-  from usjax import methods, models, train
-  seen, original = collections.Counter(), models.cpu_conv_paths
+  from usjax import cpu_ops, methods, train
+  seen, original = collections.Counter(), cpu_ops.cpu_conv_paths
   def record(x_shape, kernel_shape, stride):
     seen[(tuple(x_shape), tuple(kernel_shape), stride)] += 1
     return original(x_shape, kernel_shape, stride)
@@ -193,18 +193,18 @@ def conv_shapes(case: str) -> dict:
     model, n = methods.make_method(cfg).model, 2 * FLAGS.batch
   else:
     model = train.build_model(cfg)
-  models.cpu_conv_paths = record
+  cpu_ops.cpu_conv_paths = record
   try:
     jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros((n, FLAGS.res, FLAGS.res, 1))))
   finally:
-    models.cpu_conv_paths = original
+    cpu_ops.cpu_conv_paths = original
   return dict(seen)
 
 
 def conv_cases():
   """Yields (name, result): milliseconds per pass (fwd, dx, dw) of each lowering, and of the chosen one."""
   import jax
-  from usjax import models
+  from usjax import cpu_ops
   def ms(fn, *args):
     fn = jax.jit(fn)
     jax.block_until_ready(fn(*args))
@@ -217,15 +217,15 @@ def conv_cases():
     for (xs, ks, stride), count in conv_shapes(case).items():
       kx, kk, kd = jax.random.split(jax.random.key(0), 3)
       x, k = jax.random.normal(kx, xs), jax.random.normal(kk, ks)
-      dy = jax.random.normal(kd, jax.eval_shape(lambda x, k: models.lax_conv(x, k, stride), x, k).shape)
+      dy = jax.random.normal(kd, jax.eval_shape(lambda x, k: cpu_ops.lax_conv(x, k, stride), x, k).shape)
       res = {"count": count}
-      for path in ("lax", "matmul") + (("winograd",) if models.winograd_fits(xs, ks, stride) else ()):
-        res[f"fwd_{path}"] = ms(lambda x, k: models.conv_by(path)(x, k, stride), x, k)
+      for path in ("lax", "matmul") + (("winograd",) if cpu_ops.winograd_fits(xs, ks, stride) else ()):
+        res[f"fwd_{path}"] = ms(lambda x, k: cpu_ops.conv_by(path)(x, k, stride), x, k)
         if ks[2] > 1:   # the stem's input needs no gradient
-          res[f"dx_{path}"] = ms(lambda x, k, dy: models.conv_input_grad(path, dy, x, k, stride), x, k, dy)
+          res[f"dx_{path}"] = ms(lambda x, k, dy: cpu_ops.conv_input_grad(path, dy, x, k, stride), x, k, dy)
       for path in ("lax", "matmul", "taps"):
-        res[f"dw_{path}"] = ms(lambda x, k, dy: models.conv_weight_grad(path, dy, x, k, stride), x, k, dy)
-      chosen = models.cpu_conv_paths(xs, ks, stride)
+        res[f"dw_{path}"] = ms(lambda x, k, dy: cpu_ops.conv_weight_grad(path, dy, x, k, stride), x, k, dy)
+      chosen = cpu_ops.cpu_conv_paths(xs, ks, stride)
       res["chosen"] = sum(res.get(f"{p}_{c}", 0.0) for p, c in zip(("fwd", "dx", "dw"), chosen))
       res["best"] = sum(min((v for key, v in res.items() if key.startswith(p + "_")), default=0.0)
                         for p in ("fwd", "dx", "dw"))

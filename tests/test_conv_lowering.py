@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from usjax import models
+from usjax import cpu_ops, models
 
 
 def lax_conv(x, w, stride):
@@ -33,7 +33,7 @@ def test_conv_as_matmul_matches_lax_forward_and_gradients(hw, k, stride, cin, co
   kx, kw = jax.random.split(jax.random.key(0))
   x = jax.random.normal(kx, (2, hw, hw + 1, cin))
   w = jax.random.normal(kw, (k, k, cin, cout))
-  assert_same_conv(models.conv_as_matmul, x, w, stride)
+  assert_same_conv(cpu_ops.conv_as_matmul, x, w, stride)
 
 
 @pytest.mark.parametrize("hw,stride", [(2, 1), (4, 2), (8, 1), (8, 2)])
@@ -60,7 +60,7 @@ PATH_CASES = [
 
 
 def test_path_cases_cover_every_lowering():
-  paths = {models.cpu_conv_paths(x, k, s) for x, k, s in PATH_CASES}
+  paths = {cpu_ops.cpu_conv_paths(x, k, s) for x, k, s in PATH_CASES}
   assert {p[0] for p in paths} == {p[1] for p in paths} == {"lax", "matmul", "winograd"}
   assert {p[2] for p in paths} == {"lax", "matmul", "taps"}
 
@@ -70,7 +70,7 @@ def test_cpu_conv_value_and_gradients_match_lax(x_shape, k_shape, stride):
   """The custom-VJP convolution is the same function as XLA's, whichever lowering each pass takes."""
   kx, kw = jax.random.split(jax.random.key(3))
   x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, k_shape)
-  assert_same_conv(models.cpu_conv, x, w, stride, tol_value=(1e-5, 1e-4), tol_grad=(1e-4, 1e-3))
+  assert_same_conv(cpu_ops.cpu_conv, x, w, stride, tol_value=(1e-5, 1e-4), tol_grad=(1e-4, 1e-3))
 
 
 @pytest.mark.parametrize("hw,k,stride,c", [(6, 3, 1, 6), (7, 3, 2, 6), (5, 1, 2, 6), (9, 7, 2, 1), (6, 3, 1, 3)])
@@ -79,7 +79,7 @@ def test_weight_grad_by_taps_matches_numpy_correlation(hw, k, stride, c):
   Up to 4 input channels (the stem) all taps are one matmul; above, one matmul per tap."""
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, hw, hw + 1, c)).astype(np.float32)
-  (ph, ho), (pw, wo) = models._same_pads(hw, k, stride), models._same_pads(hw + 1, k, stride)
+  (ph, ho), (pw, wo) = cpu_ops._same_pads(hw, k, stride), cpu_ops._same_pads(hw + 1, k, stride)
   dy = rng.normal(size=(2, ho, wo, 5)).astype(np.float32)
   xp = np.pad(x, ((0, 0), ph, pw, (0, 0)))
   ref = np.zeros((k, k, c, 5))
@@ -87,7 +87,7 @@ def test_weight_grad_by_taps_matches_numpy_correlation(hw, k, stride, c):
     for j in range(k):
       win = xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
       ref[i, j] = np.einsum("nhwc,nhwd->cd", win, dy)
-  got = models.conv_weight_grad_by_taps(jnp.asarray(x), jnp.asarray(dy), (k, k, c, 5), stride)
+  got = cpu_ops.conv_weight_grad_by_taps(jnp.asarray(x), jnp.asarray(dy), (k, k, c, 5), stride)
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -98,16 +98,16 @@ def test_winograd_matches_numpy_correlation():
   k = rng.normal(size=(3, 3, 3, 5)).astype(np.float32)
   xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   ref = sum(np.einsum("nhwc,co->nhwo", xp[:, i:i + 6, j:j + 10], k[i, j]) for i in range(3) for j in range(3))
-  np.testing.assert_allclose(models.conv3x3_winograd(jnp.asarray(x), jnp.asarray(k)), ref, rtol=1e-5, atol=1e-5)
-  assert not models.winograd_fits((2, 7, 10, 3), k.shape, 1)   # odd maps and strides keep another lowering
-  assert not models.winograd_fits(x.shape, k.shape, 2)
+  np.testing.assert_allclose(cpu_ops.conv3x3_winograd(jnp.asarray(x), jnp.asarray(k)), ref, rtol=1e-5, atol=1e-5)
+  assert not cpu_ops.winograd_fits((2, 7, 10, 3), k.shape, 1)   # odd maps and strides keep another lowering
+  assert not cpu_ops.winograd_fits(x.shape, k.shape, 2)
 
 
 def test_decoder_upsampling_is_nearest_neighbour():
   """The decoder's x2 upsampling (a broadcast) equals `jax.image.resize(..., "nearest")`."""
   x = jax.random.normal(jax.random.key(4), (2, 3, 5, 4))
   b, h, w, c = x.shape
-  ours = models.upsample2x(x)
+  ours = cpu_ops.upsample2x(x)
   np.testing.assert_array_equal(ours, jax.image.resize(x, (b, 2 * h, 2 * w, c), "nearest"))
 
 
@@ -119,9 +119,9 @@ def test_upsampled_conv_matches_numpy_upsample_then_correlate():
   k = rng.normal(size=(3, 3, 4, 6)).astype(np.float32)
   up = np.pad(x.repeat(2, axis=1).repeat(2, axis=2), ((0, 0), (1, 1), (1, 1), (0, 0)))
   ref = sum(np.einsum("nhwc,co->nhwo", up[:, i:i + 6, j:j + 10], k[i, j]) for i in range(3) for j in range(3))
-  np.testing.assert_allclose(models.conv3x3_upsampled(jnp.asarray(x), jnp.asarray(k)), ref, rtol=1e-5, atol=1e-5)
-  y, vjp = jax.vjp(models.conv3x3_upsampled, jnp.asarray(x), jnp.asarray(k))
-  vjp_ref = jax.vjp(lambda x, k: lax_conv(models.upsample2x(x), k, 1), jnp.asarray(x), jnp.asarray(k))[1]
+  np.testing.assert_allclose(cpu_ops.conv3x3_upsampled(jnp.asarray(x), jnp.asarray(k)), ref, rtol=1e-5, atol=1e-5)
+  y, vjp = jax.vjp(cpu_ops.conv3x3_upsampled, jnp.asarray(x), jnp.asarray(k))
+  vjp_ref = jax.vjp(lambda x, k: lax_conv(cpu_ops.upsample2x(x), k, 1), jnp.asarray(x), jnp.asarray(k))[1]
   g = jax.random.normal(jax.random.key(9), y.shape)
   for a, b in zip(vjp(g), vjp_ref(g)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
@@ -134,7 +134,7 @@ def test_upsampling_conv_module_matches_flax_conv_of_the_concatenation(with_skip
   x, skip = jax.random.normal(kx, (2, 4, 3, 6)), jax.random.normal(ks, (2, 8, 6, 5)) if with_skip else None
   conv = models.Conv(7, (3, 3), use_bias=False, upsample=True)
   variables = conv.init(jax.random.key(6), x, skip)
-  inp = models.upsample2x(x) if skip is None else jnp.concatenate([models.upsample2x(x), skip], axis=-1)
+  inp = cpu_ops.upsample2x(x) if skip is None else jnp.concatenate([cpu_ops.upsample2x(x), skip], axis=-1)
   ref = nn.Conv(7, (3, 3), padding="SAME", use_bias=False)
   assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, ref.init(jax.random.key(6), inp))
   np.testing.assert_allclose(conv.apply(variables, x, skip), ref.apply(variables, inp), rtol=1e-5, atol=1e-5)
@@ -146,7 +146,7 @@ def test_max_pool_matches_flax_with_the_first_maximum_taking_the_gradient(shape)
   (zeros and repeated values, as after a ReLU), where the gradient must go to one element per window only."""
   x = jax.random.normal(jax.random.key(7), shape)
   x = jnp.where(x < 0, 0.0, jnp.round(2 * x))
-  y, vjp = jax.vjp(models.max_pool_3x3_s2, x)
+  y, vjp = jax.vjp(cpu_ops.max_pool_3x3_s2, x)
   y_ref, vjp_ref = jax.vjp(lambda x: nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1))), x)
   np.testing.assert_array_equal(y, y_ref)
   g = jax.random.normal(jax.random.key(8), y.shape)

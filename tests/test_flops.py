@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from usjax import models, report
+from usjax import cpu_ops, models, report
 
 
 def test_matmul_and_its_gradient():
@@ -20,7 +20,7 @@ def test_convolution_strided_and_grouped():
   x = jnp.ones((2, 16, 16, 6))
   k = jnp.ones((3, 3, 6, 4))
   # SAME, stride 2: 8x8 outputs of 4 features, each a 3x3x6 window
-  assert report.step_flops(lambda x, k: models.lax_conv(x, k, 2), x, k) == 2 * 2 * 8 * 8 * 4 * (3 * 3 * 6)
+  assert report.step_flops(lambda x, k: cpu_ops.lax_conv(x, k, 2), x, k) == 2 * 2 * 8 * 8 * 4 * (3 * 3 * 6)
   kg = jnp.ones((3, 3, 2, 6))   # 3 groups of 2 input features
   grouped = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", feature_group_count=3,
                                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -43,7 +43,7 @@ def test_resnet18_forward_matches_the_known_count(monkeypatch):
   """ResNet-18 on a 3-channel 224x224 image: 1.8 G multiply-adds (He et al. 2016, Table 1), all but 0.5 M of
   them (the classifier, absent here) in the convolutions. Counted with XLA's convolution in every pass, as an
   accelerator runs it (on CPU some become Winograd convolutions, which do fewer)."""
-  monkeypatch.setattr(models, "cpu_conv_paths", lambda *shapes: ("lax", "lax", "lax"))
+  monkeypatch.setattr(cpu_ops, "cpu_conv_paths", lambda *shapes: ("lax", "lax", "lax"))
   enc = models.ResNetEncoder(depth=18, norm="batch")
   x = jnp.zeros((1, 224, 224, 3))
   variables = jax.eval_shape(lambda: enc.init(jax.random.key(0), x, False))
@@ -62,7 +62,7 @@ def test_winograd_counts_the_multiplies_it_does():
   x, k = jnp.ones((2, 16, 16, 64)), jnp.ones((3, 3, 64, 64))
   direct = 2 * 2 * 16 * 16 * 64 * (3 * 3 * 64)
   kernel_transform = 2 * (4 * 3 * 3 + 4 * 4 * 3) * 64 * 64
-  np.testing.assert_allclose(report.step_flops(models.conv3x3_winograd, x, k),
+  np.testing.assert_allclose(report.step_flops(cpu_ops.conv3x3_winograd, x, k),
                              direct * 16 / 36 + kernel_transform, rtol=1e-9)
 
 
@@ -70,7 +70,7 @@ def test_dead_code_is_not_counted():
   """Under value_and_grad a custom-VJP convolution's forward pass is traced twice and XLA keeps one."""
   x, k = jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 8, 8))
   fwd = 2 * 2 * 16 * 16 * 8 * (3 * 3 * 8)
-  for conv in (models.lax_conv, models.cpu_conv):
+  for conv in (cpu_ops.lax_conv, cpu_ops.cpu_conv):
     step = jax.value_and_grad(lambda x, k: jnp.sum(conv(x, k, 1)), argnums=(0, 1))
     assert report.step_flops(step, x, k) == 3 * fwd, conv
   assert report.step_flops(lambda x: (x @ x, 2 * x)[1], jnp.ones((4, 4))) == 0
@@ -81,5 +81,5 @@ def test_strided_convolution_gradients_cost_what_the_forward_does():
   are zeros, so it costs one forward pass (as the weight gradient does), not four."""
   x, k = jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 8, 4))
   fwd = 2 * 2 * 8 * 8 * 4 * (3 * 3 * 8)
-  step = jax.value_and_grad(lambda x, k: jnp.sum(models.lax_conv(x, k, 2)), argnums=(0, 1))
+  step = jax.value_and_grad(lambda x, k: jnp.sum(cpu_ops.lax_conv(x, k, 2)), argnums=(0, 1))
   np.testing.assert_allclose(report.step_flops(step, x, k), 3 * fwd, rtol=1e-9)

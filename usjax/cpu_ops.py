@@ -1,0 +1,224 @@
+"""CPU lowerings of the models' convolutions and max-pool: the same functions as XLA's, computed in ways that
+XLA:CPU runs faster (im2col and per-tap matmuls, Winograd, convolutions of upsampled maps on the low-res map,
+a max-pool with an elementwise gradient). `models` uses them on the CPU backend only; every one is tested
+against the plain XLA or Flax operation it replaces (`tests/test_conv_lowering.py`), and
+`launch/benchmark.py --what=conv` times the convolution lowerings per pass.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+def _same_pads(n: int, k: int, s: int):
+  out = -(-n // s)
+  total = max((out - 1) * s + k - n, 0)
+  return (total // 2, total - total // 2), out
+
+
+def _tap_windows(x, kh: int, kw: int, stride: int, axis: int = 1) -> list[jax.Array]:
+  """The kh*kw strided input windows of a SAME convolution over spatial axes (axis, axis + 1), one per tap."""
+  (ph, ho), (pw, wo) = _same_pads(x.shape[axis], kh, stride), _same_pads(x.shape[axis + 1], kw, stride)
+  pads = [(0, 0)] * x.ndim
+  pads[axis], pads[axis + 1] = ph, pw
+  x = jnp.pad(x, pads)
+  rows = [jax.lax.slice_in_dim(x, i, i + stride * (ho - 1) + 1, stride, axis) for i in range(kh)]
+  return [jax.lax.slice_in_dim(r, j, j + stride * (wo - 1) + 1, stride, axis + 1) for r in rows for j in range(kw)]
+
+
+def conv_as_matmul(x, kernel, stride: int):
+  """SAME convolution as patches @ kernel. XLA's CPU convolution is pathologically slow on tiny feature maps
+  (ResNet's last stages: 2x2 maps ran at ~0.5 GFLOP/s) and on strided backward passes; a matmul is not."""
+  kh, kw, _, cout = kernel.shape
+  cols = _tap_windows(x, kh, kw, stride)
+  patches = jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0]
+  return jnp.einsum("nhwk,ko->nhwo", patches, kernel.reshape(-1, cout))
+
+
+# Winograd F(2x2, 3x3) (Lavin & Gray, 2016): each 4x4 input tile gives 2x2 outputs with 16 multiplies instead
+# of 36. The input and output transforms (B^T d B, A^T m A) are additions only; G g G^T is on the kernel.
+_WINO_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+_WINO_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+_WINO_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+
+def _signed_sum(signs, terms):
+  """sum(s * t) for s in {-1, 0, 1}."""
+  out = None
+  for s, t in zip(signs, terms):
+    if s:
+      out = (t if s > 0 else -t) if out is None else (out + t if s > 0 else out - t)
+  return out
+
+
+def conv3x3_winograd(x, kernel):
+  """SAME stride-1 3x3 convolution by Winograd F(2x2, 3x3), for even H and W: 2.25x fewer multiplies, done as
+  16 channel matmuls. On the 2-core CPU it runs 1.2-1.8x faster than XLA's convolution where both channel
+  counts are >= 64 (`--what=conv`); with fewer channels the transforms cost what the matmuls save."""
+  n, h, w, c = x.shape
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  d = [[jax.lax.slice(xp, (0, i, j, 0), (n, i + h - 1, j + w - 1, c), (1, 2, 2, 1)) for j in range(4)]
+       for i in range(4)]
+  rows = [[_signed_sum(b, [d[i][j] for i in range(4)]) for j in range(4)] for b in _WINO_BT]
+  v = jnp.stack([_signed_sum(b, row) for row in rows for b in _WINO_BT]).reshape(16, -1, c)
+  g = jnp.asarray(_WINO_G, jnp.float32)
+  u = jnp.einsum("ia,abco,jb->ijco", g, kernel.astype(jnp.float32), g).astype(x.dtype).reshape(16, c, -1)
+  m = jnp.einsum("xpc,xco->xpo", v, u).reshape(4, 4, n, h // 2, w // 2, -1)
+  mrows = [[_signed_sum(a, [m[i, j] for i in range(4)]) for j in range(4)] for a in _WINO_AT]
+  y = jnp.stack([jnp.stack([_signed_sum(a, row) for a in _WINO_AT], axis=3) for row in mrows], axis=2)
+  return y.reshape(n, h, w, -1)
+
+
+# Nearest x2 upsampling, then a 3x3 SAME convolution: output row 2i+a reads only low-res rows (i-1, i) for a = 0
+# and (i, i+1) for a = 1, with the kernel rows that land on the same low-res row summed. [phase][tap][kernel row]
+_UP2X_ROWS = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
+
+
+def conv3x3_upsampled(x, kernel):
+  """`conv(upsample2x(x), kernel)` (3x3, SAME, stride 1) computed on x itself: each of the four output phases of
+  the upsampling is a 2x2 convolution of x, so a low-res pixel costs 16 multiplies per channel pair instead of
+  the 36 of its four upsampled copies, and the 4x larger upsampled map is never built. The four phases are
+  one (N*(H+1)*(W+1), 4C) @ (4C, 4D) matmul over x's 2x2 windows."""
+  n, h, w, c = x.shape
+  r = jnp.asarray(_UP2X_ROWS, jnp.float32)
+  k = jnp.einsum("api,bqj,ijco->pqcabo", r, r, kernel.astype(jnp.float32)).astype(x.dtype).reshape(4 * c, -1)
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  patches = jnp.concatenate([xp[:, p:p + h + 1, q:q + w + 1] for p in range(2) for q in range(2)], axis=-1)
+  z = (patches.reshape(-1, 4 * c) @ k).reshape(n, h + 1, w + 1, 2, 2, -1)
+  y = jnp.stack([jnp.stack([z[:, a:a + h, b:b + w, a, b] for b in range(2)], axis=3) for a in range(2)], axis=2)
+  return y.reshape(n, 2 * h, 2 * w, -1)
+
+
+def lax_conv(x, kernel, stride: int):
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def conv_weight_grad_by_taps(x, dy, kernel_shape, stride: int):
+  """dL/dkernel of a SAME convolution as one (C, N*H*W) @ (N*H*W, D) matmul per kernel tap.
+
+  XLA lowers the weight gradient as a convolution whose window is the whole feature map; on CPU that runs at
+  3-15 GFLOP/s on ResNet's 32x32 and 16x16 stages. Per-tap matmuls over a channels-first copy of the input
+  run several times faster and never materialise the 9x larger im2col matrix."""
+  kh, kw, c, d = kernel_shape
+  dy2 = dy.reshape(-1, d)
+  wins = [w.reshape(c, -1) for w in _tap_windows(jnp.transpose(x, (3, 0, 1, 2)), kh, kw, stride, axis=2)]
+  if c <= 4:   # the stem: one (taps x C) row per tap and channel in a single matmul, 3x faster than im2col's
+    return jnp.einsum("tck,kd->tcd", jnp.stack(wins), dy2).reshape(kh, kw, c, d)
+  return jnp.stack([w @ dy2 for w in wins]).reshape(kh, kw, c, d)
+
+
+def cpu_conv_paths(x_shape, kernel_shape, stride: int) -> tuple[str, str, str]:
+  """Which lowering (lax | matmul | winograd | taps) the forward, input-gradient and weight-gradient passes use
+  on CPU.
+
+  Chosen per shape from `launch/benchmark.py --what=conv`: XLA's convolution is fastest on large maps with few
+  channels (the U-Net decoder's 128x128 stage); Winograd wins 1.3-2x on 3x3 stride-1 maps of 16x16 and more
+  with >= 64 channels in and out; im2col matmuls win on tiny maps and strided convolutions;
+  per-tap matmuls win the weight gradient on maps up to 64x64, and for the single-channel stem at any size."""
+  kh, kw, cin, cout = kernel_shape
+  out_hw = _same_pads(x_shape[1], kh, stride)[1] * _same_pads(x_shape[2], kw, stride)[1]
+  small = out_hw <= 16 or (stride > 1 and kh > 1 and cin > 3)
+  fwd = dx = "matmul" if small else "lax"
+  if winograd_fits(x_shape, kernel_shape, stride) and out_hw >= 16 * 16 and min(cin, cout) >= 64:
+    fwd = dx = "winograd"
+  if small and kh > 1 and cin > 4:
+    dw = "matmul"
+  else:
+    dw = "taps" if out_hw <= 64 * 64 or cin <= 4 else "lax"
+  return fwd, dx, dw
+
+
+def winograd_fits(x_shape, kernel_shape, stride: int) -> bool:
+  return kernel_shape[:2] == (3, 3) and stride == 1 and x_shape[1] % 2 == 0 and x_shape[2] % 2 == 0
+
+
+def conv_by(path: str):
+  """The forward lowering `path` (lax | matmul | winograd) as f(x, kernel, stride)."""
+  if path == "winograd":
+    return lambda x, kernel, stride: conv3x3_winograd(x, kernel)
+  return conv_as_matmul if path == "matmul" else lax_conv
+
+
+def conv_input_grad(path: str, dy, x, kernel, stride: int):
+  if path == "winograd":   # a stride-1 SAME input gradient is the convolution with the flipped kernel
+    return conv3x3_winograd(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+  return jax.vjp(lambda x: conv_by(path)(x, kernel, stride), x)[1](dy)[0]
+
+
+def conv_weight_grad(path: str, dy, x, kernel, stride: int):
+  if path == "taps":
+    return conv_weight_grad_by_taps(x, dy, kernel.shape, stride).astype(kernel.dtype)
+  return jax.vjp(lambda k: conv_by(path)(x, k, stride), kernel)[1](dy)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def cpu_conv(x, kernel, stride: int):
+  """SAME NHWC/HWIO convolution whose three passes each take the fastest CPU lowering for their shape."""
+  return conv_by(cpu_conv_paths(x.shape, kernel.shape, stride)[0])(x, kernel, stride)
+
+
+def _cpu_conv_fwd(x, kernel, stride):
+  return cpu_conv(x, kernel, stride), (x, kernel)
+
+
+def _cpu_conv_bwd(stride, res, dy):
+  x, kernel = res
+  _, dx_path, dw_path = cpu_conv_paths(x.shape, kernel.shape, stride)
+  return conv_input_grad(dx_path, dy, x, kernel, stride), conv_weight_grad(dw_path, dy, x, kernel, stride)
+
+
+cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
+
+
+def upsample2x(x):
+  """Nearest-neighbour x2 upsampling as a broadcast: the same values as `jax.image.resize(..., "nearest")`,
+  whose gather-based gradient is slow on CPU."""
+  b, h, w, c = x.shape
+  return jnp.broadcast_to(x[:, :, None, :, None], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+
+
+def _pool_windows(x) -> list[jax.Array]:
+  """The nine stride-2 windows of a 3x3 max-pool with 1 pixel of -inf padding (ResNet's stem pool)."""
+  n, h, w, c = x.shape
+  ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  return [jax.lax.slice(xp, (0, i, j, 0), (n, i + 2 * ho - 1, j + 2 * wo - 1, c), (1, 2, 2, 1))
+          for i in range(3) for j in range(3)]
+
+
+@jax.custom_vjp
+def max_pool_3x3_s2(x):
+  """`nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))` as a max over nine strided windows, with a
+  gradient that goes to the first maximum of each window, as XLA's select-and-scatter does. On XLA:CPU the
+  reduce-window and its select-and-scatter gradient (expanded into iotas and a scatter) took 4x as long as
+  these elementwise passes, and about an eighth of the SimCLR step's CPU time (profile, 32 views)."""
+  wins = _pool_windows(x)
+  y = wins[0]
+  for win in wins[1:]:
+    y = jnp.maximum(y, win)
+  return y
+
+
+def _max_pool_fwd(x):
+  y = max_pool_3x3_s2(x)
+  return y, (x, y)
+
+
+def _max_pool_bwd(res, dy):
+  x, y = res
+  n, h, w, c = x.shape
+  taken, dxp = None, None
+  for t, win in enumerate(_pool_windows(x)):
+    i, j = divmod(t, 3)
+    hit = win == y if taken is None else (win == y) & ~taken
+    taken = hit if taken is None else taken | hit
+    # scatter this tap's share back to padded-input positions (i + 2a, j + 2b): a pad with interior zeros
+    part = jax.lax.pad(jnp.where(hit, dy, 0).astype(x.dtype), jnp.zeros((), x.dtype),
+                       ((0, 0, 0), (i, h + 2 - i - 2 * y.shape[1] + 1, 1), (j, w + 2 - j - 2 * y.shape[2] + 1, 1),
+                        (0, 0, 0)))
+    dxp = part if dxp is None else dxp + part
+  return (dxp[:, 1:h + 1, 1:w + 1],)
+
+
+max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
