@@ -208,16 +208,15 @@ def _max_pool_fwd(x):
 def _max_pool_bwd(res, dy):
   x, y = res
   n, h, w, c = x.shape
-  taken, dxp = None, None
+  ho, wo = y.shape[1:3]
+  taken, dxp = jnp.zeros(y.shape, bool), jnp.zeros((n, h + 2, w + 2, c), x.dtype)
   for t, win in enumerate(_pool_windows(x)):
     i, j = divmod(t, 3)
-    hit = win == y if taken is None else (win == y) & ~taken
-    taken = hit if taken is None else taken | hit
-    # scatter this tap's share back to padded-input positions (i + 2a, j + 2b): a pad with interior zeros
-    part = jax.lax.pad(jnp.where(hit, dy, 0).astype(x.dtype), jnp.zeros((), x.dtype),
-                       ((0, 0, 0), (i, h + 2 - i - 2 * y.shape[1] + 1, 1), (j, w + 2 - j - 2 * y.shape[2] + 1, 1),
-                        (0, 0, 0)))
-    dxp = part if dxp is None else dxp + part
+    hit = (win == y) & ~taken   # the first window element equal to the max takes the gradient
+    taken = taken | hit
+    # back to padded-input positions (i + 2a, j + 2b): a pad with one interior zero between elements
+    pads = ((0, 0, 0), (i, h + 3 - i - 2 * ho, 1), (j, w + 3 - j - 2 * wo, 1), (0, 0, 0))
+    dxp = dxp + jax.lax.pad(jnp.where(hit, dy, 0).astype(x.dtype), jnp.zeros((), x.dtype), pads)
   return (dxp[:, 1:h + 1, 1:w + 1],)
 
 
