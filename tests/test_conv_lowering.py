@@ -127,9 +127,12 @@ def test_upsampled_conv_matches_numpy_upsample_then_correlate():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
 @pytest.mark.parametrize("with_skip", [True, False])
-def test_upsampling_conv_module_matches_flax_conv_of_the_concatenation(with_skip):
-  """`Conv(upsample=True)(x, skip)` is `nn.Conv` of `concat([upsample2x(x), skip])`: same parameters, same output."""
+def test_upsampling_conv_module_matches_flax_conv_of_the_concatenation(with_skip, backend, monkeypatch):
+  """`Conv(upsample=True)(x, skip)` is `nn.Conv` of `concat([upsample2x(x), skip])`: same parameters, same output,
+  on CPU (the low-res computation) and on the accelerators' branch (upsample, concatenate, XLA's convolution)."""
+  monkeypatch.setattr(models.jax, "default_backend", lambda: backend)
   kx, ks = jax.random.split(jax.random.key(5))
   x, skip = jax.random.normal(kx, (2, 4, 3, 6)), jax.random.normal(ks, (2, 8, 6, 5)) if with_skip else None
   conv = models.Conv(7, (3, 3), use_bias=False, upsample=True)

@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+
 def _same_pads(n: int, k: int, s: int):
   out = -(-n // s)
   total = max((out - 1) * s + k - n, 0)

@@ -51,8 +51,8 @@ class Conv(nn.Module):
       if skip is not None:
         y = y + cpu_conv(skip, kernel[:, :, c:], 1)
     else:
-      if self.upsample:
-        x = upsample2x(x) if skip is None else jnp.concatenate([upsample2x(x), skip], axis=-1)
+      x = upsample2x(x) if self.upsample else x
+      x = x if skip is None else jnp.concatenate([x, skip], axis=-1)
       y = cpu_conv(x, kernel, self.strides) if on_cpu else lax_conv(x, kernel, self.strides)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
