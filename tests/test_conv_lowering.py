@@ -76,7 +76,7 @@ def test_cpu_conv_value_and_gradients_match_lax(x_shape, k_shape, stride):
 @pytest.mark.parametrize("hw,k,stride,c", [(6, 3, 1, 6), (7, 3, 2, 6), (5, 1, 2, 6), (9, 7, 2, 1), (6, 3, 1, 3)])
 def test_weight_grad_by_taps_matches_numpy_correlation(hw, k, stride, c):
   """dW[i, j, c, d] = sum over n, output pixels p of xpad[n, s*p + (i, j), c] * dy[n, p, d], in plain numpy.
-  Up to 4 input channels (the stem) all taps are one matmul; above, one matmul per tap."""
+  Up to 4 input channels (the stem) all taps are one matmul; above, one matmul per kernel row."""
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, hw, hw + 1, c)).astype(np.float32)
   (ph, ho), (pw, wo) = cpu_ops._same_pads(hw, k, stride), cpu_ops._same_pads(hw + 1, k, stride)
