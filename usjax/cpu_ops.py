@@ -1,6 +1,6 @@
 """CPU lowerings of the models' convolutions and max-pool: the same functions as XLA's, computed in ways that
-XLA:CPU runs faster (im2col and per-tap matmuls, Winograd, convolutions of upsampled maps on the low-res map,
-a max-pool with an elementwise gradient). `models` uses them on the CPU backend only; every one is tested
+XLA:CPU runs faster (im2col and shifted-window matmuls, Winograd, convolutions of upsampled maps on the low-res
+map, a max-pool with an elementwise gradient). `models` uses them on the CPU backend only; every one is tested
 against the plain XLA or Flax operation it replaces (`tests/test_conv_lowering.py`), and
 `launch/benchmark.py --what=conv` times the convolution lowerings per pass.
 """
@@ -119,7 +119,8 @@ def cpu_conv_paths(x_shape, kernel_shape, stride: int) -> tuple[str, str, str]:
   Chosen per shape from `launch/benchmark.py --what=conv`: XLA's convolution is fastest on large maps with few
   channels (the U-Net decoder's 128x128 stage); Winograd wins 1.3-2x on 3x3 stride-1 maps of 16x16 and more
   with >= 64 channels in and out; im2col matmuls win on tiny maps and strided convolutions;
-  per-tap matmuls win the weight gradient on maps up to 64x64, and for the single-channel stem at any size."""
+  shifted-window ("taps") matmuls win the weight gradient on maps up to 64x64, and for the single-channel stem
+  at any size."""
   kh, kw, cin, cout = kernel_shape
   out_hw = _same_pads(x_shape[1], kh, stride)[1] * _same_pads(x_shape[2], kw, stride)[1]
   small = out_hw <= 16 or (stride > 1 and kh > 1 and cin > 3)
