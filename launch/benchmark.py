@@ -7,7 +7,7 @@
     python launch/benchmark.py --what=all --res=128 --batch=16 --steps=10
     # GPU (README "Benchmarks"): SimCLR ResNet-50, 224 px, bf16, 256 images = 512 views per step
     python launch/benchmark.py --what=step,feed --cases=simclr --encoder=resnet50 --res=224 --dtype=bfloat16 \
-        --batch=256 --workers=4,12
+        --batch=256 --workers=4,12 --warmup=3
 
 Prints a table and one JSON line per case. Step cases run `usjax.train`'s own jitted step on random data of the
 real shapes; each is timed twice: `+aug` is the real step (on-device augmentation included) and `noaug` is the
@@ -38,8 +38,9 @@ flags.DEFINE_list("what", "all", "Benchmarks to run, of step, pipeline, feed, co
 flags.DEFINE_integer("res", 128, "Image side in pixels (step cases).")
 flags.DEFINE_integer("batch", 16, "Source images per step (SimCLR sees twice as many views).")
 flags.DEFINE_integer("steps", 10, "Timed steps (or pipeline batches) per case, after warm-up.")
-flags.DEFINE_integer("warmup", 6, "Untimed steps per case after compilation. On CPU the kept host heap still "
-                     "grows (page faults, see faults_per_step) for the first 5 or so steps of a process.")
+flags.DEFINE_integer("warmup", 6, "Untimed steps per case after compilation (pipeline: untimed batches, plus 2 "
+                     "per worker). On CPU the kept host heap still grows (page faults, see faults_per_step) for "
+                     "the first 5 or so steps of a process.")
 flags.DEFINE_string("encoder", "resnet18", "model.encoder")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "model.dtype")
 flags.DEFINE_list("cases", "unet,simclr", "Step cases: unet (fine-tuning), simclr (pre-training).")
