@@ -116,16 +116,19 @@ def cpu_conv_paths(x_shape, kernel_shape, stride: int) -> tuple[str, str, str]:
   """Which lowering (lax | matmul | winograd | taps) the forward, input-gradient and weight-gradient passes use
   on CPU.
 
-  Chosen per shape from `launch/benchmark.py --what=conv`: XLA's convolution is fastest on large maps with few
-  channels (the U-Net decoder's 128x128 stage); Winograd wins 1.3-2x on 3x3 stride-1 maps of 16x16 and more
-  with >= 64 channels in and out; im2col matmuls win on tiny maps and strided convolutions;
-  shifted-window ("taps") matmuls win the weight gradient on maps up to 64x64, and for the single-channel stem
-  at any size."""
+  Chosen per shape from `launch/benchmark.py --what=conv`, on both cores and on one (`taskset -c 0`, the work a
+  pass costs when the step runs another pass beside it): XLA's convolution is fastest on large maps with few
+  channels (the U-Net decoder's 128x128 stage); Winograd wins 1.2-2x on 3x3 stride-1 maps of 16x16 and more
+  with >= 64 channels in and out, and on 8x8 maps once its matmuls have >= 512 rows (SimCLR's 32 views: 1.3x;
+  on a par with the U-Net's 16 images);
+  im2col matmuls win on tiny maps and strided convolutions; shifted-window ("taps") matmuls win the weight
+  gradient on maps up to 64x64, and for the single-channel stem at any size."""
   kh, kw, cin, cout = kernel_shape
   out_hw = _same_pads(x_shape[1], kh, stride)[1] * _same_pads(x_shape[2], kw, stride)[1]
   small = out_hw <= 16 or (stride > 1 and kh > 1 and cin > 3)
   fwd = dx = "matmul" if small else "lax"
-  if winograd_fits(x_shape, kernel_shape, stride) and out_hw >= 16 * 16 and min(cin, cout) >= 64:
+  rows = x_shape[0] * out_hw // 4   # of each of Winograd's 16 matmuls
+  if winograd_fits(x_shape, kernel_shape, stride) and min(cin, cout) >= 64 and (out_hw >= 16 * 16 or rows >= 512):
     fwd = dx = "winograd"
   if small and kh > 1 and cin > 4:
     dw = "matmul"
