@@ -111,8 +111,8 @@ def compile_timed(step_fn, state, batch):
 
 
 # A step that page-faults more than this (40 MB) re-touched memory the kernel took back: on the 2-core development
-# VM about one step in fifteen re-faults the whole heap (~210 k faults, 1-3 s more), though the process unmaps
-# nothing (strace). `fault_storm_steps` counts them; `median_step_ms` is the step time they do not move.
+# VM a step now and then re-faults the whole heap (~210 k faults, 1-3 s more), though the process unmaps nothing
+# (strace). `fault_storm_steps` counts them; `median_step_ms` is the step time they do not move.
 STORM_FAULTS = 10_000
 
 
