@@ -56,6 +56,7 @@ PATH_CASES = [
     ((2, 12, 12, 8), (1, 1, 8, 16), 2),     # strided 1x1 projection: per-tap weight gradient
     ((2, 3, 3, 16), (3, 3, 16, 8), 1),      # tiny map: matmul everywhere
     ((1, 16, 18, 64), (3, 3, 64, 64), 1),   # 3x3 stride 1, >= 64 channels: Winograd forward and input gradient
+    ((32, 8, 8, 64), (3, 3, 64, 64), 1),    # an 8x8 map whose Winograd matmuls have 512 rows: Winograd too
 ]
 
 
