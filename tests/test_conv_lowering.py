@@ -64,6 +64,9 @@ def test_path_cases_cover_every_lowering():
   paths = {cpu_ops.cpu_conv_paths(x, k, s) for x, k, s in PATH_CASES}
   assert {p[0] for p in paths} == {p[1] for p in paths} == {"lax", "matmul", "winograd"}
   assert {p[2] for p in paths} == {"lax", "matmul", "taps"}
+  # Winograd needs 8x8 maps or more: on SimCLR's 4x4 stage it took 2.2x as long as im2col (`--what=conv`), and
+  # a large batch must not switch it on there
+  assert cpu_ops.cpu_conv_paths((256, 4, 4, 512), (3, 3, 512, 512), 1)[:2] == ("matmul", "matmul")
 
 
 @pytest.mark.parametrize("x_shape,k_shape,stride", PATH_CASES)

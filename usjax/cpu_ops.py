@@ -128,7 +128,8 @@ def cpu_conv_paths(x_shape, kernel_shape, stride: int) -> tuple[str, str, str]:
   small = out_hw <= 16 or (stride > 1 and kh > 1 and cin > 3)
   fwd = dx = "matmul" if small else "lax"
   rows = x_shape[0] * out_hw // 4   # of each of Winograd's 16 matmuls
-  if winograd_fits(x_shape, kernel_shape, stride) and min(cin, cout) >= 64 and (out_hw >= 16 * 16 or rows >= 512):
+  big_enough = out_hw >= 16 * 16 or (out_hw >= 8 * 8 and rows >= 512)   # 4x4 maps lose at any batch
+  if winograd_fits(x_shape, kernel_shape, stride) and min(cin, cout) >= 64 and big_enough:
     fwd = dx = "winograd"
   if small and kh > 1 and cin > 4:
     dw = "matmul"
