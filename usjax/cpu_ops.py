@@ -22,7 +22,8 @@ def _tap_windows(x, kh: int, kw: int, stride: int, axis: int = 1, barrier: bool 
   """The kh*kw strided input windows of a SAME convolution over spatial axes (axis, axis + 1), one per tap.
 
   With `barrier`, the padded input is materialised once: otherwise XLA fuses its producer (a transpose, a
-  BatchNorm) into the windows' consumer, and a transposing read there ran 5x slower than a plain copy."""
+  BatchNorm) into some of the window copies, which then re-read the input transposed (XLA:CPU transposes at
+  ~1.4 GB/s here, against ~25 GB/s for a plain elementwise pass)."""
   (ph, ho), (pw, wo) = _same_pads(x.shape[axis], kh, stride), _same_pads(x.shape[axis + 1], kw, stride)
   pads = [(0, 0)] * x.ndim
   pads[axis], pads[axis + 1] = ph, pw
