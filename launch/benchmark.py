@@ -229,11 +229,12 @@ def conv_cases():
       x, k = jax.random.normal(kx, xs), jax.random.normal(kk, ks)
       dy = jax.random.normal(kd, jax.eval_shape(lambda x, k: cpu_ops.lax_conv(x, k, stride), x, k).shape)
       res = {"count": count}
-      for path in ("lax", "matmul") + (("winograd",) if cpu_ops.winograd_fits(xs, ks, stride) else ()):
+      winograd = ("winograd",) if cpu_ops.winograd_fits(xs, ks, stride) else ()
+      for path in ("lax", "matmul") + winograd:
         res[f"fwd_{path}"] = ms(lambda x, k: cpu_ops.conv_by(path)(x, k, stride), x, k)
         if ks[2] > 1:   # the stem's input needs no gradient
           res[f"dx_{path}"] = ms(lambda x, k, dy: cpu_ops.conv_input_grad(path, dy, x, k, stride), x, k, dy)
-      for path in ("lax", "matmul", "taps"):
+      for path in ("lax", "matmul", "taps") + winograd:
         res[f"dw_{path}"] = ms(lambda x, k, dy: cpu_ops.conv_weight_grad(path, dy, x, k, stride), x, k, dy)
       chosen = cpu_ops.cpu_conv_paths(xs, ks, stride)
       res["chosen"] = sum(res.get(f"{p}_{c}", 0.0) for p, c in zip(("fwd", "dx", "dw"), chosen))

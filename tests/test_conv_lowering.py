@@ -55,7 +55,7 @@ PATH_CASES = [
     ((2, 9, 8, 8), (3, 3, 8, 16), 2),       # strided 3x3: matmul everywhere
     ((2, 12, 12, 8), (1, 1, 8, 16), 2),     # strided 1x1 projection: per-tap weight gradient
     ((2, 3, 3, 16), (3, 3, 16, 8), 1),      # tiny map: matmul everywhere
-    ((1, 16, 18, 64), (3, 3, 64, 64), 1),   # 3x3 stride 1, >= 64 channels: Winograd forward and input gradient
+    ((1, 16, 18, 64), (3, 3, 64, 64), 1),   # 3x3 stride 1, >= 64 channels: Winograd in all three passes
     ((32, 8, 8, 64), (3, 3, 64, 64), 1),    # an 8x8 map whose Winograd matmuls have 512 rows: Winograd too
 ]
 
@@ -63,10 +63,10 @@ PATH_CASES = [
 def test_path_cases_cover_every_lowering():
   paths = {cpu_ops.cpu_conv_paths(x, k, s) for x, k, s in PATH_CASES}
   assert {p[0] for p in paths} == {p[1] for p in paths} == {"lax", "matmul", "winograd"}
-  assert {p[2] for p in paths} == {"lax", "matmul", "taps"}
+  assert {p[2] for p in paths} == {"lax", "matmul", "taps", "winograd"}
   # Winograd needs 8x8 maps or more: on SimCLR's 4x4 stage it took 2.2x as long as im2col (`--what=conv`), and
   # a large batch must not switch it on there
-  assert cpu_ops.cpu_conv_paths((256, 4, 4, 512), (3, 3, 512, 512), 1)[:2] == ("matmul", "matmul")
+  assert cpu_ops.cpu_conv_paths((256, 4, 4, 512), (3, 3, 512, 512), 1) == ("matmul", "matmul", "matmul")
 
 
 @pytest.mark.parametrize("x_shape,k_shape,stride", PATH_CASES)
@@ -105,6 +105,19 @@ def test_winograd_matches_numpy_correlation():
   np.testing.assert_allclose(cpu_ops.conv3x3_winograd(jnp.asarray(x), jnp.asarray(k)), ref, rtol=1e-5, atol=1e-5)
   assert not cpu_ops.winograd_fits((2, 7, 10, 3), k.shape, 1)   # odd maps and strides keep another lowering
   assert not cpu_ops.winograd_fits(x.shape, k.shape, 2)
+
+
+def test_winograd_weight_grad_matches_numpy_correlation():
+  """dW[i, j, c, d] = sum over n, h, w of xpad[n, h + i, w + j, c] * dy[n, h, w, d], in plain numpy, on a
+  non-square map whose tile grid differs in height and width."""
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, 6, 10, 3)).astype(np.float32)
+  dy = rng.normal(size=(2, 6, 10, 5)).astype(np.float32)
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  ref = np.stack([np.stack([np.einsum("nhwc,nhwd->cd", xp[:, i:i + 6, j:j + 10], dy) for j in range(3)])
+                  for i in range(3)])
+  got = cpu_ops.conv3x3_winograd_weight_grad(jnp.asarray(x), jnp.asarray(dy))
+  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_decoder_upsampling_is_nearest_neighbour():
