@@ -361,7 +361,7 @@ def main(argv):
   convs = [(n, r) for n, r in rows if "chosen" in r]
   if convs:
     cols = ("fwd_lax", "fwd_matmul", "fwd_winograd", "dx_lax", "dx_matmul", "dx_winograd", "dw_lax", "dw_matmul",
-            "dw_taps", "chosen", "best")
+            "dw_taps", "dw_winograd", "chosen", "best")
     print(f"\n{'convolution (ms per call)':<52}" + "".join(f"{c:>11}" for c in cols))
     for name, r in convs:
       print(f"{name:<52}" + "".join(f"{r[c]:11.1f}" if c in r else " " * 11 for c in cols))

@@ -50,12 +50,21 @@ _WINO_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
 
 
 def _signed_sum(signs, terms):
-  """sum(s * t) for s in {-1, 0, 1}."""
+  """sum(s * t) over the nonzero coefficients s; those of +-1 are additions and subtractions."""
   out = None
   for s, t in zip(signs, terms):
     if s:
+      t = t if abs(s) == 1 else t * abs(s)
       out = (t if s > 0 else -t) if out is None else (out + t if s > 0 else out - t)
   return out
+
+
+def _winograd_kernel(kernel) -> list[jax.Array]:
+  """G g G^T: the 16 transformed kernel elements, each (C, D), as sums of the nine (C, D) taps. Written as an
+  einsum, XLA ran it as matmuls 3-4 wide with transposes, 7-15x slower (one core, 64-512 channels)."""
+  k = kernel.astype(jnp.float32)
+  rows = [[_signed_sum(gi, [k[a, b] for a in range(3)]) for b in range(3)] for gi in _WINO_G]
+  return [_signed_sum(gj, row).astype(kernel.dtype) for row in rows for gj in _WINO_G]
 
 
 def _winograd_input(x, axis: int) -> list[jax.Array]:
@@ -71,13 +80,9 @@ def _winograd_input(x, axis: int) -> list[jax.Array]:
   return [_signed_sum(b, row) for row in bd for b in _WINO_BT]
 
 
-def conv3x3_winograd(x, kernel):
-  """SAME stride-1 3x3 convolution by Winograd F(2x2, 3x3), for even H and W: 2.25x fewer multiplies, done as
-  16 channel matmuls. On the 2-core CPU it runs 1.2-1.8x faster than XLA's convolution where both channel
-  counts are >= 64 (`--what=conv`); with fewer channels the transforms cost what the matmuls save."""
+def _winograd_conv(x, u):
+  """Winograd F(2x2, 3x3) of x with the transformed kernel u (16 (C, D) elements, `_winograd_kernel`)."""
   n, h, w, c = x.shape
-  g = jnp.asarray(_WINO_G, jnp.float32)
-  u = jnp.einsum("ia,abco,jb->ijco", g, kernel.astype(jnp.float32), g).astype(x.dtype).reshape(16, c, -1)
   # 16 separate matmuls, not one batched one: stacking their inputs cost a copy of the 4x larger transformed
   # map, and without it the pass ran 10-25% faster at 1 and 2 cores
   v = [t.reshape(-1, c) for t in _winograd_input(x, 1)]
@@ -85,6 +90,22 @@ def conv3x3_winograd(x, kernel):
   mrows = [[_signed_sum(a, [m[4 * i + j] for i in range(4)]) for j in range(4)] for a in _WINO_AT]
   y = jnp.stack([jnp.stack([_signed_sum(a, row) for a in _WINO_AT], axis=3) for row in mrows], axis=2)
   return y.reshape(n, h, w, -1)
+
+
+def conv3x3_winograd(x, kernel):
+  """SAME stride-1 3x3 convolution by Winograd F(2x2, 3x3), for even H and W: 2.25x fewer multiplies, done as
+  16 channel matmuls. On the 2-core CPU it runs 1.2-1.8x faster than XLA's convolution where both channel
+  counts are >= 64 (`--what=conv`); with fewer channels the transforms cost what the matmuls save."""
+  return _winograd_conv(x, _winograd_kernel(kernel.astype(x.dtype)))
+
+
+def conv3x3_winograd_input_grad(dy, kernel):
+  """dL/dx of `conv3x3_winograd(x, kernel)`: the Winograd convolution of dy with the kernel flipped in space and
+  transposed in channels. G with its columns reversed is G with rows 0 and 3 swapped, so that kernel's
+  transformed elements are this kernel's, permuted, each transposed inside its matmul: the kernel is never
+  transposed in memory (at 512 channels that transpose took three times as long as the rest of the pass)."""
+  u, p = _winograd_kernel(kernel.astype(dy.dtype)), (3, 1, 2, 0)
+  return _winograd_conv(dy, [u[4 * p[i] + p[j]].T for i in range(4) for j in range(4)])
 
 
 def conv3x3_winograd_weight_grad(x, dy):
@@ -100,9 +121,10 @@ def conv3x3_winograd_weight_grad(x, dy):
   dy_ab = [[dy[:, a::2, b::2].reshape(-1, d) for b in range(2)] for a in range(2)]
   dy_aj = [[_signed_sum(a_cols[j], dy_ab[a]) for j in range(4)] for a in range(2)]
   dm = [_signed_sum(a_cols[i], [dy_aj[0][j], dy_aj[1][j]]) for i in range(4) for j in range(4)]
-  du = jnp.stack([v[t] @ dm[t] for t in range(16)]).reshape(4, 4, c, d)
-  g = jnp.asarray(_WINO_G, jnp.float32)
-  return jnp.einsum("ia,ijco,jb->abco", g, du.astype(jnp.float32), g)
+  du = [(v[t] @ dm[t]).astype(jnp.float32) for t in range(16)]
+  # G^T (du) G, as sums of the (C, D) elements like `_winograd_kernel`
+  rows = [[_signed_sum([gi[a] for gi in _WINO_G], du[j::4]) for j in range(4)] for a in range(3)]
+  return jnp.stack([jnp.stack([_signed_sum([gj[b] for gj in _WINO_G], row) for b in range(3)]) for row in rows])
 
 
 # Nearest x2 upsampling, then a 3x3 SAME convolution: output row 2i+a reads only low-res rows (i-1, i) for a = 0
@@ -152,22 +174,21 @@ def cpu_conv_paths(x_shape, kernel_shape, stride: int) -> tuple[str, str, str]:
 
   Chosen per shape from `launch/benchmark.py --what=conv`, on both cores and on one (`taskset -c 0`, the work a
   pass costs when the step runs another pass beside it): XLA's convolution is fastest on large maps with few
-  channels (the U-Net decoder's 128x128 stage); Winograd wins 1.2-2x on 3x3 stride-1 maps of 16x16 and more
-  with >= 64 channels in and out, and on 8x8 maps once its matmuls have >= 512 rows (SimCLR's 32 views: 1.3x;
-  on a par with the U-Net's 16 images), in all three passes; im2col matmuls win on tiny maps and strided
-  convolutions; shifted-window ("taps") matmuls win the other weight gradients on maps up to 64x64, and for the
-  single-channel stem at any size."""
+  channels (the U-Net decoder's 128x128 stage); Winograd wins all three passes of 3x3 stride-1 convolutions with
+  >= 64 channels in and out, 1.1-2.0x against the next best on ResNet-18's 32x32 to 4x4 stages, once its
+  matmuls have >= 64 rows (on 2x2 maps 32 images lose to im2col, 256 win 1.65x); im2col matmuls win on tiny
+  maps and strided convolutions; shifted-window ("taps") matmuls win the other weight gradients on maps up to
+  64x64, and for the single-channel stem at any size."""
   kh, kw, cin, cout = kernel_shape
   out_hw = _same_pads(x_shape[1], kh, stride)[1] * _same_pads(x_shape[2], kw, stride)[1]
   small = out_hw <= 16 or (stride > 1 and kh > 1 and cin > 3)
   fwd = dx = "matmul" if small else "lax"
-  rows = x_shape[0] * out_hw // 4   # of each of Winograd's 16 matmuls
-  big_enough = out_hw >= 16 * 16 or (out_hw >= 8 * 8 and rows >= 512)   # 4x4 maps lose at any batch
   if small and kh > 1 and cin > 4:
     dw = "matmul"
   else:
     dw = "taps" if out_hw <= 64 * 64 or cin <= 4 else "lax"
-  if winograd_fits(x_shape, kernel_shape, stride) and min(cin, cout) >= 64 and big_enough:
+  tiles = x_shape[0] * out_hw // 4   # rows of each of Winograd's 16 matmuls
+  if winograd_fits(x_shape, kernel_shape, stride) and min(cin, cout) >= 64 and tiles >= 64:
     fwd = dx = dw = "winograd"
   return fwd, dx, dw
 
@@ -184,8 +205,8 @@ def conv_by(path: str):
 
 
 def conv_input_grad(path: str, dy, x, kernel, stride: int):
-  if path == "winograd":   # a stride-1 SAME input gradient is the convolution with the flipped kernel
-    return conv3x3_winograd(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+  if path == "winograd":
+    return conv3x3_winograd_input_grad(dy, kernel)
   return jax.vjp(lambda x: conv_by(path)(x, kernel, stride), x)[1](dy)[0]
 
 
