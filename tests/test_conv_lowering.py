@@ -56,7 +56,7 @@ PATH_CASES = [
     ((2, 12, 12, 8), (1, 1, 8, 16), 2),     # strided 1x1 projection: per-tap weight gradient
     ((2, 3, 3, 16), (3, 3, 16, 8), 1),      # tiny map: matmul everywhere
     ((1, 16, 18, 64), (3, 3, 64, 64), 1),   # 3x3 stride 1, >= 64 channels: Winograd in all three passes
-    ((2, 4, 4, 64), (3, 3, 64, 64), 1),     # down to 4x4 maps: Winograd too
+    ((16, 4, 4, 64), (3, 3, 64, 64), 1),    # a 4x4 map whose Winograd matmuls have 64 rows: Winograd too
 ]
 
 
@@ -64,6 +64,7 @@ def test_path_cases_cover_every_lowering():
   paths = {cpu_ops.cpu_conv_paths(x, k, s) for x, k, s in PATH_CASES}
   assert {p[0] for p in paths} == {p[1] for p in paths} == {"lax", "matmul", "winograd"}
   assert {p[2] for p in paths} == {"lax", "matmul", "taps", "winograd"}
+  assert cpu_ops.cpu_conv_paths(*PATH_CASES[-1]) == ("winograd",) * 3   # the 4x4 map is checked below
   # Winograd once its 16 matmuls have >= 64 rows (tiles): on 2x2 maps (a tile per image) 32 images lost to
   # im2col, 256 won 1.65x (`--what=conv`-style timing of the three passes)
   assert cpu_ops.cpu_conv_paths((32, 2, 2, 512), (3, 3, 512, 512), 1) == ("matmul", "matmul", "matmul")
