@@ -21,10 +21,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = "~/tensorflow_datasets"   # where prepared (array_record) data sets live and are reused
-  c.data.sources = "synthetic_breast,synthetic_lung,synthetic_heart"   # pre-training mixture (usjax.data.sources)
-  c.data.weights = ""               # mixture weights, e.g. '2,1,1'; '' = equal
+  c.data.pretrain_sources = "synthetic_breast,synthetic_lung,synthetic_heart"   # pre-training mixture (usjax.data.sources)
+  c.data.pretrain_weights = ""               # mixture weights, e.g. '2,1,1'; '' = equal
   c.data.pretrain_split = "train"   # never pre-train on a fine-tuning test split
-  c.data.source = "synthetic_breast"  # fine-tuning / evaluation source (needs masks)
+  c.data.finetune_source = "synthetic_breast"  # fine-tuning / evaluation source (needs masks)
   c.data.label_fraction = 100       # % of the training labels used for fine-tuning: 100, 50, 25, 10 (nested)
   c.data.image_size = 64
   c.data.channels = 1

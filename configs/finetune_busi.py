@@ -4,7 +4,7 @@
         --config.init_from=runs/pretrain            # omit for the supervised baseline
 
 Defaults use the synthetic breast set (64 px); about 2 minutes on 2 CPU cores, test Dice about 0.7.
-Real BUSI: `--config.data.source=busi --config.data.busi_dir=/path/to/Dataset_BUSI_with_GT
+Real BUSI: `--config.data.finetune_source=busi --config.data.busi_dir=/path/to/Dataset_BUSI_with_GT
 --config.data.image_size=128`. Fewer labels: `--config.data.label_fraction=50` (nested subsets 50/25/10).
 """
 from configs import default
@@ -15,7 +15,7 @@ from usjax.augment import AugmentConfig
 def get_config():
   c = default.get_config()
   c.task = "finetune"
-  c.data.source = "synthetic_breast"
+  c.data.finetune_source = "synthetic_breast"
   c.num_steps = 150
   c.batch_size = 16
   c.optim.learning_rate = 1e-3

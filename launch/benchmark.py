@@ -53,7 +53,7 @@ flags.DEFINE_string("data_dir", os.path.join(tempfile.gettempdir(), "usjax_bench
 flags.DEFINE_list("sizes", "128,256", "Pipeline image sizes.")
 flags.DEFINE_list("workers", "0,2", "data.num_workers values (pipeline and feed).")
 flags.DEFINE_string("feed_sources", "synthetic_breast,synthetic_lung,synthetic_heart",
-                    "data.sources of the feed benchmark (busi, pocus, natural read --data_root).")
+                    "data.pretrain_sources of the feed benchmark (busi, pocus, natural read --data_root).")
 flags.DEFINE_integer("feed_steps", 100, "Timed batches and fed steps per feed case (many more than the "
                      "pipeline's buffers hold).")
 flags.DEFINE_integer("synthetic_size", 256, "data.synthetic_size of the feed benchmark (stored image side).")
@@ -277,7 +277,7 @@ def pipeline_cases():
   for size in map(int, FLAGS.sizes):
     for workers in map(int, FLAGS.workers):
       d = with_data(base_config(), size, workers).data
-      d.source, d.sources = "busi", "busi,pocus,natural"
+      d.finetune_source, d.pretrain_sources = "busi", "busi,pocus,natural"
       for name, make in (("busi", lambda: pipeline.finetune_dataset(d, FLAGS.batch, 0)[0]),
                          ("multiorgan", lambda: pipeline.pretrain_dataset(d, FLAGS.batch, 0))):
         it = iter(make())
@@ -302,7 +302,7 @@ def feed_cases():
   compiled, compile_s, flops = compile_timed(step_fn, state, zeros)
   for workers in map(int, FLAGS.workers):
     d = with_data(cfg, s, workers).data
-    d.sources = FLAGS.feed_sources
+    d.pretrain_sources = FLAGS.feed_sources
     it = iter(pipeline.pretrain_dataset(d, b, 0))
     n = FLAGS.feed_steps
     first_s, batches_s = time_batches(it, workers, n)   # the pipeline alone

@@ -15,6 +15,32 @@ config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py); ove
 flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, summary.json and TensorBoard events.")
 flags.mark_flags_as_required(["config"])
 
+# Keys renamed so that the fine-tuning set and the pre-training mixture cannot be mistaken for each other.
+RENAMED = {"data.source": "data.finetune_source", "data.sources": "data.pretrain_sources",
+           "data.weights": "data.pretrain_weights"}
+
+
+def parse_flags(argv):
+  """absl's parser, with a bad `--config.*` override reported in one line instead of a traceback."""
+  for arg in argv[1:]:
+    key = arg.split("=", 1)[0].removeprefix("--config.")
+    if arg.startswith("--config.") and key in RENAMED:
+      sys.exit(f"error: --config.{key} was renamed: use --config.{RENAMED[key]}")
+  try:
+    rest = flags.FLAGS(argv)
+    flags.FLAGS.config   # config_flags loads the file lazily: load it here, while errors can be reported
+    return rest
+  except OSError as e:
+    sys.exit(f"error: --config: {str(e).strip().splitlines()[-1].strip()}")
+  except (AttributeError, KeyError) as e:   # ml_collections: an override of a key the config does not have
+    name = str(e).strip("\"' ")
+    bad = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.") and
+           name in a.split("=", 1)[0].removeprefix("--config.").split(".")]
+    sys.exit(f"error: {bad[0] if bad else name}: no such config key (configs/default.py lists them all)")
+  except (flags.Error, ValueError, TypeError) as e:
+    last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    sys.exit(f"error: bad command-line flag: {last}")
+
 
 def main(argv):
   if len(argv) > 1:
@@ -32,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

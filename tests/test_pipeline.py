@@ -49,7 +49,7 @@ def test_channels_conversion_uses_luminance():
 
 
 def test_pretrain_batches_exact_and_mixture_follows_weights(synth):
-  cfg = data_cfg(synth, sources="synthetic_breast,synthetic_heart", weights="3,1")
+  cfg = data_cfg(synth, pretrain_sources="synthetic_breast,synthetic_heart", pretrain_weights="3,1")
   it = iter(pipeline.pretrain_dataset(cfg, global_batch=8, seed=0))
   batches = [next(it) for _ in range(12)]
   assert all(b["image"].shape == (8, 32, 32, 1) and b["image"].dtype == np.uint8 for b in batches)
@@ -60,7 +60,7 @@ def test_pretrain_batches_exact_and_mixture_follows_weights(synth):
 
 
 def test_iterator_state_restores_the_stream(synth):
-  cfg = data_cfg(synth, sources="synthetic_breast,synthetic_lung")
+  cfg = data_cfg(synth, pretrain_sources="synthetic_breast,synthetic_lung")
   it = iter(pipeline.pretrain_dataset(cfg, global_batch=4, seed=1))
   for _ in range(3):
     next(it)
@@ -73,7 +73,7 @@ def test_iterator_state_restores_the_stream(synth):
 
 
 def test_processes_read_disjoint_shards(synth, monkeypatch):
-  cfg = data_cfg(synth, sources="synthetic_breast")
+  cfg = data_cfg(synth, pretrain_sources="synthetic_breast")
   seen = []
   for pi in range(2):
     monkeypatch.setattr(jax, "process_index", lambda pi=pi: pi)
@@ -106,17 +106,17 @@ def test_eval_batches_cover_split_once_with_padding(synth):
 
 def test_bad_source_names_and_weights(synth):
   with pytest.raises(DataError, match="unknown source 'sythetic_lung'"):
-    pipeline.pretrain_dataset(data_cfg(synth, sources="sythetic_lung"), 4, 0)
+    pipeline.pretrain_dataset(data_cfg(synth, pretrain_sources="sythetic_lung"), 4, 0)
   with pytest.raises(DataError, match="weights"):
-    pipeline.pretrain_dataset(data_cfg(synth, sources="synthetic_lung", weights="1,2"), 4, 0)
+    pipeline.pretrain_dataset(data_cfg(synth, pretrain_sources="synthetic_lung", pretrain_weights="1,2"), 4, 0)
   with pytest.raises(DataError, match="busi_dir"):
-    pipeline.pretrain_dataset(data_cfg(synth, sources="busi"), 4, 0)
+    pipeline.pretrain_dataset(data_cfg(synth, pretrain_sources="busi"), 4, 0)
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "busi")), reason="../shared/data is absent")
 def test_real_multi_source_mixture_streams(tmp_path_factory):
   d = tmp_path_factory.mktemp("real")
-  cfg = data_cfg(d, sources="busi,pocus,natural", weights="1,1,1", image_size=64,
+  cfg = data_cfg(d, pretrain_sources="busi,pocus,natural", pretrain_weights="1,1,1", image_size=64,
                  busi_dir=os.path.join(SHARED_DATA, "busi"), pocus_dir=os.path.join(SHARED_DATA, "pocus"),
                  natural_dir=os.path.join(SHARED_DATA, "cifar10_test"))
   it = iter(pipeline.pretrain_dataset(cfg, global_batch=16, seed=0))

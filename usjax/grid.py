@@ -27,7 +27,7 @@ def plan(g) -> tuple[list[tuple[dict, str, ml_collections.ConfigDict]], list[tup
   for name, (method, transfer, size) in itertools.product(
       sources, itertools.product(g.methods, g.transfers, g.image_sizes)):
     cfg = ml_collections.ConfigDict(g.pretrain.to_dict())
-    cfg.data.sources, cfg.method, cfg.data.image_size = sources[name], method, size
+    cfg.data.pretrain_sources, cfg.method, cfg.data.image_size = sources[name], method, size
     cfg.model.with_decoder = transfer == "encoder+decoder"
     fields = dict(pretrain=name, method=method, transfer=transfer, image_size=size)
     run = "pre_" + _name(**fields)

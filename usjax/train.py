@@ -183,15 +183,15 @@ def pretrain(cfg, workdir: str) -> dict:
     state["extra"] = extra
   logging.info("pre-training %s (%s, %.2fM parameters) with %s on %s", cfg.model.encoder,
                "encoder+decoder" if cfg.model.with_decoder else "encoder",
-               models.count_params(state["params"]) / 1e6, cfg.method, cfg.data.sources)
+               models.count_params(state["params"]) / 1e6, cfg.method, cfg.data.pretrain_sources)
   data_iter = iter(pipeline.pretrain_dataset(cfg.data, cfg.batch_size, cfg.seed))
   loss_fn = functools.partial(pretrain_loss, method=method, aug_cfg=aug_cfg)
   step_fn = compile_step(loss_fn, tx, mesh, method.after_step)
-  meta = {"task": "pretrain", "method": cfg.method, "model": cfg.model.to_dict(), "sources": cfg.data.sources,
+  meta = {"task": "pretrain", "method": cfg.method, "model": cfg.model.to_dict(), "sources": cfg.data.pretrain_sources,
           "data": data_meta(cfg)}
   state, rep, summary = fit(cfg, workdir, "pretrain", state, step_fn, data_iter,
                             lambda b: global_batch(b["image"], mesh), mesh, meta)
-  summary.update(method=cfg.method, sources=cfg.data.sources, first_loss=rep.history[0]["loss"]
+  summary.update(method=cfg.method, sources=cfg.data.pretrain_sources, first_loss=rep.history[0]["loss"]
                  if rep.history else None)
   rep.close(workdir, summary)
   return summary
@@ -217,16 +217,16 @@ def finetune(cfg, workdir: str) -> dict:
     logging.info("training from scratch (no config.init_from): the supervised baseline")
   train_ds, n_train = pipeline.finetune_dataset(cfg.data, cfg.batch_size, cfg.seed)
   logging.info("fine-tuning U-Net/%s (%.2fM parameters) on %s, %d%% labels = %d training images",
-               cfg.model.encoder, models.count_params(state["params"]) / 1e6, cfg.data.source,
+               cfg.model.encoder, models.count_params(state["params"]) / 1e6, cfg.data.finetune_source,
                cfg.data.label_fraction, n_train)
   aug_cfg = augment.AugmentConfig.from_dict(cfg.augment)
   step_fn = compile_step(functools.partial(segmentation_loss, model=model, aug_cfg=aug_cfg), tx, mesh)
-  meta = {"task": "finetune", "model": cfg.model.to_dict(), "source": cfg.data.source, "data": data_meta(cfg),
+  meta = {"task": "finetune", "model": cfg.model.to_dict(), "source": cfg.data.finetune_source, "data": data_meta(cfg),
           "init_from": cfg.init_from, "transfer": cfg.transfer if cfg.init_from else "none"}
   state, rep, summary = fit(cfg, workdir, "finetune", state, step_fn, iter(train_ds),
                             lambda b: global_batch((b["image"], b["mask"]), mesh), mesh, meta)
   scores, examples = evaluate_split(model, state, cfg, cfg.eval_split, mesh)
-  summary.update(evaluate.summarize(scores), source=cfg.data.source, label_fraction=cfg.data.label_fraction,
+  summary.update(evaluate.summarize(scores), source=cfg.data.finetune_source, label_fraction=cfg.data.label_fraction,
                  train_images=n_train, eval_split=cfg.eval_split, init_from=cfg.init_from or None,
                  transfer=transfer or None)
   rep.scalars(cfg.num_steps, {"dice": summary["dice"], "iou": summary["iou"]}, cfg.eval_split)

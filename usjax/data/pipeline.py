@@ -120,16 +120,16 @@ def train_dataset(srcs, weights, data_cfg, global_batch: int, seed: int, with_ma
 
 
 def pretrain_dataset(data_cfg, global_batch: int, seed: int) -> grain.IterDataset:
-  names, weights = sources.parse_sources(data_cfg.sources, data_cfg.weights)
+  names, weights = sources.parse_sources(data_cfg.pretrain_sources, data_cfg.pretrain_weights)
   srcs = [sources.open_split(n, data_cfg.pretrain_split, data_cfg) for n in names]
   return train_dataset(srcs, weights, data_cfg, global_batch, seed, with_mask=False)
 
 
 def finetune_dataset(data_cfg, global_batch: int, seed: int) -> tuple[grain.IterDataset, int]:
   """Training batches of image+mask from the label-fraction subset; also returns the subset's size."""
-  src = label_fraction_subset(data_cfg.source, data_cfg)
+  src = label_fraction_subset(data_cfg.finetune_source, data_cfg)
   if len(src) == 0:
-    raise DataError(f"source {data_cfg.source!r}: the {data_cfg.label_fraction}% training subset is empty")
+    raise DataError(f"source {data_cfg.finetune_source!r}: the {data_cfg.label_fraction}% training subset is empty")
   return train_dataset([src], [1.0], data_cfg, global_batch, seed, with_mask=True), len(src)
 
 
@@ -139,7 +139,7 @@ def eval_batches(data_cfg, split: str, global_batch: int):
   Every process yields the same number of batches, as multi-host jit requires; `index` (the position in the
   split) survives the cross-host gather, so per-image results can be matched to ids and classes on any host.
   """
-  src = sources.open_split(data_cfg.source, split, data_cfg)
+  src = sources.open_split(data_cfg.finetune_source, split, data_cfg)
   prep = Preprocess(data_cfg.image_size, data_cfg.channels, data_cfg.aspect, with_mask=True)
   local = local_batch_size(global_batch)
   pi, pc = jax.process_index(), jax.process_count()
@@ -159,9 +159,9 @@ def eval_batches(data_cfg, split: str, global_batch: int):
 def split_labels(data_cfg, split: str) -> tuple[list[str], list[str]]:
   """(ids, class names) of every example of `split`, read without decoding pixels."""
   import tensorflow_datasets as tfds
-  builder = sources.builder_for(data_cfg.source, data_cfg)
+  builder = sources.builder_for(data_cfg.finetune_source, data_cfg)
   skip = {k: tfds.decode.SkipDecoding() for k in ("image", "mask")}
-  src = sources.open_split(data_cfg.source, split, data_cfg, decoders=skip)
+  src = sources.open_split(data_cfg.finetune_source, split, data_cfg, decoders=skip)
   names = builder.info.features["label"].names
   ids, labels = [], []
   for i in range(len(src)):

@@ -1,6 +1,6 @@
 """Names -> prepared TFDS data sources. The one place that maps a config's source names to builders.
 
-Source names used in configs (`config.data.sources` for pre-training, `config.data.source` for fine-tuning):
+Source names used in configs (`config.data.pretrain_sources` for pre-training, `config.data.finetune_source` for fine-tuning):
   synthetic_breast, synthetic_lung, synthetic_heart   embedded generator, needs nothing (the default)
   busi      BUSI, `config.data.busi_dir` (the downloaded `Dataset_BUSI_with_GT` or its parent)
   pocus     POCUS lung ultrasound, `config.data.pocus_dir`
@@ -68,13 +68,13 @@ def parse_sources(spec: str, weights: str) -> tuple[list[str], list[float]]:
   """'a,b,c' and '1,1,2' (or '' for equal weights) -> names and normalised weights."""
   names = [s.strip() for s in spec.split(",") if s.strip()]
   if not names:
-    raise DataError("config.data.sources is empty: name at least one source")
+    raise DataError("config.data.pretrain_sources is empty: name at least one source")
   if not weights:
     return names, [1.0 / len(names)] * len(names)
   try:
     w = [float(x) for x in weights.split(",")]
   except ValueError:
-    raise DataError(f"config.data.weights must be comma-separated numbers, got {weights!r}") from None
+    raise DataError(f"config.data.pretrain_weights must be comma-separated numbers, got {weights!r}") from None
   if len(w) != len(names) or min(w) < 0 or sum(w) <= 0:
-    raise DataError(f"config.data.weights {weights!r} must give one non-negative weight per source in {spec!r}")
+    raise DataError(f"config.data.pretrain_weights {weights!r} must give one non-negative weight per source in {spec!r}")
   return names, [x / sum(w) for x in w]
