@@ -28,7 +28,7 @@ def parse_flags(argv):
       sys.exit(f"error: --config.{key} was renamed: use --config.{RENAMED[key]}")
   try:
     rest = flags.FLAGS(argv)
-    flags.FLAGS.config   # config_flags loads the file lazily: load it here, while errors can be reported
+    flags.FLAGS.config.task   # config_flags reports a bad file lazily: touch it here, while errors are one line
     return rest
   except OSError as e:
     sys.exit(f"error: --config: {str(e).strip().splitlines()[-1].strip()}")
