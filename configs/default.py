@@ -4,7 +4,20 @@ Not a run of its own: see pretrain_multiorgan.py and finetune_busi.py.
 """
 import ml_collections
 
-from usjax.augment import AugmentConfig
+
+def pretrain_augment() -> dict:
+  """SimCLR's augmentation for grayscale ultrasound (usjax.augment.AugmentConfig: what each key does)."""
+  return dict(crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=True, vflip=False, brightness=0.4,
+              contrast=0.4, gamma=0.3, blur_prob=0.5, speckle=0.3, depth_gain_db=6.0, fan_prob=0.2,
+              shadow_prob=0.2, rotate=0.0)
+
+
+def finetune_augment() -> dict:
+  """Milder, for segmentation, where the label must stay plausible: one geometry (crop = scale + translation,
+  left-right flip, rotation) for image and mask, intensity changes on the image only; no fans or shadows."""
+  return dict(crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=True, vflip=False, brightness=0.2,
+              contrast=0.2, gamma=0.15, blur_prob=0.2, speckle=0.15, depth_gain_db=3.0, fan_prob=0.0,
+              shadow_prob=0.0, rotate=15.0)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -70,9 +83,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.byol.pred_dims = (512, 128)
   c.byol.momentum = 0.996           # tau_base of the cosine schedule to 1 at num_steps
 
-  c.augment = ml_collections.ConfigDict(AugmentConfig().__dict__)
+  c.augment = ml_collections.ConfigDict(pretrain_augment())
 
   c.init_from = ""                  # fine-tuning: a pre-training workdir ('' = from scratch)
   c.transfer = "encoder"            # 'encoder' | 'encoder+decoder'
-  c.eval_split = "test"
+
+  # Fine-tuning: model selection on the validation split. Every `val_every` steps the validation split is scored
+  # (with the raw weights and, when ema_decay > 0, their EMA); the best (step, weights) by validation Dice is kept
+  # in <workdir>/best and is the model scored on `eval_split` at the end. The test split is never read while
+  # training; only study configs set eval_split='test', and then the last step's test score is recorded beside.
+  c.val_every = 50                  # 0: validate only at the end
+  c.ema_decay = 0.0                 # EMA of the weights, a selection candidate beside the raw ones (0 = off)
+  c.tta = "auto"                    # test-time left-right flip averaging: 'auto' (kept if validation Dice says
+                                    # so), 'none' or 'hflip'
+  c.eval_split = "val"
   return c

@@ -9,8 +9,6 @@ Real BUSI: `--config.data.finetune_source=busi --config.data.busi_dir=/path/to/D
 """
 from configs import default
 
-from usjax.augment import AugmentConfig
-
 
 def get_config():
   c = default.get_config()
@@ -19,7 +17,7 @@ def get_config():
   c.num_steps = 150
   c.batch_size = 16
   c.optim.learning_rate = 1e-3
-  c.augment.update(AugmentConfig.segmentation().__dict__)
+  c.augment.update(default.finetune_augment())
   c.init_from = ""
   c.transfer = "encoder"
   return c

@@ -42,6 +42,6 @@ def get_config(data_root: str = "../shared/data"):
   g.finetune.batch_size = 16
   g.finetune.checkpoint_every = 250
   g.finetune.log_every = 25
-  from usjax.augment import AugmentConfig
-  g.finetune.augment.update(AugmentConfig.segmentation().__dict__)
+  g.finetune.augment.update(default.finetune_augment())
+  g.finetune.eval_split = "test"    # a study: scored once on test, at the end, by the validation-chosen model
   return g

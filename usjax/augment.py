@@ -124,6 +124,16 @@ def _geometry(u, height, width, cfg) -> Array:
   return crop_matrix(box, height, width) @ flip_matrix(fh, fv, height, width)
 
 
+def rotation_matrix(degrees, height: int, width: int) -> Array:
+  """Affine matrix of a rotation by `degrees` about the image centre (may be traced)."""
+  t = jnp.deg2rad(jnp.asarray(degrees, jnp.float32))
+  c, s = jnp.cos(t), jnp.sin(t)
+  cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
+  return jnp.array([[c, -s, cy - c * cy + s * cx],
+                    [s, c, cx - s * cy - c * cx],
+                    [0.0, 0.0, 1.0]], jnp.float32)
+
+
 def sample_geometry(key, height: int, width: int, cfg: AugmentConfig):
   """One random crop + flips as a single affine, shareable with a mask."""
   return _geometry(_draw(key, _GEOMETRY_DRAWS), height, width, cfg)
@@ -340,11 +350,13 @@ class AugmentConfig:
   depth_gain_db: float = 6.0  # depth-gain knots ~ U(-dB, dB)
   fan_prob: float = 0.2
   shadow_prob: float = 0.2
+  rotate: float = 0.0  # rotation angle ~ U(-rotate, rotate) degrees (segmentation)
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
       value = getattr(self, f.name)
-      top = 1 if f.name.endswith('prob') or f.name == 'crop_scale' else math.inf
+      top = (1 if f.name.endswith('prob') or f.name == 'crop_scale' else
+             180 if f.name == 'rotate' else math.inf)
       if isinstance(f.default, tuple) and not (
           len(value) == 2 and 0 < value[0] <= value[1] <= top):
         raise ValueError(f'{f.name} needs (low, high), 0 < low <= high <= '
@@ -357,7 +369,7 @@ class AugmentConfig:
     """Milder recipe for fine-tuning, where labels must stay plausible."""
     return cls(crop_scale=(0.5, 1.0), brightness=0.2, contrast=0.2, gamma=0.15,
                blur_prob=0.2, speckle=0.15, depth_gain_db=3.0, fan_prob=0.0,
-               shadow_prob=0.0)
+               shadow_prob=0.0, rotate=15.0)
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any] | Any,
@@ -420,14 +432,18 @@ def _sample_view(key, height, width, cfg):
   docstring for why.
   """
   n_noise = height * width if cfg.speckle > 0 else 0
-  u = jax.random.uniform(key, (_VIEW_DRAWS + n_noise,))
-  u_geo, u_photo, u_fan, u_noise = _split(
-      u, _GEOMETRY_DRAWS, sum(_PHOTO_COUNTS), _FAN_DRAWS, n_noise)
+  n_rot = 1 if cfg.rotate > 0 else 0  # drawn only when on: views without it are unchanged
+  u = jax.random.uniform(key, (_VIEW_DRAWS + n_noise + n_rot,))
+  u_geo, u_photo, u_fan, u_noise, u_rot = _split(
+      u, _GEOMETRY_DRAWS, sum(_PHOTO_COUNTS), _FAN_DRAWS, n_noise, n_rot)
   eps = jnp.finfo(jnp.float32).eps
   z = math.sqrt(2) * jax.scipy.special.erfinv(
       jnp.clip(2.0 * u_noise - 1.0, -1.0 + eps, 1.0 - eps))
   fan = _fan(u_fan, height, width, cfg.fan_prob) if cfg.fan_prob > 0 else 1.0
-  return (_geometry(u_geo, height, width, cfg), u_photo, fan,
+  matrix = _geometry(u_geo, height, width, cfg)
+  if n_rot:
+    matrix = matrix @ rotation_matrix(cfg.rotate * (2.0 * u_rot[0] - 1.0), height, width)
+  return (matrix, u_photo, fan,
           z.reshape(height, width, 1) if n_noise else None)
 
 

@@ -1,7 +1,9 @@
 """Evaluation stage: per-image Dice and IoU of binary masks, and the loop that scores a model on a split.
 
 Convention for empty masks (BUSI's normal images): an empty prediction on an empty ground truth is a perfect
-score (1.0), any predicted pixel on an empty ground truth scores 0.0; never NaN.
+score (1.0), any predicted pixel on an empty ground truth scores 0.0; never NaN. The literature reports Dice both
+ways, so both are kept: over all images (`dice`, normal images included) and over the images that show a lesion
+(`dice_lesion`, non-empty ground truth only).
 """
 from __future__ import annotations
 
@@ -30,6 +32,12 @@ def summarize(per_image: dict[str, np.ndarray]) -> dict[str, float]:
   """
   out = {"dice": float(np.mean(per_image["dice"])), "iou": float(np.mean(per_image["iou"])),
          "num_images": int(len(per_image["dice"]))}
+  if "empty_true" in per_image:
+    lesion = ~np.asarray(per_image["empty_true"], bool)
+    if lesion.any():
+      out["dice_lesion"] = float(np.mean(np.asarray(per_image["dice"])[lesion]))
+      out["iou_lesion"] = float(np.mean(np.asarray(per_image["iou"])[lesion]))
+      out["num_lesion_images"] = int(lesion.sum())
   if "hd95" in per_image:
     hd = np.asarray(per_image["hd95"], np.float64)
     if np.any(np.isfinite(hd)):   # undefined (NaN) where exactly one mask is empty
@@ -94,3 +102,84 @@ def hd95(pred: np.ndarray, true: np.ndarray) -> float:
   ep, et = edge(pred), edge(true)
   dist = np.concatenate([ndimage.distance_transform_edt(~et)[ep], ndimage.distance_transform_edt(~ep)[et]])
   return float(np.percentile(dist, 95))
+
+
+def make_scorer(model, out_sharding=None, tta: bool = False):
+  """Jitted `(variables, uint8 images, masks) -> (dice, iou, pred)` of a segmentation model in eval mode.
+
+  With `tta`, the foreground probability is the mean of the image's and its left-right mirror's (flipped back):
+  a lesion has no handedness, and ultrasound rows (depth) are never flipped.
+  """
+  def score(variables, images, masks):
+    x = images.astype(jnp.float32) / 255.0
+    prob = jax.nn.sigmoid(model.apply(variables, x, train=False))
+    if tta:
+      prob = 0.5 * (prob + jnp.flip(jax.nn.sigmoid(model.apply(variables, jnp.flip(x, 2), train=False)), 2))
+    pred = prob > 0.5
+    return (*dice_iou(pred, masks > 0), pred)
+  return jax.jit(score, out_shardings=out_sharding)
+
+
+def score_split(score_fn, variables, batches, to_global, ids, labels) -> tuple[dict[str, np.ndarray], dict]:
+  """Per-image scores of `variables` on a split's `batches`, with the split's ids and class names attached."""
+  scores, examples = evaluate(lambda x, m: score_fn(variables, x, m), batches, to_global)
+  scores["id"] = np.asarray(ids)[scores["index"]]
+  scores["label"] = np.asarray(labels)[scores["index"]]
+  return scores, examples
+
+
+def per_image_rows(scores: dict[str, np.ndarray]) -> list[dict]:
+  """JSON rows (id, class, Dice, IoU, HD95, whether the image shows a lesion) of `score_split`'s output."""
+  keys = [k for k in ("id", "label", "dice", "iou", "hd95") if k in scores]
+  rows = [{k: scores[k][i].item() for k in keys} for i in range(len(scores["dice"]))]
+  if "empty_true" in scores:
+    for r, empty in zip(rows, scores["empty_true"]):
+      r["lesion"] = not bool(empty)
+  for r in rows:   # JSON has no NaN: HD95 is undefined when exactly one of the masks is empty
+    if "hd95" in r and not np.isfinite(r["hd95"]):
+      r["hd95"] = None
+  return rows
+
+
+class Selector:
+  """Model selection on the validation split: every `every` steps it scores each candidate set of weights
+  (`candidates(state) -> {'raw': variables, 'ema': variables}`) and keeps a copy of the best by validation Dice
+  over all images. Only the validation split is read; `history` and `best` go to the summary and checkpoints.
+  """
+
+  def __init__(self, every: int, score_fn, batches, to_global, ids, labels, candidates):
+    self.every, self.score_fn, self.batches, self.to_global = every, score_fn, batches, to_global
+    self.ids, self.labels, self.candidates = ids, labels, candidates
+    self.history: list[dict] = []
+    self.best: dict | None = None            # {'step', 'weights', 'dice', 'dice_lesion'}
+    self.best_variables = None
+
+  def due(self, step: int, last_step: int) -> bool:
+    return step == last_step or (self.every > 0 and step % self.every == 0)
+
+  def score(self, variables, score_fn=None) -> dict:
+    scores, _ = score_split(score_fn or self.score_fn, variables, self.batches, self.to_global, self.ids,
+                            self.labels)
+    return summarize(scores)
+
+  def __call__(self, step: int, state) -> tuple[dict, bool]:
+    """Scores the candidates at `step`; returns (the history row, whether a new best was found)."""
+    row, improved = {"step": step}, False
+    for name, variables in self.candidates(state).items():
+      m = self.score(variables)
+      row.update({f"{name}_dice": m["dice"], f"{name}_dice_lesion": m.get("dice_lesion", m["dice"])})
+      if self.best is None or m["dice"] > self.best["dice"]:
+        self.best = {"step": step, "weights": name, "dice": m["dice"], "dice_lesion": m.get("dice_lesion")}
+        # The train step donates its state: the kept weights must be a copy, not a view of donated buffers.
+        self.best_variables = jax.tree.map(jnp.copy, variables)
+        improved = True
+    self.history.append(row)
+    return row, improved
+
+  def state_dict(self) -> dict:
+    return {"val_history": self.history, "best": self.best}
+
+  def load(self, meta: dict, best_variables) -> None:
+    self.history = list(meta.get("val_history") or [])
+    self.best = meta.get("best")
+    self.best_variables = best_variables

@@ -246,7 +246,6 @@ def evaluate_folder(workdir, folder: str, out_dir: str, *, save_predictions: boo
   HD95) and `summary.json` (means, per class, false-positive rate on normal images) to `out_dir`, and with
   `save_predictions` the masks and overlays (prediction red, ground truth green) under the class sub-folders.
   """
-  from usjax import train
   from usjax.data import busi
   root = busi.find_root(folder)
   items = busi.scan(root)
@@ -263,7 +262,7 @@ def evaluate_folder(workdir, folder: str, out_dir: str, *, save_predictions: boo
   scores = {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
   summary = {**evaluate.summarize(scores), "folder": os.path.abspath(folder), "checkpoint": p.checkpoint,
              "image_size": p.image_size, "aspect": p.aspect}
-  report.write_json(os.path.join(out_dir, "per_image.json"), train.per_image_rows(scores))
+  report.write_json(os.path.join(out_dir, "per_image.json"), evaluate.per_image_rows(scores))
   report.write_json(os.path.join(out_dir, "summary.json"), summary)
   return summary
 
