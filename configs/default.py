@@ -85,7 +85,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.augment = ml_collections.ConfigDict(pretrain_augment())
 
-  c.init_from = ""                  # fine-tuning: a pre-training workdir ('' = from scratch)
+  c.init_from = ""                  # fine-tuning: a pre-training workdir, or a torchvision/timm ResNet
+                                    # .safetensors file (ImageNet weights; README); '' = from scratch
   c.transfer = "encoder"            # 'encoder' | 'encoder+decoder'
 
   # Fine-tuning: model selection on the validation split. Every `val_every` steps the validation split is scored

@@ -271,3 +271,19 @@ def test_config_is_hashable_and_from_dict_validates():
     augment.AugmentConfig(fan_prob=1.5)
   with pytest.raises(ValueError, match='crop_scale'):
     augment.AugmentConfig(crop_scale=(0.5, 0.2))
+
+
+def test_rotation_by_90_degrees_is_a_quarter_turn():
+  img = _image((6, 6, 1), seed=3)
+  out = augment.warp(jnp.asarray(img), augment.rotation_matrix(90.0, 6, 6))
+  np.testing.assert_allclose(out, np.rot90(img, -1), atol=1e-5)   # clockwise: out[r, c] = in[n-1-c, r]
+  np.testing.assert_allclose(augment.warp(jnp.asarray(img), augment.rotation_matrix(0.0, 6, 6)), img, atol=1e-6)
+
+
+def test_rotated_mask_moves_with_image():
+  masks = _disks(4, 32, seed=2)
+  cfg = augment.AugmentConfig(crop_scale=(1.0, 1.0), hflip=False, rotate=40.0, **OFF)
+  images, out_masks = jax.jit(augment.augment_batch_pairs, static_argnames='cfg')(
+      jax.random.key(3), masks, masks, cfg=cfg)
+  np.testing.assert_array_equal(out_masks, (np.asarray(images) >= 0.5).astype(np.float32))
+  assert not np.array_equal(out_masks, masks)   # the rotation did something

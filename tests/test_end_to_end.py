@@ -51,7 +51,7 @@ def test_finetune_from_pretrained_restores_encoder_and_scores(pretrained):
   assert summary["transfer"]["loaded"] == ["encoder"]
   assert summary["transfer"]["init"] == ["decoder", "seg_head"]
   assert 0.0 <= summary["dice"] <= 1.0 and 0.0 <= summary["iou"] <= summary["dice"] + 1e-6
-  assert summary["num_images"] == 8   # 20% of 40 synthetic breast images
+  assert summary["eval_split"] == "val" and summary["num_images"] == 4   # 10% of 40 synthetic breast images
 
   # The encoder loaded into a fresh U-Net equals the one saved by pre-training.
   saved = ocp.CheckpointManager(str(root / "pre" / "checkpoints"),

@@ -19,7 +19,8 @@ import optax
 from absl import logging
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from usjax import UsjaxError, augment, checkpoint, evaluate, methods, models, objectives, report, runtime
+from usjax import (UsjaxError, augment, checkpoint, evaluate, methods, models, objectives, report, runtime,
+                   torch_weights)
 from usjax.data import pipeline
 
 
@@ -269,7 +270,17 @@ def finetune(cfg, workdir: str) -> dict:
     raise UsjaxError(f"config.tta must be 'auto', 'none' or 'hflip', got {cfg.tta!r}")
   transfer = {}
   override = None
-  if cfg.init_from:
+  if cfg.init_from.endswith(".safetensors"):   # ImageNet weights exported from torchvision or timm
+    if cfg.transfer != "encoder":
+      raise UsjaxError(f"config.transfer must be 'encoder' with a .safetensors config.init_from (the file has no "
+                       f"decoder), got {cfg.transfer!r}")
+
+    def override(params, batch_stats):
+      params, batch_stats, info = torch_weights.load_resnet(os.path.abspath(os.path.expanduser(cfg.init_from)),
+                                                            params, batch_stats, cfg.model.encoder)
+      transfer.update(info)
+      return params, batch_stats
+  elif cfg.init_from:
     parts = {"encoder": ("encoder",), "encoder+decoder": ("encoder", "decoder")}.get(cfg.transfer)
     if parts is None:
       raise UsjaxError(f"config.transfer must be 'encoder' or 'encoder+decoder', got {cfg.transfer!r}")
