@@ -46,7 +46,7 @@ def main(argv):
       print(f"{len(rows)} masks and overlays written to {f.output}")
   except UsjaxError as e:
     logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
+    runtime.print_error(e)   # on a line of its own, after any progress bar
     sys.exit(1)
 
 

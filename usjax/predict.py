@@ -8,9 +8,11 @@ forward pass compiles once whatever the number and sizes of the images.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -229,8 +231,43 @@ def _check_out_dir(out_dir: str, folder: str) -> str:
     raise DataError(f"{out_dir}: the output folder must differ from the input folder (masks would overwrite it)")
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise DataError(f"{out_dir}: exists and is not a folder")
-  os.makedirs(out_dir, exist_ok=True)
   return out_dir
+
+
+def _listing(root: str) -> set[str]:
+  return {os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files}
+
+
+@contextlib.contextmanager
+def _outputs(out_dir: str, folder: str):
+  """Creates `out_dir` for one prediction and, if the prediction fails, takes back what it added.
+
+  A folder this call created goes entirely (with any parents it created), so bad input never leaves an empty or
+  half-filled output folder; in a folder that was there before, the files and sub-folders added are removed and
+  what was there stays (files it overwrote keep their new contents).
+  """
+  _check_out_dir(out_dir, folder)
+  created, top = None, os.path.abspath(out_dir)
+  while not os.path.exists(top):
+    created, top = top, os.path.dirname(top)
+  before = _listing(out_dir) if created is None else set()
+  os.makedirs(out_dir, exist_ok=True)
+  try:
+    yield out_dir
+  except BaseException:
+    if created is not None:
+      shutil.rmtree(created, ignore_errors=True)
+    else:
+      for d, dirs, files in os.walk(out_dir, topdown=False):
+        for name in files + dirs:
+          path = os.path.join(d, name)
+          if path in before:
+            continue
+          try:
+            os.rmdir(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+          except OSError:   # a sub-folder that still holds older files
+            pass
+    raise
 
 
 def _chunks(seq, n: int):
@@ -248,22 +285,23 @@ def evaluate_folder(workdir, folder: str, out_dir: str, *, save_predictions: boo
   """
   from usjax.data import busi
   root = busi.find_root(folder)
-  items = busi.scan(root)
-  out_dir = _check_out_dir(out_dir, root)
+  items = busi.scan(root)   # header-checks every file: most bad input fails here, before any output
+  _check_out_dir(out_dir, root)
   p = _predictor(workdir)
   rows = []
-  for chunk in _chunks(items, p.batch_size):
-    images = [imageio.read_image(it.paths[0], 3) for it in chunk]
-    for it, image, pred in zip(chunk, images, p.predict(images)):
-      true = np.logical_or.reduce([imageio.read_mask(m) for m in it.paths[1:]])
-      rows.append({"id": it.id, "label": busi.CLASSES[it.label], **score(pred, true)})
-      if save_predictions:
-        _write_outputs(out_dir, os.path.splitext(it.id)[0], image, pred, true)
-  scores = {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
-  summary = {**evaluate.summarize(scores), "folder": os.path.abspath(folder), "checkpoint": p.checkpoint,
-             "image_size": p.image_size, "aspect": p.aspect}
-  report.write_json(os.path.join(out_dir, "per_image.json"), evaluate.per_image_rows(scores))
-  report.write_json(os.path.join(out_dir, "summary.json"), summary)
+  with _outputs(out_dir, root):   # a file that fails its full decode later takes the outputs back
+    for chunk in _chunks(items, p.batch_size):
+      images = [imageio.read_image(it.paths[0], 3) for it in chunk]
+      for it, image, pred in zip(chunk, images, p.predict(images)):
+        true = np.logical_or.reduce([imageio.read_mask(m) for m in it.paths[1:]])
+        rows.append({"id": it.id, "label": busi.CLASSES[it.label], **score(pred, true)})
+        if save_predictions:
+          _write_outputs(out_dir, os.path.splitext(it.id)[0], image, pred, true)
+    scores = {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
+    summary = {**evaluate.summarize(scores), "folder": os.path.abspath(folder), "checkpoint": p.checkpoint,
+               "image_size": p.image_size, "aspect": p.aspect}
+    report.write_json(os.path.join(out_dir, "per_image.json"), evaluate.per_image_rows(scores))
+    report.write_json(os.path.join(out_dir, "summary.json"), summary)
   return summary
 
 
@@ -288,13 +326,16 @@ def predict_folder(workdir, folder: str, out_dir: str) -> list[dict]:
            and not os.path.realpath(p).startswith(out_abs + os.sep)]
   if not paths:
     raise DataError(f"{folder}: no PNG/JPEG images to predict on")
-  out_dir = _check_out_dir(out_dir, folder)
+  for path in paths:   # a header read each: a bad file fails here, before any output is written
+    imageio.check_image(path)
+  _check_out_dir(out_dir, folder)
   p = _predictor(workdir)
   rows = []
-  for chunk in _chunks(list(zip(paths, _output_stems(paths, folder))), p.batch_size):
-    images = [imageio.read_image(path, 3) for path, _ in chunk]
-    for (path, stem), image, pred in zip(chunk, images, p.predict(images)):
-      rows.append({"image": os.path.relpath(path, folder), **_write_outputs(out_dir, stem, image, pred),
-                   "height": pred.shape[0], "width": pred.shape[1], "lesion_pixels": int(pred.sum())})
-  report.write_json(os.path.join(out_dir, "predictions.json"), rows)
+  with _outputs(out_dir, folder):   # a file that fails its full decode later takes the outputs back
+    for chunk in _chunks(list(zip(paths, _output_stems(paths, folder))), p.batch_size):
+      images = [imageio.read_image(path, 3) for path, _ in chunk]
+      for (path, stem), image, pred in zip(chunk, images, p.predict(images)):
+        rows.append({"image": os.path.relpath(path, folder), **_write_outputs(out_dir, stem, image, pred),
+                     "height": pred.shape[0], "width": pred.shape[1], "lesion_pixels": int(pred.sum())})
+    report.write_json(os.path.join(out_dir, "predictions.json"), rows)
   return rows

@@ -107,6 +107,13 @@ def _jsonable(x):
   return str(x)
 
 
+def _duration(seconds: float) -> str:
+  """H:MM:SS (or MM:SS under an hour)."""
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
 class Reporter:
   """Progress to the log and TensorBoard scalars, every `every` steps."""
 
@@ -135,7 +142,7 @@ class Reporter:
       eta = (self.total - step) * self.images_per_step / max(rate, 1e-9)
       shown = " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step")
       logging.info("step %d/%d (%3.0f%%) %s eta=%s", step, self.total, 100 * step / self.total, shown,
-                   time.strftime("%M:%S", time.gmtime(eta)))
+                   _duration(eta))
       for k, v in row.items():
         if k != "step":
           self.writer.add_scalar(f"train/{k}", v, step)

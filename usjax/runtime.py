@@ -1,12 +1,20 @@
-"""Process set-up at the edges: the host allocator and joining a multi-process run. Call before any JAX work."""
+"""Process set-up at the edges: the host allocator, joining a multi-process run (call both before any JAX
+work), one run per workdir (`lock_workdir`), and one-line error output."""
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import os
+import re
+import socket
 import sys
+import time
 
 import jax
+from absl import logging
+
+from usjax import UsjaxError
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
@@ -49,3 +57,176 @@ def maybe_initialize_distributed() -> None:
                                int(os.environ["JAX_PROCESS_ID"]))
   elif cluster or "TPU_WORKER_HOSTNAMES" in os.environ:
     jax.distributed.initialize()
+
+
+# ---------------------------------------------------------------------------------------------------- ownership
+def _start_ticks(pid: int) -> int | None:
+  """The start time of process `pid` in clock ticks since boot (Linux /proc); None where unknown.
+
+  Recorded beside the pid so that a pid reused by an unrelated process (containers restart their main process
+  under the same small pid) is not mistaken for the original owner.
+  """
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      stat = f.read()
+  except OSError:
+    return None
+  try:   # the command name (field 2) may hold spaces and parentheses: fields after its last ')' are fixed
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+  except (ValueError, IndexError):
+    return None
+
+
+def owner() -> dict:
+  """This process as an owner record for lock and staging files: pid, host and start time."""
+  pid = os.getpid()
+  return {"pid": pid, "host": socket.gethostname(), "start": _start_ticks(pid), "since": time.time()}
+
+
+def owner_alive(info: dict) -> bool | None:
+  """Whether the process of an owner record still runs: None when it ran on another host (cannot be known)."""
+  if info.get("host") != socket.gethostname():
+    return None
+  try:
+    pid = int(info["pid"])
+  except (KeyError, TypeError, ValueError):
+    return False
+  if pid <= 0:
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:   # alive, owned by another user
+    pass
+  start = info.get("start")
+  return start is None or _start_ticks(pid) in (None, start)
+
+
+def describe_owner(info: dict) -> str:
+  since = info.get("since")
+  when = time.strftime(", since %Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else ""
+  return f"pid {info.get('pid', '?')} on host {info.get('host', '?')}{when}"
+
+
+LOCK_NAME = ".lock"
+_held: set[str] = set()   # lock files this process holds: a record of our own pid in any other is stale
+
+
+class WorkdirLock:
+  """A held `<workdir>/.lock`. Call it (or `release()`, or leave its `with` block) to release; idempotent."""
+
+  def __init__(self, path: str | None, record: dict | None):
+    self.path, self.record = path, record
+
+  def release(self) -> None:
+    path, self.path = self.path, None
+    if path is None:
+      return
+    _held.discard(path)
+    try:   # remove only our own record: after a forced take-over the file may be someone else's
+      if _read_lock(path) == self.record:
+        os.remove(path)
+    except OSError:
+      pass
+
+  __call__ = release
+
+  def __enter__(self) -> WorkdirLock:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+def _read_lock(path: str) -> dict | None:
+  """The owner record of a lock file, None when it is empty or not JSON (being written, or damaged)."""
+  try:
+    with open(path) as f:
+      info = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return info if isinstance(info, dict) else None
+
+
+def lock_workdir(workdir: str, *, main: bool | None = None) -> WorkdirLock:
+  """Claims `workdir` for this run: one run per workdir, so two runs never rotate each other's checkpoints.
+
+  Creates `<workdir>/.lock` atomically (O_CREAT | O_EXCL) holding this process's pid, host and start time.
+  A lock of a live process, or of one on another host (whose liveness cannot be checked from here), fails in
+  one line naming the owner. A lock left by a process of this host that no longer runs is taken over with a
+  warning. Only process 0 of a multi-process run locks (`main`, default `jax.process_index() == 0`); the
+  others get a no-op lock. Returns the lock: call it, or use it as a context manager, to release it.
+  """
+  if main is None:
+    main = jax.process_index() == 0
+  if not main:
+    return WorkdirLock(None, None)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK_NAME)
+  record = owner()
+  for _ in range(3):   # a take-over can race another process's: re-examine what is there then
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      pass
+    else:
+      with os.fdopen(fd, "w") as f:
+        json.dump(record, f)
+        f.flush()
+        os.fsync(f.fileno())
+      _held.add(path)
+      return WorkdirLock(path, record)
+    info = _read_lock(path)
+    remove = f"if no run uses it, delete {path}"
+    if info is None:
+      try:
+        age = time.time() - os.path.getmtime(path)
+      except OSError:
+        continue   # released meanwhile: try again
+      if age < 10:   # another process created it a moment ago and is still writing its record
+        raise UsjaxError(f"--workdir {workdir}: another run is starting in it ({path} was just created)")
+      logging.warning("workdir lock %s is unreadable (a run killed while creating it): taking it over", path)
+    else:
+      alive = owner_alive(info)
+      if info.get("pid") == os.getpid() and info.get("host") == record["host"]:
+        if path in _held:
+          raise UsjaxError(f"--workdir {workdir}: this process already runs in it (lock {path})")
+        alive = False   # our own pid, but not our lock: an earlier process that had the same pid
+      if alive is None:
+        raise UsjaxError(f"--workdir {workdir}: locked by a run on another host ({describe_owner(info)}); "
+                         f"it cannot be checked from here: {remove}")
+      if alive:
+        raise UsjaxError(f"--workdir {workdir}: in use by another run ({describe_owner(info)}); wait for it to "
+                         f"end or use another --workdir ({remove})")
+      logging.warning("workdir lock %s of %s, which no longer runs: taking it over", path, describe_owner(info))
+    try:
+      if _read_lock(path) == info:   # not replaced since we judged it stale
+        os.remove(path)
+    except FileNotFoundError:
+      pass
+  raise UsjaxError(f"--workdir {workdir}: could not take the lock {path} (other runs keep claiming it)")
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+_CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def error_line(e: BaseException | str) -> str:
+  """'error: <message>' on one line: terminal control sequences dropped, line breaks and runs of spaces folded."""
+  text = _CONTROL.sub(" ", str(e))
+  return "error: " + (" ".join(text.split()) or type(e).__name__)
+
+
+def print_error(e: BaseException | str, file=None) -> None:
+  """Prints `error_line(e)` on a line of its own, after whatever a progress bar left on the current line.
+
+  A progress bar (tqdm) redraws its line with '\\r' and moves the cursor with escape codes and does not end the
+  line until it closes, so an error printed straight after it is glued to the bar. Starting with a newline always
+  gives the error its own line, in a terminal and in a redirected log alike.
+  """
+  file = sys.stderr if file is None else file
+  sys.stdout.flush()
+  file.write("\n" + error_line(e) + "\n")
+  file.flush()

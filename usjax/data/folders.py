@@ -3,9 +3,10 @@
 Every builder here is prepared once into array_record under `data_dir` and read
 back with `builder.as_data_source()` (no TensorFlow needed). Preparation runs in a
 hidden staging folder inside `data_dir` and is moved into place only on success,
-so a bad input never leaves a half-prepared data set behind. The split each
-example falls in is fixed at preparation time (it is the split it was written
-to), so every later run sees the same test images.
+so a bad input never leaves a half-prepared data set behind; the staging folder of
+a preparation killed outright (it records its owner process) is removed by the
+next preparation. The split each example falls in is fixed at preparation time
+(it is the split it was written to), so every later run sees the same test images.
 
 A data set's options (folder, seed, split fractions, ...) are folded into its
 BuilderConfig name, so a different option set is a different prepared data set
@@ -15,14 +16,17 @@ rather than a silent reuse of the old one.
 import collections
 import dataclasses
 import hashlib
+import json
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from usjax.data import DataError
 from usjax.data import imageio
@@ -227,6 +231,58 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       yield item.id, example
 
 
+STAGING_PREFIX = '.staging-'
+_OWNER = 'owner.json'
+# A leftover without an owner record (TFDS's `incomplete.*` folders, staging folders of an earlier version of
+# this code, or one caught between its creation and its record's write) is removed only once it has not
+# changed for this long.
+_UNOWNED_GRACE_S = 3600
+
+
+def _write_owner(staging: str, owner: dict) -> None:
+  with open(os.path.join(staging, _OWNER), 'w') as f:
+    json.dump(owner, f)
+
+
+def _is_stale(path: str) -> bool:
+  from usjax import runtime  # imports JAX: only when preparing
+  try:
+    with open(os.path.join(path, _OWNER)) as f:
+      info = json.load(f)
+  except (OSError, ValueError):
+    info = None
+  if isinstance(info, dict):
+    return runtime.owner_alive(info) is False
+  try:
+    return time.time() - os.path.getmtime(path) > _UNOWNED_GRACE_S
+  except OSError:
+    return False
+
+
+def remove_stale_staging(data_dir: str, incomplete_in: str | None = None) -> list[str]:
+  """Removes what preparations killed before they could clean up (SIGKILL, power loss) left, and says so.
+
+  A staging folder of `data_dir` is stale when its owner record names a process of this host that no longer runs
+  (or whose pid now belongs to a later process); folders of live preparations and of other hosts sharing
+  `data_dir` stay. TFDS's own `incomplete.*` folders in `incomplete_in` (the config folder of the builder
+  about to be prepared; left by versions of this code that prepared in place) and staging folders without a
+  record go once they have not changed for an hour. Returns the removed paths.
+  """
+  candidates = []
+  for folder, prefix in ((data_dir, STAGING_PREFIX), (incomplete_in, 'incomplete.')):
+    try:
+      candidates += [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.startswith(prefix)]
+    except (OSError, TypeError):   # no such folder (yet)
+      pass
+  removed = []
+  for path in candidates:
+    if os.path.isdir(path) and not os.path.islink(path) and _is_stale(path):
+      shutil.rmtree(path, ignore_errors=True)
+      removed.append(path)
+      logging.warning('removed %s, left by a data preparation that was killed before it finished', path)
+  return removed
+
+
 def build(make: Callable[[str], tfds.core.DatasetBuilder], data_dir: str,
           download_dir: str | None = None) -> tfds.core.DatasetBuilder:
   """Prepares `make(data_dir)` once; reuses it if present, leaves nothing on failure.
@@ -240,8 +296,12 @@ def build(make: Callable[[str], tfds.core.DatasetBuilder], data_dir: str,
     return builder
   created = not os.path.exists(data_dir)
   os.makedirs(data_dir, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix='.staging-', dir=data_dir)
+  remove_stale_staging(data_dir, os.path.dirname(os.fspath(builder.data_path)))
+  from usjax import runtime  # imports JAX: before the staging folder, so that it is unowned for no time at all
+  owner = runtime.owner()
+  staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=data_dir)
   try:
+    _write_owner(staging, owner)
     staged = make(staging)
     staged.download_and_prepare(
         file_format='array_record', download_dir=download_dir or os.path.join(staging, 'downloads'))

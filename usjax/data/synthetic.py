@@ -17,6 +17,7 @@ from scipy import ndimage
 import tensorflow_datasets as tfds
 
 from usjax.data import DataError
+from usjax.data import folders
 
 ORGAN_ID = {'breast': 0, 'lung': 1, 'heart': 2}
 BREAST_LABELS = ('benign', 'malignant', 'normal')
@@ -413,14 +414,14 @@ def prepare(organ: str, data_dir: str, image_size: int = 64, num_images: int = 6
             seed: int = 0) -> tfds.core.DatasetBuilder:
   """Builds the data set once (array_record) and returns its builder.
 
-  TFDS writes into an `incomplete.*` sibling folder and renames it only on
-  success, so an interrupted build is never mistaken for a prepared one.
+  Built in a staging folder and moved into place only on success
+  (`folders.build`), so an interrupted build is never mistaken for a prepared
+  one, and the leftovers of a killed one are removed by the next build.
   """
   _check_organ(organ)
   image_size = _int_at_least('image_size', image_size, 32)
   num_images = _int_at_least('num_images', num_images, 10)
   seed = _int_at_least('seed', seed, 0)
   config = SyntheticConfig.make(organ, image_size, num_images, seed)
-  builder = SyntheticUltrasound(config=config, data_dir=data_dir, file_format='array_record')
-  builder.download_and_prepare()
-  return builder
+  return folders.build(
+      lambda d: SyntheticUltrasound(config=config, data_dir=d, file_format='array_record'), data_dir)
