@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-METRICS = ("dice", "iou", "hd95", "hd95_undefined", "dice_benign", "dice_malignant", "dice_normal", "iou_benign",
+METRICS = ("dice", "dice_lesion", "iou", "iou_lesion", "hd95", "hd95_undefined", "dice_benign", "dice_malignant", "dice_normal", "iou_benign",
            "iou_malignant", "iou_normal", "false_positive_rate", "num_images", "train_images", "steps",
            "images_per_sec")
 PRETRAIN_ONLY = ("method", "transfer", "init_from")  # describe a pre-training: a scratch arm matches any value
@@ -170,12 +170,16 @@ def _groups(rows: list[dict], by: tuple[str, ...]) -> list[tuple[dict, list[dict
   return [(dict(zip(by, k)), out[k]) for k in sorted(out, key=_sort_key)]
 
 
-def _scores(runs: list[dict], per_image: Mapping | None, key: str = "dice") -> list[np.ndarray] | None:
-  """Per-image scores of each run (one array per seed), or None when any run lacks them."""
+def _scores(runs: list[dict], per_image: Mapping | None, key: str = "dice",
+            lesion_only: bool = False) -> list[np.ndarray] | None:
+  """Per-image scores of each run (one array per seed), or None when any run lacks them. `lesion_only` keeps the
+  images whose ground truth shows a lesion (runs that did not record it give None)."""
   if not per_image or any(not per_image.get(r.get("workdir")) for r in runs):
     return None
-  return [np.array([np.nan if p.get(key) is None else p[key] for p in per_image[r["workdir"]]], float)
-          for r in runs]
+  if lesion_only and any("lesion" not in p for r in runs for p in per_image[r["workdir"]]):
+    return None
+  return [np.array([np.nan if p.get(key) is None else p[key] for p in per_image[r["workdir"]]
+                    if p.get("lesion", True) or not lesion_only], float) for r in runs]
 
 
 def _nanmean(values) -> float:
@@ -194,6 +198,9 @@ def group_stats(rows: list[dict], per_image: Mapping | None = None, by: tuple[st
     mean, lo, hi = bootstrap_ci(values, n_boot, seed)
     stat = {**desc, "n_runs": len(runs), "dice": mean, "dice_lo": lo, "dice_hi": hi,
             "ci_over": "images+seeds" if scores else "runs"}
+    lesion = _scores(runs, per_image, lesion_only=True) or [np.array([r.get("dice_lesion", np.nan) for r in runs],
+                                                                     float)]
+    stat["dice_lesion"], stat["dice_lesion_lo"], stat["dice_lesion_hi"] = bootstrap_ci(lesion, n_boot, seed)
     stat.update({k: _nanmean(r.get(k) for r in runs) for k in
                  ("iou", "hd95", "dice_benign", "dice_malignant", "false_positive_rate")})
     out.append(stat)
@@ -214,9 +221,10 @@ def group_table(rows: list[dict], per_image: Mapping | None = None, by: tuple[st
   """Markdown table of the group means; HD95 in pixels, FPR = share of normal images with any predicted pixel."""
   by = tuple(by) if by is not None else default_by(rows)
   stats = group_stats(rows, per_image, by, n_boot, seed)
-  header = [*by, "n runs", "Dice mean [95% CI]", "IoU", "HD95 (px)", "Dice benign", "Dice malignant",
-            "FPR on normal"]
+  header = [*by, "n runs", "Dice mean [95% CI]", "Dice lesion images [95% CI]", "IoU", "HD95 (px)", "Dice benign",
+            "Dice malignant", "FPR on normal"]
   lines = [[*(s[k] for k in by), s["n_runs"], f"{_fmt(s['dice'])} [{_fmt(s['dice_lo'])}, {_fmt(s['dice_hi'])}]",
+            f"{_fmt(s['dice_lesion'])} [{_fmt(s['dice_lesion_lo'])}, {_fmt(s['dice_lesion_hi'])}]",
             _fmt(s["iou"]), _fmt(s["hd95"], 1), _fmt(s["dice_benign"]), _fmt(s["dice_malignant"]),
             _fmt(s["false_positive_rate"])] for s in stats]
   return _md(header, lines)

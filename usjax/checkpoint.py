@@ -48,28 +48,50 @@ def _first_line(e: BaseException, limit: int = 200) -> str:
   return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+def _abandoned_read(u) -> bool:
+  """Whether an unraisable error is the aftermath of a failed orbax read (see `_quiet_failed_reads`)."""
+  code = getattr(u.object, "cr_code", None)
+  if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+    return True
+  if isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value):
+    tb = u.exc_traceback
+    while tb is not None:
+      if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+        return True
+      tb = tb.tb_next
+  return False
+
+
+_quiet_hook_installed = False
+
+
 @contextlib.contextmanager
 def _quiet_failed_reads():
-  """Drops the 'Exception ignored in <coroutine ...>' reports a failed orbax read leaves behind.
+  """Drops the 'Exception ignored in ...' reports a failed orbax read leaves behind.
 
-  When one array of a checkpoint cannot be read, orbax abandons the reads of the others; their coroutines and
-  callbacks are finalised later and Python prints each one's error (a 60-line TensorStore spec apiece) to
-  stderr. The one-line warning of the caller says all there is to say. Other unraisable errors pass through.
+  When one array of a checkpoint cannot be read, orbax abandons the reads of the others: their coroutines are
+  finalised later, and reads still in flight call back into the event loop orbax has closed meanwhile, and
+  Python prints each error (a 60-line TensorStore spec apiece) to stderr. The one-line warning of the caller
+  says all there is to say. After a failure the filter stays installed, since the call-backs may come at any
+  time; every other unraisable error still reaches the previous hook.
   """
+  global _quiet_hook_installed
   previous = sys.unraisablehook
 
   def hook(u):
-    code = getattr(u.object, "cr_code", None)
-    from_orbax = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
-    closed_loop = isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)
-    if not (from_orbax or closed_loop):
+    if not _abandoned_read(u):
       previous(u)
-  sys.unraisablehook = hook
+  if not _quiet_hook_installed:
+    sys.unraisablehook = hook
   try:
     yield
+  except BaseException:
+    gc.collect()   # finalise the abandoned coroutines now, under the filter
+    _quiet_hook_installed = True
+    raise
   finally:
-    gc.collect()   # finalise the abandoned reads while the hook is in place
-    sys.unraisablehook = previous
+    if not _quiet_hook_installed:
+      sys.unraisablehook = previous
 
 
 # ---------------------------------------------------------------------------------------------------- rotation
