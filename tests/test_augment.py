@@ -1,4 +1,4 @@
-"""Tests for usjax.augment: numpy/scipy references and invariants."""
+"""Tests for usjax.augment and usjax.augment_intensity: numpy/scipy references and invariants."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as sp_ndimage
 
-from usjax import augment
+from usjax import augment, augment_intensity
 
 OFF = dict(brightness=0.0, contrast=0.0, gamma=0.0, blur_prob=0.0, speckle=0.0,
            depth_gain_db=0.0, fan_prob=0.0, shadow_prob=0.0)
@@ -113,22 +113,22 @@ def test_sampled_crop_boxes_respect_scale_and_bounds():
 
 def test_photometric_cores_match_numpy():
   x = _image((16, 16, 3), seed=2)
-  np.testing.assert_allclose(augment.adjust_brightness(x, 1.3),
+  np.testing.assert_allclose(augment_intensity.adjust_brightness(x, 1.3),
                              np.clip(x * 1.3, 0, 1), atol=1e-6)
   mean = x.mean(axis=(0, 1), keepdims=True)
-  np.testing.assert_allclose(augment.adjust_contrast(x, 0.7),
+  np.testing.assert_allclose(augment_intensity.adjust_contrast(x, 0.7),
                              np.clip((x - mean) * 0.7 + mean, 0, 1), atol=1e-6)
-  np.testing.assert_allclose(augment.adjust_gamma(x, 1.7), x ** 1.7,
+  np.testing.assert_allclose(augment_intensity.adjust_gamma(x, 1.7), x ** 1.7,
                              rtol=1e-5, atol=1e-6)
 
 
 def test_random_photometric_factors_stay_in_range():
   x = 0.5 * _image((16, 16, 1), seed=3) + 0.1
   key = jax.random.key(4)
-  ratio = np.asarray(augment.brightness(key, x, 0.4)) / x
+  ratio = np.asarray(augment_intensity.brightness(key, x, 0.4)) / x
   assert 0.6 - 1e-5 <= ratio.min() and ratio.max() <= 1.4 + 1e-5
   np.testing.assert_allclose(ratio, ratio.flat[0], rtol=1e-5)
-  g = np.log(np.asarray(augment.gamma(key, x, 0.5, 2.0))) / np.log(x)
+  g = np.log(np.asarray(augment_intensity.gamma(key, x, 0.5, 2.0))) / np.log(x)
   assert 0.5 - 1e-4 <= g.min() and g.max() <= 2.0 + 1e-4
   np.testing.assert_allclose(g, g.flat[0], rtol=1e-4)
 
@@ -137,8 +137,8 @@ def test_gaussian_blur_matches_scipy():
   x = _image((20, 16, 2), seed=5)
   sigma, radius = 1.3, 4
   out, off, on = _jit(lambda k: (
-      augment.apply_gaussian_blur(x, sigma, radius),
-      augment.gaussian_blur(k, x, p=0.0), augment.gaussian_blur(k, x, p=1.0)),
+      augment_intensity.apply_gaussian_blur(x, sigma, radius),
+      augment_intensity.gaussian_blur(k, x, p=0.0), augment_intensity.gaussian_blur(k, x, p=1.0)),
                       jax.random.key(0))
   ref = sp_ndimage.gaussian_filter(x, sigma=(sigma, sigma, 0), mode='reflect',
                                    truncate=radius / sigma)
@@ -155,7 +155,7 @@ def test_speckle_preserves_mean_and_variance_grows_with_strength():
   keys = _keys(16)
   strengths = (0.1, 0.3, 0.6)
   outs = _jit(jax.vmap(lambda k: jnp.stack(
-      [augment.speckle(k, x, s) for s in strengths])), keys)
+      [augment_intensity.speckle(k, x, s) for s in strengths])), keys)
   stds = []
   for out in np.moveaxis(np.asarray(outs), 1, 0):
     np.testing.assert_allclose(out.mean(), 0.4, rtol=0.03)
@@ -163,12 +163,12 @@ def test_speckle_preserves_mean_and_variance_grows_with_strength():
   assert (stds[0] < stds[1]).all() and (stds[1] < stds[2]).all()
   # The per-example level is U(0, strength), so std ~ strength * 0.4 * level.
   assert stds[2].max() < 0.6 * 0.4 * 1.2
-  np.testing.assert_array_equal(augment.speckle(keys[0], x, 0.0), x)
+  np.testing.assert_array_equal(augment_intensity.speckle(keys[0], x, 0.0), x)
 
 
 def test_depth_gain_depends_on_depth_only():
   x = 0.4 * _image((24, 16, 3), seed=6) + 0.05
-  outs = _jit(jax.vmap(lambda k: augment.depth_gain(k, x, max_db=6.0)),
+  outs = _jit(jax.vmap(lambda k: augment_intensity.depth_gain(k, x, max_db=6.0)),
               _keys(4, seed=1))
   for out in np.asarray(outs):
     ratio = out / x
@@ -192,8 +192,8 @@ def test_fan_mask_zeroes_top_corners():
 
 def test_shadow_darkens_downwards_from_a_depth():
   x = jnp.ones((32, 32, 1))
-  out, off = _jit(jax.vmap(lambda k: (augment.shadow_dropout(k, x, p=1.0),
-                                      augment.shadow_dropout(k, x, p=0.0))),
+  out, off = _jit(jax.vmap(lambda k: (augment_intensity.shadow_dropout(k, x, p=1.0),
+                                      augment_intensity.shadow_dropout(k, x, p=0.0))),
                   _keys(32))
   out = np.asarray(out)
   assert (out <= 1.0).all() and (out[:, 0] > 0.99).all()

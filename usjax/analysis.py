@@ -1,8 +1,8 @@
 """Analysis stage: finished fine-tuning runs -> the study's evidence (results table, bootstrap CIs, claims, plots).
 
 The statistics are pure functions of rows and per-image scores; `collect`, the writers and `write_report` do the
-file I/O. Everything tolerates a half-finished grid: unfinished cells are skipped and a claim whose arms are
-missing says "not run", so the report can be rebuilt at any moment.
+file I/O; `usjax.plots` draws the figures. Everything tolerates a half-finished grid: unfinished cells are skipped
+and a claim whose arms are missing says "not run", so the report can be rebuilt at any moment.
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Mapping
 
 import numpy as np
+
+from usjax import plots
 
 METRICS = ("dice", "dice_lesion", "iou", "iou_lesion", "hd95", "hd95_undefined", "dice_benign", "dice_malignant", "dice_normal", "iou_benign",
            "iou_malignant", "iou_normal", "false_positive_rate", "num_images", "train_images", "steps",
@@ -207,6 +209,14 @@ def group_stats(rows: list[dict], per_image: Mapping | None = None, by: tuple[st
   return out
 
 
+def _label_curves(stats: list[dict], by: tuple[str, ...]) -> dict[str, list[dict]]:
+  """group_stats rows as Dice-vs-label-fraction lines: one per pre-training source (and any other varied field)."""
+  lines: dict[str, list[dict]] = {}
+  for s in stats if "label_fraction" in by else []:
+    lines.setdefault(_arm_name({k: s[k] for k in by if k != "label_fraction"}), []).append(s)
+  return lines
+
+
 def _fmt(x, digits: int = 3) -> str:
   return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
@@ -323,77 +333,6 @@ def claims_markdown(rows: list[dict]) -> str:
   return statements + "\n" + _md(header, lines)
 
 
-# ---------------------------------------------------------------------------------------------------- plots
-def _figure(ncols: int = 1, nrows: int = 1, size=(6, 4)):
-  from matplotlib.figure import Figure   # no pyplot: no global backend or state, nothing to close
-  fig = Figure(figsize=(size[0] * ncols, size[1] * nrows))
-  return fig, fig.subplots(nrows, ncols, squeeze=False)
-
-
-def _save(fig, path: str, ax=None, empty: str = "") -> str:
-  if empty:
-    ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  return path
-
-
-def plot_label_curves(rows: list[dict], path: str, per_image: Mapping | None = None, n_boot: int = 2000) -> str:
-  """Dice vs label fraction, one line per pre-training source (and any other varied field), 95% CI bars."""
-  fig, axes = _figure()
-  ax = axes[0, 0]
-  by = default_by(rows) if rows else ("pretrain", "label_fraction")
-  stats = group_stats(rows, per_image, by, n_boot) if rows and "label_fraction" in by else []
-  lines: dict[str, list[dict]] = {}
-  for s in stats:
-    lines.setdefault(_arm_name({k: s[k] for k in by if k != "label_fraction"}), []).append(s)
-  for name, pts in lines.items():
-    pts = sorted(pts, key=lambda s: s["label_fraction"])
-    x, y = [s["label_fraction"] for s in pts], np.array([s["dice"] for s in pts])
-    err = np.abs(np.array([[s["dice_lo"] for s in pts], [s["dice_hi"] for s in pts]]) - y)
-    ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
-  if lines:
-    ax.set_xticks(sorted({s["label_fraction"] for s in stats}))
-    ax.legend(fontsize=8)
-  ax.set(xlabel="labelled training images (%)", ylabel="test Dice", title="Dice vs label fraction (95% CI)")
-  ax.grid(alpha=0.3)
-  return _save(fig, path, ax, "" if lines else "no finished runs")
-
-
-def plot_loss_curves(histories: dict[str, list[dict]], path: str, title: str = "training loss") -> str:
-  """One line per run; a legend only while it stays readable."""
-  fig, axes = _figure()
-  ax = axes[0, 0]
-  curves = {n: [(h["step"], h["loss"]) for h in hist or [] if "step" in h and h.get("loss") is not None]
-            for n, hist in histories.items()}
-  for name, pts in ((n, p) for n, p in curves.items() if p):
-    ax.plot(*zip(*pts), label=name, lw=1)
-  drawn = sum(bool(p) for p in curves.values())
-  if 0 < drawn <= 12:
-    ax.legend(fontsize=7)
-  ax.set(xlabel="step", ylabel="loss", title=title)
-  ax.grid(alpha=0.3)
-  return _save(fig, path, ax, "" if drawn else "no loss history")
-
-
-def plot_overlays(images, masks, preds, titles, path: str, ncols: int = 4) -> str:
-  """Test images with the ground-truth contour (green) and the predicted contour (red)."""
-  ncols = max(1, min(ncols, len(images)))
-  fig, axes = _figure(ncols, max(1, math.ceil(len(images) / ncols)), size=(3, 3))
-  for ax in axes.ravel():
-    ax.axis("off")
-  for ax, img, m, p, t in zip(axes.ravel(), images, masks, preds, titles):
-    img = np.asarray(img, float)
-    img = img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img
-    ax.imshow((img - img.min()) / max(np.ptp(img), 1e-9), cmap="gray")
-    for mask, color in ((m, "lime"), (p, "red")):
-      mask = np.asarray(mask).reshape(img.shape[:2]).astype(float)
-      if 0 < mask.sum() < mask.size:
-        ax.contour(mask, levels=[0.5], colors=color, linewidths=1)
-    ax.set_title(str(t), fontsize=8)
-  return _save(fig, path)
-
-
 # ---------------------------------------------------------------------------------------------------- report
 def _clean(x):
   """Strict JSON: NaN/inf -> null, numpy scalars -> Python."""
@@ -425,7 +364,7 @@ def write_report(cells: list[tuple[dict, str]], out_dir: str, pretrain_runs: dic
                  overlays: dict | None = None, n_boot: int = 2000, seed: int = 0) -> dict[str, str]:
   """results.csv, results.json, report.md and the plots for whatever part of the grid has finished.
 
-  `overlays`, when given, holds plot_overlays' arrays {images, masks, preds, titles}. Returns the written paths.
+  `overlays`, when given, holds plots.plot_overlays' arrays {images, masks, preds, titles}. Returns the written paths.
   """
   os.makedirs(out_dir, exist_ok=True)
   path = lambda name: os.path.join(out_dir, name)
@@ -437,17 +376,17 @@ def write_report(cells: list[tuple[dict, str]], out_dir: str, pretrain_runs: dic
   paths = {"csv": write_csv(rows, path("results.csv")), "json": path("results.json"), "md": path("report.md")}
   _write_text(paths["json"], json.dumps(_clean({"cells": len(cells), "finished": len(rows), "rows": rows,
                                                 "groups": stats, "claims": found}), indent=2) + "\n")
-  paths["label_curves"] = plot_label_curves(rows, path("label_curves.png"), per_image, n_boot)
+  paths["label_curves"] = plots.plot_label_curves(_label_curves(stats, by), path("label_curves.png"))
   finished = {r["workdir"] for r in rows}
   ft = {" ".join(f"{k}={_h(v)}" for k, v in f.items()): _read_json(os.path.join(wd, "history.json"))
         for f, wd in cells if wd in finished}
-  paths["finetune_loss"] = plot_loss_curves(ft, path("finetune_loss.png"), "fine-tuning loss")
+  paths["finetune_loss"] = plots.plot_loss_curves(ft, path("finetune_loss.png"), "fine-tuning loss")
   if pretrain_runs:
     pt = {name: _read_json(os.path.join(wd, "history.json")) for name, wd in pretrain_runs.items()}
-    paths["pretrain_loss"] = plot_loss_curves(pt, path("pretrain_loss.png"), "contrastive pre-training loss")
+    paths["pretrain_loss"] = plots.plot_loss_curves(pt, path("pretrain_loss.png"), "contrastive pre-training loss")
   if overlays:
-    paths["overlays"] = plot_overlays(overlays["images"], overlays["masks"], overlays["preds"],
-                                      overlays["titles"], path("overlays.png"))
+    paths["overlays"] = plots.plot_overlays(overlays["images"], overlays["masks"], overlays["preds"],
+                                            overlays["titles"], path("overlays.png"))
   figures = "".join(f"![{k}]({os.path.basename(v)})\n\n" for k, v in paths.items() if v.endswith(".png"))
   md = (f"# Results\n\n{len(rows)} of {len(cells)} fine-tuning runs finished; unfinished cells are left out.\n\n"
         f"## Test-set metrics\n\nDice CI: 95% bootstrap over test images and seeds (over runs where a run has no "

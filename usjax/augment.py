@@ -7,11 +7,16 @@ per-example keys; random on/off decisions are `jnp.where` blends. Each random
 composite view makes one PRNG call for everything: each call is a threefry
 instance in the compiled graph, and on CPU those dominated compile time.
 
-Geometry (crop + flips) is a 3x3 affine mapping output pixel coordinates
-(row, col, 1) to input ones, so one sample applies identically to an image
-and its mask. Index i sits at coordinate i (pixel centres): the full-image
-crop is an exact identity. Rows are depth (row 0 touches the probe), hence no
-vertical flips by default and depth-aware ultrasound transforms.
+Geometry (crop + flips + rotation) is a 3x3 affine mapping output pixel
+coordinates (row, col, 1) to input ones, so one sample applies identically to
+an image and its mask. Index i sits at coordinate i (pixel centres): the
+full-image crop is an exact identity. Rows are depth (row 0 touches the
+probe), hence no vertical flips by default and depth-aware ultrasound
+transforms.
+
+This module holds the spatial transforms (geometry and the fan sector, which
+blanks image and label alike), the recipe and the composed views; the
+image-only intensity transforms are in `usjax.augment_intensity`.
 """
 
 from __future__ import annotations
@@ -23,25 +28,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.scipy import ndimage
 
+from usjax.augment_intensity import PHOTO_DRAWS, _draw, _scale, _split, photometric
+
 Array = jax.Array
-
-
-def _scale(u, *ranges):
-  """Maps uniforms u[i] in [0, 1) onto the given (low, high) ranges."""
-  return tuple(lo + (hi - lo) * u[i] for i, (lo, hi) in enumerate(ranges))
-
-
-def _split(u, *counts):
-  """Consecutive slices of a pre-drawn uniform vector."""
-  offsets = [sum(counts[:i]) for i in range(len(counts) + 1)]
-  return [u[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-
-
-def _draw(key, n: int) -> Array:
-  return jax.random.uniform(key, (n,))
 
 
 def crop_matrix(box, height: int, width: int) -> Array:
@@ -139,138 +130,6 @@ def sample_geometry(key, height: int, width: int, cfg: AugmentConfig):
   return _geometry(_draw(key, _GEOMETRY_DRAWS), height, width, cfg)
 
 
-def adjust_brightness(image: Array, factor) -> Array:
-  """Multiplicative, like scanner gain: an offset would lift the background."""
-  return jnp.clip(image * factor, 0.0, 1.0)
-
-
-def adjust_contrast(image: Array, factor) -> Array:
-  """Scales deviations from the per-channel mean (tf.image convention)."""
-  mean = jnp.mean(image, axis=(0, 1), keepdims=True)
-  return jnp.clip((image - mean) * factor + mean, 0.0, 1.0)
-
-
-def adjust_gamma(image: Array, g) -> Array:
-  return jnp.clip(image, 0.0, 1.0) ** g
-
-
-def brightness(key, image: Array, max_delta: float) -> Array:
-  """Gain factor ~ U(1 - max_delta, 1 + max_delta)."""
-  factor, = _scale(_draw(key, 1), (max(0.0, 1 - max_delta), 1 + max_delta))
-  return adjust_brightness(image, factor)
-
-
-def contrast(key, image: Array, lower: float, upper: float) -> Array:
-  factor, = _scale(_draw(key, 1), (lower, upper))
-  return adjust_contrast(image, factor)
-
-
-def gamma(key, image: Array, lower: float, upper: float) -> Array:
-  """Log-uniform exponent: brightening and darkening equally likely."""
-  log_g, = _scale(_draw(key, 1), (math.log(lower), math.log(upper)))
-  return adjust_gamma(image, jnp.exp(log_g))
-
-
-def _correlation_matrix(kernel, n: int) -> Array:
-  """[n, n] matrix of a same-size 1-D correlation, half-sample reflection.
-
-  The tap pattern is static, the weights may be traced (per-example sigma).
-  A matmul compiles much faster on CPU than a fused sum of shifted slices.
-  """
-  radius = (len(kernel) - 1) // 2
-  src = np.arange(n)[None, :] + np.arange(-radius, radius + 1)[:, None]
-  src = np.mod(src, 2 * n)
-  src = np.where(src < n, src, 2 * n - 1 - src)  # == scipy mode='reflect'
-  onehot = (src[..., None] == np.arange(n)).astype(np.float32)
-  return jnp.einsum('k,kij->ij', jnp.asarray(kernel, jnp.float32), onehot)
-
-
-def _separable(image: Array, kernel) -> Array:
-  """Correlates rows and columns of [H, W, C] with the same 1-D kernel."""
-  height, width = image.shape[:2]
-  rows = _correlation_matrix(kernel, height)
-  cols = _correlation_matrix(kernel, width)
-  return jnp.einsum('ij,jwc,kw->ikc', rows, image, cols,
-                    precision=jax.lax.Precision.HIGHEST)
-
-
-def apply_gaussian_blur(image: Array, sigma, radius: int) -> Array:
-  """Separable Gaussian blur of rows and columns with a static radius."""
-  x = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
-  k = jnp.exp(-0.5 * (x / sigma) ** 2)
-  return _separable(image, k / jnp.sum(k))
-
-
-def _gaussian_blur(u, image, sigma, p):
-  u_on, s = _scale(u, (0, 1), sigma)
-  blurred = apply_gaussian_blur(image, s, max(1, math.ceil(3 * sigma[1])))
-  return jnp.where(u_on < p, blurred, image)
-
-
-def gaussian_blur(key, image: Array, sigma=(0.1, 2.0), p: float = 0.5):
-  """Blurs with probability p; sigma ~ U(sigma), radius 3 * max sigma."""
-  return _gaussian_blur(_draw(key, 2), image, sigma, p)
-
-
-_BINOMIAL = (0.25, 0.5, 0.25)
-# Std of white noise after the separable [1,2,1]/4 smoothing, relative to
-# before: sqrt(sum_ij (w_i w_j)^2) = sum_i w_i^2.
-_BINOMIAL_STD = sum(w * w for w in _BINOMIAL)
-
-
-def _gamma_field(z, sigma: float, smooth: bool) -> Array:
-  """Mean-1 speckle field of std `sigma` from standard normals z.
-
-  Multi-look speckle intensity is gamma distributed: Gamma(k)/k, k = 1/sigma^2.
-  Its Wilson-Hilferty cube-of-normal form (mean 1 - b^6, b = sigma/3) avoids
-  the rejection loop of exact sampling, by far the slowest op. Smoothing
-  mimics a resolution cell wider than a pixel; the deviation is rescaled so
-  `sigma` keeps its meaning.
-  """
-  b = sigma / 3.0
-  field = jnp.maximum(1.0 - b * b + b * z, 0.0) ** 3
-  if smooth:
-    field = 1.0 + (_separable(field, _BINOMIAL) - 1.0) / _BINOMIAL_STD
-  return field
-
-
-def _speckle(u, z, image, strength, smooth=True):
-  if strength <= 0:
-    return image
-  field = _gamma_field(z, strength, smooth)
-  return jnp.clip(image * (1.0 + u[0] * (field - 1.0)), 0.0, 1.0)
-
-
-def speckle(key, image: Array, strength: float, smooth: bool = True) -> Array:
-  """Multiplicative speckle with per-example level U(0, strength).
-
-  One field for all channels: speckle belongs to the tissue, not a channel.
-  """
-  if strength <= 0:
-    return image
-  k_level, k_field = jax.random.split(key)
-  z = jax.random.normal(k_field, image.shape[:2] + (1,))
-  return _speckle(_draw(k_level, 1), z, image, strength, smooth)
-
-
-def _depth_gain(u, image, max_db):
-  knots = u.shape[0]
-  db = -max_db + 2.0 * max_db * u
-  rows = jnp.arange(image.shape[0], dtype=jnp.float32)
-  db_rows = jnp.interp(rows, jnp.linspace(0.0, image.shape[0] - 1.0, knots), db)
-  gain = 10.0 ** (db_rows / 20.0)
-  return jnp.clip(image * gain[:, None, None], 0.0, 1.0)
-
-
-def depth_gain(key, image: Array, max_db: float, knots: int = 4) -> Array:
-  """Time-gain-compensation-like gain that depends on depth only.
-
-  Piecewise linear in dB between `knots` random levels in [-max_db, max_db]
-  spread over the depth, like a scanner's bank of TGC sliders.
-  """
-  return _depth_gain(_draw(key, knots), image, max_db)
-
-
 def fan_field(height: int, width: int, apex_row, apex_col, half_angle,
               radius) -> Array:
   """[H, W, 1] indicator of a sector (apex, half angle, outer radius)."""
@@ -300,34 +159,6 @@ def _fan(u, height, width, p):
 def fan_mask(key, image: Array, p: float = 0.5) -> Array:
   """With probability p, zeroes everything outside a random sector."""
   return image * _fan(_draw(key, 5), *image.shape[:2], p)
-
-
-def shadow_field(height: int, width: int, center, half_width, start_row,
-                 strength, softness) -> Array:
-  """[H, W, 1] multiplier: a soft-edged band darkened below `start_row`."""
-  rows = jnp.arange(height, dtype=jnp.float32)[:, None]
-  cols = jnp.arange(width, dtype=jnp.float32)[None, :]
-  across = jax.nn.sigmoid((half_width - jnp.abs(cols - center)) / softness)
-  below = jax.nn.sigmoid((rows - start_row) / softness)
-  return (1.0 - strength * across * below)[..., None]
-
-
-def _shadow(u, image, p):
-  height, width = image.shape[:2]
-  u_on, center, half_width, start_row, strength = _scale(
-      u, (0, 1), (0, width), (0.03 * width, 0.12 * width),
-      (0.2 * height, 0.8 * height), (0.5, 0.95))
-  field = shadow_field(height, width, center, half_width, start_row, strength,
-                       jnp.maximum(1.0, 0.3 * half_width))
-  return image * jnp.where(u_on < p, field, 1.0)
-
-
-def shadow_dropout(key, image: Array, p: float = 0.2) -> Array:
-  """With probability p, darkens a band below a random depth.
-
-  Mimics acoustic shadowing: calcifications and some lesions block the beam.
-  """
-  return _shadow(_draw(key, 5), image, p)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,38 +222,9 @@ class AugmentConfig:
                                **{k: cast(k, v) for k, v in dict(d).items()})
 
 
-# Uniform draws per stage: speckle level, shadow, depth knots, blur,
-# brightness, contrast, gamma.
-_PHOTO_COUNTS = (1, 5, 4, 2, 1, 1, 1)
+# Uniform draws per view beyond the geometry: intensity transforms, fan.
 _FAN_DRAWS = 5
-_VIEW_DRAWS = _GEOMETRY_DRAWS + sum(_PHOTO_COUNTS) + _FAN_DRAWS
-
-
-def _photometric(u, z, image: Array, cfg: AugmentConfig) -> Array:
-  """Intensity transforms in acquisition order: tissue, receiver, display.
-
-  Speckle (from the normals z) and shadows arise in the tissue, depth gain in
-  the receiver, blur mimics a coarser probe, then the display controls act.
-  Disabled transforms are skipped at trace time (cfg is static).
-  """
-  u_sp, u_sh, u_dg, u_bl, u_br, u_co, u_ga = _split(u, *_PHOTO_COUNTS)
-  image = _speckle(u_sp, z, image, cfg.speckle)
-  if cfg.shadow_prob > 0:
-    image = _shadow(u_sh, image, cfg.shadow_prob)
-  if cfg.depth_gain_db > 0:
-    image = _depth_gain(u_dg, image, cfg.depth_gain_db)
-  if cfg.blur_prob > 0:
-    image = _gaussian_blur(u_bl, image, (0.1, 2.0), cfg.blur_prob)
-  if cfg.brightness > 0:
-    b = cfg.brightness
-    image = adjust_brightness(image, _scale(u_br, (max(0, 1 - b), 1 + b))[0])
-  if cfg.contrast > 0:
-    c = cfg.contrast
-    image = adjust_contrast(image, _scale(u_co, (max(0, 1 - c), 1 + c))[0])
-  if cfg.gamma > 0:
-    log_g = math.log1p(cfg.gamma)
-    image = adjust_gamma(image, jnp.exp(_scale(u_ga, (-log_g, log_g))[0]))
-  return jnp.clip(image, 0.0, 1.0)
+_VIEW_DRAWS = _GEOMETRY_DRAWS + PHOTO_DRAWS + _FAN_DRAWS
 
 
 def _sample_view(key, height, width, cfg):
@@ -435,7 +237,7 @@ def _sample_view(key, height, width, cfg):
   n_rot = 1 if cfg.rotate > 0 else 0  # drawn only when on: views without it are unchanged
   u = jax.random.uniform(key, (_VIEW_DRAWS + n_noise + n_rot,))
   u_geo, u_photo, u_fan, u_noise, u_rot = _split(
-      u, _GEOMETRY_DRAWS, sum(_PHOTO_COUNTS), _FAN_DRAWS, n_noise, n_rot)
+      u, _GEOMETRY_DRAWS, PHOTO_DRAWS, _FAN_DRAWS, n_noise, n_rot)
   eps = jnp.finfo(jnp.float32).eps
   z = math.sqrt(2) * jax.scipy.special.erfinv(
       jnp.clip(2.0 * u_noise - 1.0, -1.0 + eps, 1.0 - eps))
@@ -450,7 +252,7 @@ def _sample_view(key, height, width, cfg):
 def augment_view(key, image: Array, cfg: AugmentConfig) -> Array:
   """One random view of one example [H, W, C]."""
   matrix, u_photo, fan, z = _sample_view(key, *image.shape[:2], cfg)
-  image = _photometric(u_photo, z, warp(image, matrix), cfg)
+  image = photometric(u_photo, z, warp(image, matrix), cfg)
   return jnp.clip(image * fan, 0.0, 1.0)
 
 
@@ -472,7 +274,7 @@ def augment_pair(key, image: Array, mask: Array, cfg: AugmentConfig):
   label too: a lesion blanked out of the image cannot be segmented.
   """
   matrix, u_photo, fan, z = _sample_view(key, *image.shape[:2], cfg)
-  image = _photometric(u_photo, z, warp(image, matrix), cfg)
+  image = photometric(u_photo, z, warp(image, matrix), cfg)
   mask = (warp(mask, matrix) >= 0.5).astype(mask.dtype)
   return jnp.clip(image * fan, 0.0, 1.0), mask * fan
 
