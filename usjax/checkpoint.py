@@ -6,9 +6,10 @@ position, one file per process). Saves are asynchronous and atomic (orbax writes
 renames it), so an interrupted save never replaces the previous good checkpoint. A checkpoint damaged later
 (a truncated file) is moved aside to `unreadable-<step>` on resume, which falls back to the next older one.
 
-Rotation keeps the newest `keep` checkpoints and, besides them, the one pinned by `mark_good` (recorded in
-`good_step.json`): the divergence guard (`GoodStepTracker`) pins each save until the loss first misbehaves,
-so the last checkpoint from before a loss spike survives however long the run goes on after it.
+Rotation keeps the newest `keep` checkpoints and, besides them, the one pinned by `mark_good` and, once
+`mark_bad` recorded a run's first bad step, the newest one from before it (both in `good_step.json`): with the
+divergence guard (`GoodStepTracker`) the last checkpoint from before a loss spike survives however long the run
+goes on after it.
 """
 from __future__ import annotations
 
@@ -108,9 +109,10 @@ class _Pinned(ocp.checkpoint_managers.PreservationPolicy):
 
   def should_preserve(self, checkpoints, *, context) -> list[bool]:
     del context
-    keep = {self.step}
-    if self.bad_step is not None:
-      keep.add(max((c.step for c in checkpoints if c.step < self.bad_step), default=None))
+    keep = {self.step} - {None}
+    before_bad = [c.step for c in checkpoints if self.bad_step is not None and c.step < self.bad_step]
+    if before_bad:
+      keep.add(max(before_bad))
     return [c.step in keep for c in checkpoints]
 
   def write(self) -> None:
@@ -209,6 +211,9 @@ class GoodStepTracker:
 
   def __init__(self, mngr: ocp.CheckpointManager, start_step: int, factor: float = SPIKE_FACTOR,
                window: int = SPIKE_WINDOW):
+    if not factor > 0 or int(window) < 1:
+      raise UsjaxError(f"config.guard: loss_spike_factor must be positive and window at least 1, got {factor} and "
+                       f"{window}")
     self.mngr, self.factor, self.window = mngr, float(factor), int(window)
     self.pin = _pin(mngr)
     self.history: list[float] = []
@@ -286,6 +291,14 @@ def _move_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> list[str]:
   return moved
 
 
+def _everywhere(ok: bool) -> bool:
+  """Whether `ok` holds on every process of the run."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter=None):
   """(state, meta) of the newest readable checkpoint, the iterator moved to its position; None if there is none.
 
@@ -293,7 +306,8 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter=None):
   directory, and the next older one is tried. Once one is restored, the unreadable newer ones are moved aside to
   `unreadable-<step>` (kept for inspection; rename one back if its failure was a passing read error), so the
   run saves those step numbers again. If none can be read, CheckpointError says so in one line and nothing is
-  moved: when every step fails, the cause is more likely the run (a changed model config) than the files.
+  moved: when every step fails, the cause is more likely the run (a changed model config) than the files. In a
+  multi-process run a step counts as read only if every process read it.
   """
   steps = sorted(mngr.all_steps(), reverse=True)
   failed: list[tuple[int, str]] = []
@@ -302,8 +316,11 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter=None):
     try:
       with _quiet_failed_reads():
         out = _restore(mngr, step, abstract_state, data_iter)
+      error = None
     except Exception as e:   # noqa: BLE001 (orbax and TensorStore raise plain Exception on damaged files)
-      failed.append((step, _first_line(e)))
+      error = _first_line(e)
+    if not _everywhere(error is None):   # all processes resume from the same step, or none does
+      failed.append((step, error or "unreadable on another process"))
       logging.warning("checkpoint step %d in %s cannot be read (%s); %s", step, path, failed[-1][1],
                       "trying the next older one" if step != steps[-1] else "no older one left")
       continue
@@ -315,8 +332,8 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter=None):
   if not failed:
     return None
   raise CheckpointError(f"no readable checkpoint in {mngr.directory} (steps {', '.join(str(s) for s, _ in failed)}); "
-                        f"step {failed[0][0]}: {failed[0][1]}. Was the model config changed? Use a new --workdir "
-                        f"to start afresh")
+                        f"step {failed[0][0]}: {failed[0][1]}. A changed model config, or damaged files? A new "
+                        f"--workdir starts afresh")
 
 
 # ---------------------------------------------------------------------------------------------------- transfer
