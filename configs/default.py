@@ -60,6 +60,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.proj_dims = (512, 128)    # projection head: hidden layers..., output
   c.model.dtype = "float32"         # 'bfloat16' for mixed precision on GPU/TPU
 
+  # Divergence that stays finite: a logged step's loss above `loss_spike_factor` times the median of the last
+  # `window` steps stops the run like a NaN does (0 = off). Normal training never comes near 10x its median.
+  c.guard = ml_collections.ConfigDict()
+  c.guard.loss_spike_factor = 10.0
+  c.guard.window = 50
+
+  # Pre-training: frozen-feature k-NN and linear probes of the encoder (usjax.probes) every `every` steps and at
+  # the end, on those of `sources` whose data folder is set (BUSI: benign/malignant/normal, train -> val;
+  # POCUS: covid/regular, split by video). 0 = only at the end; -1 = off.
+  c.probe = ml_collections.ConfigDict()
+  c.probe.every = 500
+  c.probe.sources = "busi,pocus"
+
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"            # 'adamw' | 'lars' | 'sgd'
   c.optim.learning_rate = 1e-3

@@ -147,7 +147,7 @@ def noaug_pretrain_loss(params, batch_stats, extra, images, key, step, *, method
 
 
 def noaug_segmentation_loss(params, batch_stats, extra, batch, key, step, *, model):
-  """`train.segmentation_loss` without the augmentation."""
+  """`finetune.segmentation_loss` without the augmentation."""
   import jax.numpy as jnp
   from usjax import objectives, train
   logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, train.to_float(batch[0]),
@@ -158,7 +158,7 @@ def noaug_segmentation_loss(params, batch_stats, extra, batch, key, step, *, mod
 def step_cases():
   """Yields (name, result) for each step case, with and without augmentation."""
   import numpy as np
-  from usjax import augment, methods, train
+  from usjax import augment, finetune, methods, train
   mesh = train.make_mesh()
   rng = np.random.default_rng(0)
   s, b = FLAGS.res, FLAGS.batch
@@ -169,7 +169,7 @@ def step_cases():
     if case == "unet":   # configs/finetune_busi.py: segmentation augmentation recipe, Dice + BCE, adamw
       model = train.build_model(cfg)
       aug_cfg = augment.AugmentConfig.segmentation()
-      real = functools.partial(train.segmentation_loss, model=model, aug_cfg=aug_cfg)
+      real = functools.partial(finetune.segmentation_loss, model=model, aug_cfg=aug_cfg)
       bare = functools.partial(noaug_segmentation_loss, model=model)
       pair = (images, (rng.random((b, s, s, 1)) > 0.7).astype(np.uint8))
       local = {"+aug": pair, "noaug": pair}

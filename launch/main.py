@@ -51,9 +51,13 @@ def main(argv):
   cfg = flags.FLAGS.config
   try:
     (grid.run if cfg.task == "grid" else train.run)(cfg, flags.FLAGS.workdir)
+  except runtime.Preempted as e:
+    logging.warning("%s", e)
+    print(f"\nstopped: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
   except UsjaxError as e:
     logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
+    runtime.print_error(e)   # one line, on a line of its own even after a progress bar
     sys.exit(1)
 
 

@@ -13,7 +13,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import finetune_busi, pretrain_multiorgan  # noqa: E402
-from usjax import augment, methods, runtime, train  # noqa: E402
+from usjax import augment, finetune, methods, runtime, train  # noqa: E402
 
 
 def one_step(task: str):
@@ -35,7 +35,7 @@ def one_step(task: str):
     step = train.compile_step(functools.partial(train.pretrain_loss, method=method, aug_cfg=aug), tx, mesh)
     batch = train.global_batch(images[local], mesh)
   else:
-    step = train.compile_step(functools.partial(train.segmentation_loss, model=model, aug_cfg=aug), tx, mesh)
+    step = train.compile_step(functools.partial(finetune.segmentation_loss, model=model, aug_cfg=aug), tx, mesh)
     batch = train.global_batch((images[local], masks[local]), mesh)
   state, metrics = step(state, batch)
   local_copy = lambda x: np.asarray(x.addressable_data(0))   # replicated: every process holds all of it

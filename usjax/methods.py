@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from usjax import UsjaxError, models, objectives
+from usjax import UsjaxError, models, objectives, probes
 
 METHODS = ("simclr", "moco", "simsiam", "byol")
 
@@ -40,9 +40,13 @@ def _without_predictor(tree):
   return {k: jax.tree.map(jnp.array, v) for k, v in tree.items() if k != "predictor"}
 
 
-def _z_std(z):
-  """Per-dimension std of l2-normalised embeddings (SimSiam's collapse monitor): ~1/sqrt(D) healthy, 0 collapsed."""
-  return jnp.mean(jnp.std(objectives.l2_normalize(z.astype(jnp.float32)), axis=0))
+def collapse_metrics(z, n: int) -> dict:
+  """The collapse monitor on the projections z [2N, D] of two views (rows [0, N) and [N, 2N)): per-dimension std of
+  the l2-normalised embeddings (about 1/sqrt(D) healthy, towards 0 collapsed; SimSiam), and the alignment of
+  positive pairs and uniformity over the batch (Wang & Isola 2020)."""
+  z = z.astype(jnp.float32)
+  return {"z_std": probes.embedding_stats(z[:n])["z_std"], "align": probes.alignment(z[:n], z[n:]),
+          "uniform": probes.uniformity(z[:n])}
 
 
 def _queue_accuracy(q, k, queue):
@@ -120,7 +124,8 @@ def simclr_loss(m: Method, params, batch_stats, extra, v1, v2, step):
   z, _, new_bs = _online(m, params, batch_stats, v1, v2)
   n = v1.shape[0]
   loss = objectives.nt_xent(z[:n], z[n:], m.temperature)
-  return loss, (new_bs, extra, {"contrast_acc": objectives.contrastive_accuracy(z[:n], z[n:])})
+  return loss, (new_bs, extra, {"contrast_acc": objectives.contrastive_accuracy(z[:n], z[n:]),
+                                **collapse_metrics(z, n)})
 
 
 def moco_loss(m: Method, params, batch_stats, extra, v1, v2, step):
@@ -153,7 +158,8 @@ def moco_loss(m: Method, params, batch_stats, extra, v1, v2, step):
   new_extra = {**extra, "target_batch_stats": target_bs,
                "queue": jax.lax.dynamic_update_slice(queue, k.astype(queue.dtype), (ptr, 0)),
                "queue_ptr": (ptr + 2 * n) % k_size}
-  return loss, (new_bs, new_extra, {"contrast_acc": acc, "ema_momentum": m.momentum_at(step)})
+  return loss, (new_bs, new_extra, {"contrast_acc": acc, "ema_momentum": m.momentum_at(step),
+                                    **collapse_metrics(q, n)})
 
 
 def simsiam_loss(m: Method, params, batch_stats, extra, v1, v2, step):
@@ -161,17 +167,17 @@ def simsiam_loss(m: Method, params, batch_stats, extra, v1, v2, step):
   z, p, new_bs = _online(m, params, batch_stats, v1, v2)
   n = v1.shape[0]
   loss = 0.5 * objectives.negative_cosine(p[:n], z[n:]) + 0.5 * objectives.negative_cosine(p[n:], z[:n])
-  return loss, (new_bs, extra, {"z_std": _z_std(z[:n])})
+  return loss, (new_bs, extra, collapse_metrics(z, n))
 
 
 def byol_loss(m: Method, params, batch_stats, extra, v1, v2, step):
   """BYOL: the online prediction regresses the EMA target's projection of the other view, 2 - 2 cos, summed over
   the two directions as in the paper (range [0, 8]; 4 means orthogonal)."""
-  _, p, new_bs = _online(m, params, batch_stats, v1, v2)
+  z, p, new_bs = _online(m, params, batch_stats, v1, v2)
   n = v1.shape[0]
   zt, target_bs = _target(m, extra, jnp.concatenate([v1, v2]))
   loss = objectives.byol_regression(p[:n], zt[n:]) + objectives.byol_regression(p[n:], zt[:n])
-  metrics = {"z_std": _z_std(p[:n]), "ema_momentum": m.momentum_at(step)}
+  metrics = {**collapse_metrics(z, n), "ema_momentum": m.momentum_at(step)}
   return loss, (new_bs, {**extra, "target_batch_stats": target_bs}, metrics)
 
 

@@ -12,6 +12,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 from absl import logging
 
 from usjax import UsjaxError
@@ -60,20 +61,27 @@ def maybe_initialize_distributed() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- ownership
+def _proc_stat(pid: int) -> list[str] | None:
+  """Fields 3 on (state, ppid, ...) of /proc/<pid>/stat; None where there is no /proc (macOS) or no such pid."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      stat = f.read()
+  except OSError:
+    return None
+  fields = stat[stat.rfind(")") + 2:].split()   # the command name (field 2) may hold spaces and parentheses
+  return fields if len(fields) > 19 else None
+
+
 def _start_ticks(pid: int) -> int | None:
   """The start time of process `pid` in clock ticks since boot (Linux /proc); None where unknown.
 
   Recorded beside the pid so that a pid reused by an unrelated process (containers restart their main process
   under the same small pid) is not mistaken for the original owner.
   """
+  fields = _proc_stat(pid)
   try:
-    with open(f"/proc/{pid}/stat") as f:
-      stat = f.read()
-  except OSError:
-    return None
-  try:   # the command name (field 2) may hold spaces and parentheses: fields after its last ')' are fixed
-    return int(stat[stat.rindex(")") + 2:].split()[19])
-  except (ValueError, IndexError):
+    return int(fields[19]) if fields else None
+  except ValueError:
     return None
 
 
@@ -99,8 +107,13 @@ def owner_alive(info: dict) -> bool | None:
     return False
   except PermissionError:   # alive, owned by another user
     pass
+  fields = _proc_stat(pid)
+  if fields is None:   # no /proc: the pid's existence is all there is to go on
+    return True
+  if fields[0] in ("Z", "X"):   # killed, not yet reaped by its parent
+    return False
   start = info.get("start")
-  return start is None or _start_ticks(pid) in (None, start)
+  return start is None or _start_ticks(pid) == start
 
 
 def describe_owner(info: dict) -> str:
@@ -230,3 +243,66 @@ def print_error(e: BaseException | str, file=None) -> None:
   sys.stdout.flush()
   file.write("\n" + error_line(e) + "\n")
   file.flush()
+
+
+def check_workdir(workdir: str) -> bool:
+  """Fails early, in one line, on a workdir that cannot be written. Returns whether it already existed."""
+  path = os.path.abspath(os.path.expanduser(workdir))
+  existed = os.path.isdir(path)
+  if os.path.exists(path) and not existed:
+    raise UsjaxError(f"--workdir {workdir}: exists and is not a directory")
+  parent = path
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+    raise UsjaxError(f"--workdir {workdir}: {parent} is not writable")
+  return existed
+
+
+class Preempted(UsjaxError):
+  """SIGTERM (what Slurm and Cloud TPU send before preemption) or Ctrl-C: a checkpoint was saved at a step
+  boundary; running the same command again resumes there."""
+  exit_code = 143
+
+
+class Interrupts:
+  """Turns SIGTERM and SIGINT into a request that the loop honours at the next step boundary (a second Ctrl-C
+  interrupts at once). Handlers can only be installed from the main thread; elsewhere this does nothing."""
+
+  def __init__(self):
+    self.signal, self._old = None, {}
+
+  def __enter__(self):
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    import signal
+    if self.signal is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signal = signal.Signals(signum).name
+
+  def requested(self) -> bool:
+    """Whether any process was asked to stop: all processes must stop at the same step to save together."""
+    if jax.process_count() == 1:
+      return self.signal is not None
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.array(self.signal is not None))))
+
+  def __exit__(self, *exc):
+    import signal
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    return False
+
+
+def loss_spike(loss: float, recent: list[float], factor: float, window: int) -> bool:
+  """A finite divergence: `loss` above `factor` times the median of the last `window` finite losses. Off until
+  `window` losses have been seen, so the first steps' fast fall is never mistaken for a spike."""
+  if factor <= 0 or len(recent) < window:
+    return False
+  return bool(loss > factor * float(np.median(recent[-window:])))

@@ -9,6 +9,7 @@ good checkpoint is never overwritten by a diverged one.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 
@@ -19,8 +20,7 @@ import optax
 from absl import logging
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from usjax import (UsjaxError, augment, checkpoint, evaluate, methods, models, objectives, report, runtime,
-                   torch_weights)
+from usjax import UsjaxError, augment, checkpoint, methods, models, probes, report, runtime
 from usjax.data import pipeline
 
 
@@ -86,25 +86,6 @@ def pretrain_loss(params, batch_stats, extra, images, key, step, *, method, aug_
   return method.loss(params, batch_stats, extra, v1, v2, step)
 
 
-def segmentation_loss(params, batch_stats, extra, batch, key, step, *, model, aug_cfg, ema_decay=0.0):
-  """Dice + BCE on image/mask pairs that share one random geometric transform.
-
-  With `ema_decay`, `extra` carries an EMA of the weights (a model-selection candidate): its batch statistics
-  follow here, its parameters in `ema_after_step` once the optimiser has moved them.
-  """
-  images, masks = augment.augment_batch_pairs(key, to_float(batch[0]), batch[1].astype(jnp.float32), aug_cfg)
-  logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
-                                 mutable=["batch_stats"])
-  dice, _ = evaluate.dice_iou(logits > 0, masks > 0.5)
-  if extra:
-    extra = {**extra, "ema_batch_stats": methods.ema(extra["ema_batch_stats"], new_vars["batch_stats"], ema_decay)}
-  return objectives.dice_bce(logits, masks), (new_vars["batch_stats"], extra, {"train_dice": dice.mean()})
-
-
-def ema_after_step(extra, params, step, *, decay):
-  return {**extra, "ema_params": methods.ema(extra["ema_params"], params, decay)}
-
-
 def train_step(state, batch, *, loss_fn, tx, after_step=None):
   """One optimiser step. Pure: (state, batch) -> (state, metrics).
 
@@ -159,30 +140,59 @@ def fit(cfg, workdir: str, task: str, state, step_fn, data_iter, to_batch, mesh,
     logging.info("resuming from %s at step %d", ckpt.directory, start)
   rep = report.Reporter(workdir, cfg.num_steps, cfg.batch_size, start)
   rep.history = history
+  guard = checkpoint.GoodStepTracker(ckpt, start, cfg.guard.loss_spike_factor, cfg.guard.window) \
+      if cfg.guard.loss_spike_factor > 0 else None
   t0, compile_s, row, pending = time.perf_counter(), 0.0, {}, []
-  for step in range(start + 1, cfg.num_steps + 1):
-    state, metrics = step_fn(state, to_batch(next(data_iter)))
-    pending.append(metrics)
-    if step == start + 1:
-      jax.block_until_ready(metrics["loss"])
-      compile_s = time.perf_counter() - t0
-      rep.mark(step)
-    is_save = step % cfg.checkpoint_every == 0 or step == cfg.num_steps
-    if step % cfg.log_every == 0 or is_save:
-      host = jax.device_get(pending)
-      pending = []
-      bad = [m for m in host if not m["finite"]]
-      if bad:
-        last = ckpt.latest_step()
+
+  def save(step):
+    extra_meta = {"history": rep.history, "elapsed_s": earlier_s + time.perf_counter() - t0}
+    checkpoint.save(ckpt, step, state, {**meta, **extra_meta, **(hook.state_dict() if hook else {})}, data_iter)
+    if guard is not None:
+      guard.saved(step)
+
+  def diverged(step, why):
+    last = ckpt.latest_step()
+    ckpt.wait_until_finished()
+    if jax.process_index() == 0:
+      report.write_json(os.path.join(workdir, "summary.json"), {
+          "task": task, "status": "diverged", "stopped_at_step": step, "reason": why,
+          "last_good_checkpoint": last, "history": rep.history})
+    raise DivergedError(f"{why} by step {step}; stopped, the last good checkpoint (step {last}) in "
+                        f"{ckpt.directory} is kept")
+
+  with runtime.Interrupts() as interrupts:
+    for step in range(start + 1, cfg.num_steps + 1):
+      state, metrics = step_fn(state, to_batch(next(data_iter)))
+      pending.append(metrics)
+      if step == start + 1:
+        jax.block_until_ready(metrics["loss"])
+        compile_s = time.perf_counter() - t0
+        rep.mark(step)
+      is_save = step % cfg.checkpoint_every == 0 or step == cfg.num_steps
+      stop = step < cfg.num_steps and interrupts.requested()
+      if step % cfg.log_every == 0 or is_save or stop:
+        # Guards run before this step's checkpoint: no checkpoint is ever taken after a bad step, so rotation
+        # never removes the last good one.
+        host = jax.device_get(pending)
+        pending = []
+        for i, m in enumerate(host):
+          at = step - len(host) + 1 + i
+          spiked = guard is not None and guard.observe(at, float(m["loss"]))
+          if not m["finite"]:
+            diverged(at, f"non-finite loss or gradient (loss={m['loss']})")
+          if spiked:
+            diverged(at, f"loss spike (loss={float(m['loss']):.4g}, over {cfg.guard.loss_spike_factor:g}x the recent "
+                         f"median and spread; config.guard)")
+        row = rep.log(step, {k: np.mean([m[k] for m in host]) for k in host[-1] if k != "finite"})
+      if hook is not None and hook.due(step, cfg.num_steps):
+        hook(step, state, rep)
+      if is_save or stop:
+        save(step)
+      if stop:
         ckpt.wait_until_finished()
-        raise DivergedError(f"non-finite loss or gradient by step {step} (loss={bad[0]['loss']}); stopped, the "
-                            f"last good checkpoint (step {last}) in {ckpt.directory} is kept")
-      row = rep.log(step, {k: np.mean([m[k] for m in host]) for k in host[-1] if k != "finite"})
-    if hook is not None and hook.due(step, cfg.num_steps):
-      hook(step, state, rep)
-    if is_save:
-      extra_meta = {"history": rep.history, "elapsed_s": earlier_s + time.perf_counter() - t0}
-      checkpoint.save(ckpt, step, state, {**meta, **extra_meta, **(hook.state_dict() if hook else {})}, data_iter)
+        ckpt.close()
+        raise runtime.Preempted(f"stopped by {interrupts.signal or 'another process'} at step {step}: checkpoint "
+                                f"saved in {ckpt.directory}; run the same command again to resume")
   ckpt.wait_until_finished()
   ckpt.close()
   summary = {"task": task, "steps": cfg.num_steps, "batch_size": cfg.batch_size,
@@ -195,6 +205,52 @@ def fit(cfg, workdir: str, task: str, state, step_fn, data_iter, to_batch, mesh,
 def data_meta(cfg) -> dict:
   """What a later user of the checkpoint (prediction on new images) needs to preprocess like training did."""
   return {"image_size": cfg.data.image_size, "channels": cfg.data.channels, "aspect": cfg.data.aspect}
+
+
+class Probes:
+  """What pre-training has learned, while it runs: the frozen-feature k-NN and linear probes
+  (`usjax.probes`) every `config.probe.every` steps and at the end, on the labelled sets among
+  `config.probe.sources` whose folders are given; and the collapse monitor on every logged step's embedding
+  statistics (a per-dimension std of the normalised projections below COLLAPSE_FRACTION / sqrt(D))."""
+
+  def __init__(self, cfg):
+    from usjax.data import sources
+    names = [n for n in cfg.probe.sources.split(",") if n.strip() and getattr(cfg.data, sources.SOURCE_DIR_KEY.get(
+        n.strip(), ""), "")]
+    self.every, self.log_every, self.history, self.collapsed_at = cfg.probe.every, cfg.log_every, [], None
+    self.z_ideal = 1.0 / math.sqrt(cfg.model.proj_dims[-1])
+    self.data = None
+    if names and cfg.probe.every >= 0 and jax.process_index() == 0:
+      self.data = probes.ProbeData(cfg.data, cfg.model, names=[n.strip() for n in names])
+      logging.info("probes: %s (prepared in %.1f s)", ", ".join(f"{k} {v['train']}->{v['eval']} images" for k, v in
+                                                             self.data.describe().items()), self.data.build_seconds)
+    elif cfg.probe.every >= 0:
+      logging.info("probes off: none of config.probe.sources (%s) has its data folder set", cfg.probe.sources)
+
+  def probe_due(self, step: int, last: int) -> bool:
+    return self.data is not None and (step == last or (self.every > 0 and step % self.every == 0))
+
+  def due(self, step: int, last: int) -> bool:
+    return self.probe_due(step, last) or step % self.log_every == 0
+
+  def __call__(self, step: int, state, rep) -> None:
+    z_std = rep.history[-1].get("z_std") if rep.history else None
+    if z_std is not None and self.collapsed_at is None and z_std < probes.COLLAPSE_FRACTION * self.z_ideal:
+      self.collapsed_at = step
+      logging.warning("embeddings collapsing at step %d: z_std %.4f against %.4f for spread-out embeddings",
+                      step, z_std, self.z_ideal)
+    if self.probe_due(step, rep.total):
+      out = self.data.run({"params": state["params"], "batch_stats": state["batch_stats"]})
+      out = {k.removeprefix("probe/"): float(v) for k, v in out.items()}
+      self.history.append({"step": step, **out})
+      rep.scalars(step, out, "probe")
+      logging.info("probe at step %d: %s", step, " ".join(f"{k}={v:.3f}" for k, v in out.items()))
+
+  def state_dict(self) -> dict:
+    return {"probe_history": self.history, "collapsed_at": self.collapsed_at}
+
+  def resume(self, meta: dict) -> None:
+    self.history, self.collapsed_at = list(meta.get("probe_history") or []), meta.get("collapsed_at")
 
 
 def pretrain(cfg, workdir: str) -> dict:
@@ -214,181 +270,18 @@ def pretrain(cfg, workdir: str) -> dict:
   step_fn = compile_step(loss_fn, tx, mesh, method.after_step)
   meta = {"task": "pretrain", "method": cfg.method, "model": cfg.model.to_dict(), "sources": cfg.data.pretrain_sources,
           "data": data_meta(cfg)}
+  hook = Probes(cfg)
   state, rep, summary = fit(cfg, workdir, "pretrain", state, step_fn, data_iter,
-                            lambda b: global_batch(b["image"], mesh), mesh, meta)
+                            lambda b: global_batch(b["image"], mesh), mesh, meta, hook)
   summary.update(method=cfg.method, sources=cfg.data.pretrain_sources, first_loss=rep.history[0]["loss"]
-                 if rep.history else None)
+                 if rep.history else None, probe_history=hook.history, collapsed=hook.collapsed_at is not None,
+                 collapsed_at_step=hook.collapsed_at, z_std_ideal=hook.z_ideal)
+  if hook.history:
+    summary["probe"] = {k: v for k, v in hook.history[-1].items() if k != "step"}
+  if rep.history and "z_std" in rep.history[-1]:
+    summary.update({k: rep.history[-1][k] for k in ("z_std", "align", "uniform") if k in rep.history[-1]})
   rep.close(workdir, summary)
   return summary
-
-
-class Validation:
-  """The fine-tuning loop's hook: validation scores to the log and TensorBoard, the best weights to
-  <workdir>/best (what `launch/predict.py` and the final scoring use)."""
-
-  def __init__(self, selector: evaluate.Selector, best_dir: str, meta: dict, abstract_variables):
-    self.selector, self.meta = selector, meta
-    self.mngr = checkpoint.manager(best_dir, keep=1)
-    self.abstract = abstract_variables
-
-  def due(self, step: int, last: int) -> bool:
-    return self.selector.due(step, last)
-
-  def __call__(self, step: int, state, rep) -> None:
-    row, improved = self.selector(step, state)
-    best = self.selector.best
-    rep.scalars(step, {k: v for k, v in row.items() if k != "step"}, "val")
-    logging.info("validation at step %d: %s; best Dice %.4f (%s weights, step %d)", step,
-                 " ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "step"), best["dice"], best["weights"],
-                 best["step"])
-    if improved:
-      if step in self.mngr.all_steps():   # a resumed run re-validating a step it had saved before
-        self.mngr.delete(step)
-      checkpoint.save(self.mngr, step, self.selector.best_variables, {**self.meta, **self.selector.state_dict()})
-
-  def state_dict(self) -> dict:
-    return self.selector.state_dict()
-
-  def resume(self, meta: dict) -> None:
-    """The validation history from the resumed checkpoint, the best weights from <workdir>/best."""
-    saved = checkpoint.restore_latest(self.mngr, self.abstract)
-    best_meta = saved[1] if saved else {}
-    self.selector.load({"val_history": meta.get("val_history"), "best": best_meta.get("best")},
-                       saved[0] if saved else None)
-
-  def close(self) -> None:
-    self.mngr.wait_until_finished()
-    self.mngr.close()
-
-
-def finetune(cfg, workdir: str) -> dict:
-  mesh = make_mesh()
-  model, tx = build_model(cfg), make_optimizer(cfg, cfg.num_steps)
-  if cfg.eval_split not in ("val", "test"):
-    raise UsjaxError(f"config.eval_split must be 'val' or 'test', got {cfg.eval_split!r}")
-  if cfg.tta not in ("auto", "none", "hflip"):
-    raise UsjaxError(f"config.tta must be 'auto', 'none' or 'hflip', got {cfg.tta!r}")
-  transfer = {}
-  override = None
-  if cfg.init_from.endswith(".safetensors"):   # ImageNet weights exported from torchvision or timm
-    if cfg.transfer != "encoder":
-      raise UsjaxError(f"config.transfer must be 'encoder' with a .safetensors config.init_from (the file has no "
-                       f"decoder), got {cfg.transfer!r}")
-
-    def override(params, batch_stats):
-      params, batch_stats, info = torch_weights.load_resnet(os.path.abspath(os.path.expanduser(cfg.init_from)),
-                                                            params, batch_stats, cfg.model.encoder)
-      transfer.update(info)
-      return params, batch_stats
-  elif cfg.init_from:
-    parts = {"encoder": ("encoder",), "encoder+decoder": ("encoder", "decoder")}.get(cfg.transfer)
-    if parts is None:
-      raise UsjaxError(f"config.transfer must be 'encoder' or 'encoder+decoder', got {cfg.transfer!r}")
-
-    def override(params, batch_stats):
-      params, batch_stats, info = checkpoint.load_pretrained(cfg.init_from, params, batch_stats, parts)
-      transfer.update(info)
-      return params, batch_stats
-  s = cfg.data.image_size
-  state = init_state(model, tx, cfg.seed, (2, s, s, cfg.data.channels), mesh, override)
-  if not cfg.init_from:
-    logging.info("training from scratch (no config.init_from): the supervised baseline")
-  if cfg.ema_decay > 0:
-    copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
-    state["extra"] = {"ema_params": copy(state["params"]), "ema_batch_stats": copy(state["batch_stats"])}
-  train_ds, n_train = pipeline.finetune_dataset(cfg.data, cfg.batch_size, cfg.seed)
-  logging.info("fine-tuning U-Net/%s (%.2fM parameters) on %s, %d%% labels = %d training images",
-               cfg.model.encoder, models.count_params(state["params"]) / 1e6, cfg.data.finetune_source,
-               cfg.data.label_fraction, n_train)
-  aug_cfg = augment.AugmentConfig.from_dict(cfg.augment)
-  loss_fn = functools.partial(segmentation_loss, model=model, aug_cfg=aug_cfg, ema_decay=cfg.ema_decay)
-  after = functools.partial(ema_after_step, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
-  step_fn = compile_step(loss_fn, tx, mesh, after)
-  meta = {"task": "finetune", "model": cfg.model.to_dict(), "source": cfg.data.finetune_source,
-          "data": data_meta(cfg), "init_from": cfg.init_from, "transfer": cfg.transfer if cfg.init_from else "none"}
-
-  # Validation: the split is small (BUSI: 63 images), so its batches are prepared once and kept.
-  to_global = lambda a: global_batch(a, mesh)
-  scorers = {tta: evaluate.make_scorer(model, NamedSharding(mesh, P("data")), tta) for tta in (False, True)}
-  val_ids, val_labels = pipeline.split_labels(cfg.data, "val")
-  selector = evaluate.Selector(cfg.val_every, scorers[False], list(pipeline.eval_batches(cfg.data, "val",
-                               cfg.batch_size)), to_global, val_ids, val_labels, lambda st: candidates(st))
-  abstract_vars = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                               {"params": state["params"], "batch_stats": state["batch_stats"]})
-  best_dir = os.path.join(workdir, "best")
-  ckdir = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(best_dir) and not (os.path.isdir(ckdir) and any(n.isdigit() for n in os.listdir(ckdir))):
-    import shutil   # a best model from a run that saved nothing to resume from: this run starts over
-    shutil.rmtree(best_dir)
-  hook = Validation(selector, best_dir, meta, abstract_vars)
-  state, rep, summary = fit(cfg, workdir, "finetune", state, step_fn, iter(train_ds),
-                            lambda b: global_batch((b["image"], b["mask"]), mesh), mesh, meta, hook)
-
-  # The chosen model: the best (step, weights) on validation, then flip averaging only if validation says so.
-  best_vars, chosen = selector.best_variables, dict(selector.best)
-  val_plain = selector.score(best_vars)
-  use_tta = cfg.tta == "hflip"
-  if cfg.tta == "auto":
-    val_tta = selector.score(best_vars, scorers[True])
-    use_tta = val_tta["dice"] > val_plain["dice"]
-    chosen["val_dice_tta"] = val_tta["dice"]
-  chosen["tta"] = use_tta
-  val = val_tta if use_tta and cfg.tta == "auto" else selector.score(best_vars, scorers[use_tta])
-  chosen.update(val_dice=val["dice"], val_dice_lesion=val.get("dice_lesion"))
-  hook.close()
-  if jax.process_index() == 0:   # what launch/predict.py applies with the best weights
-    report.write_json(os.path.join(workdir, "best", "selection.json"), chosen)
-  logging.info("selected on validation: step %d, %s weights, flip averaging %s: validation Dice %.4f "
-               "(lesion images %.4f)", chosen["step"], chosen["weights"], "on" if use_tta else "off", val["dice"],
-               val.get("dice_lesion", float("nan")))
-
-  # The one read of the evaluation split (the test split only where the config asks for it).
-  if cfg.eval_split == "val":
-    scores, examples = evaluate.score_split(scorers[use_tta], best_vars, selector.batches, to_global, val_ids,
-                                            val_labels)
-  else:
-    ids, labels = pipeline.split_labels(cfg.data, cfg.eval_split)
-    batches = list(pipeline.eval_batches(cfg.data, cfg.eval_split, cfg.batch_size))
-    scores, examples = evaluate.score_split(scorers[use_tta], best_vars, batches, to_global, ids, labels)
-    last_vars = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    last, _ = evaluate.score_split(scorers[False], last_vars, batches, to_global, ids, labels)
-    summary["last_step"] = {k: v for k, v in evaluate.summarize(last).items()
-                            if k in ("dice", "dice_lesion", "iou", "iou_lesion")}
-  summary.update(evaluate.summarize(scores), source=cfg.data.finetune_source, label_fraction=cfg.data.label_fraction,
-                 train_images=n_train, eval_split=cfg.eval_split, init_from=cfg.init_from or None,
-                 transfer=transfer or None, selected=chosen, val_history=selector.history)
-  rep.scalars(cfg.num_steps, {k: summary[k] for k in ("dice", "dice_lesion", "iou") if k in summary},
-              cfg.eval_split)
-  if jax.process_index() == 0:
-    report.write_json(os.path.join(workdir, "per_image.json"), evaluate.per_image_rows(scores))
-    np.savez_compressed(os.path.join(workdir, "examples.npz"), **examples)
-  logging.info("%s split, the validation-chosen model: Dice %.4f over %d images, %.4f over the %d with a lesion; "
-               "IoU %.4f", cfg.eval_split, summary["dice"], summary["num_images"],
-               summary.get("dice_lesion", float("nan")), summary.get("num_lesion_images", 0), summary["iou"])
-  rep.close(workdir, summary)
-  return summary
-
-
-def candidates(state) -> dict:
-  """The weights that model selection compares: the trained ones and, when kept, their EMA."""
-  out = {"raw": {"params": state["params"], "batch_stats": state["batch_stats"]}}
-  if "extra" in state and "ema_params" in state["extra"]:
-    out["ema"] = {"params": state["extra"]["ema_params"], "batch_stats": state["extra"]["ema_batch_stats"]}
-  return out
-
-
-def check_workdir(workdir: str) -> bool:
-  """Fails early, in one line, on a workdir that cannot be written. Returns whether it already existed."""
-  path = os.path.abspath(os.path.expanduser(workdir))
-  existed = os.path.isdir(path)
-  if os.path.exists(path) and not existed:
-    raise UsjaxError(f"--workdir {workdir}: exists and is not a directory")
-  parent = path
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-    raise UsjaxError(f"--workdir {workdir}: {parent} is not writable")
-  return existed
 
 
 def run(cfg, workdir: str) -> dict:
@@ -396,16 +289,23 @@ def run(cfg, workdir: str) -> dict:
   if cfg.task not in ("pretrain", "finetune"):
     raise UsjaxError(f"config.task must be 'pretrain' or 'finetune', got {cfg.task!r}")
   runtime.maybe_initialize_distributed()
-  existed = check_workdir(workdir)
+  existed = runtime.check_workdir(workdir)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
+  lock = runtime.lock_workdir(workdir)   # one run per workdir: two would rotate each other's checkpoints
   try:
-    return pretrain(cfg, workdir) if cfg.task == "pretrain" else finetune(cfg, workdir)
+    if cfg.task == "pretrain":
+      return pretrain(cfg, workdir)
+    from usjax import finetune   # it builds on this module's step and loop
+    return finetune.finetune(cfg, workdir)
   except UsjaxError:
     ckdir = os.path.join(workdir, "checkpoints")
     saved = os.path.isdir(ckdir) and any(n.isdigit() for n in os.listdir(ckdir))
     if not existed and not saved and jax.process_index() == 0:
       import shutil
+      lock()
       shutil.rmtree(workdir, ignore_errors=True)
     raise
+  finally:
+    lock()

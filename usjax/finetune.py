@@ -1,0 +1,196 @@
+"""Fine-tuning stage: the U-Net on image/mask pairs, model selection on the validation split, one final scoring.
+
+Every `config.val_every` steps the validation split is scored with the trained weights and, with
+`config.ema_decay`, their EMA; the best by validation Dice is kept (in memory and in <workdir>/best) and is what
+the run scores at the end, with left-right flip averaging only where it raises validation Dice (`config.tta`).
+The evaluation split (`config.eval_split`, 'val' by default) is read once, after training; a study asks for
+'test', and then the last step's test score is recorded beside the chosen model's.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from usjax import UsjaxError, augment, checkpoint, evaluate, methods, models, objectives, report, torch_weights, train
+from usjax.data import pipeline
+
+
+def segmentation_loss(params, batch_stats, extra, batch, key, step, *, model, aug_cfg, ema_decay=0.0):
+  """Dice + BCE on image/mask pairs that share one random geometric transform.
+
+  With `ema_decay`, `extra` carries an EMA of the weights (a model-selection candidate): its batch statistics
+  follow here, its parameters in `ema_after_step` once the optimiser has moved them.
+  """
+  images, masks = augment.augment_batch_pairs(key, train.to_float(batch[0]), batch[1].astype(jnp.float32), aug_cfg)
+  logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                                 mutable=["batch_stats"])
+  dice, _ = evaluate.dice_iou(logits > 0, masks > 0.5)
+  if extra:
+    extra = {**extra, "ema_batch_stats": methods.ema(extra["ema_batch_stats"], new_vars["batch_stats"], ema_decay)}
+  return objectives.dice_bce(logits, masks), (new_vars["batch_stats"], extra, {"train_dice": dice.mean()})
+
+
+def ema_after_step(extra, params, step, *, decay):
+  return {**extra, "ema_params": methods.ema(extra["ema_params"], params, decay)}
+
+
+class Validation:
+  """The fine-tuning loop's hook: validation scores to the log and TensorBoard, the best weights to
+  <workdir>/best (what `launch/predict.py` and the final scoring use)."""
+
+  def __init__(self, selector: evaluate.Selector, best_dir: str, meta: dict, abstract_variables):
+    self.selector, self.meta = selector, meta
+    self.mngr = checkpoint.manager(best_dir, keep=1)
+    self.abstract = abstract_variables
+
+  def due(self, step: int, last: int) -> bool:
+    return self.selector.due(step, last)
+
+  def __call__(self, step: int, state, rep) -> None:
+    row, improved = self.selector(step, state)
+    best = self.selector.best
+    rep.scalars(step, {k: v for k, v in row.items() if k != "step"}, "val")
+    logging.info("validation at step %d: %s; best Dice %.4f (%s weights, step %d)", step,
+                 " ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "step"), best["dice"], best["weights"],
+                 best["step"])
+    if improved:
+      if step in self.mngr.all_steps():   # a resumed run re-validating a step it had saved before
+        self.mngr.delete(step)
+      checkpoint.save(self.mngr, step, self.selector.best_variables, {**self.meta, **self.selector.state_dict()})
+
+  def state_dict(self) -> dict:
+    return self.selector.state_dict()
+
+  def resume(self, meta: dict) -> None:
+    """The validation history from the resumed checkpoint, the best weights from <workdir>/best."""
+    saved = checkpoint.restore_latest(self.mngr, self.abstract)
+    best_meta = saved[1] if saved else {}
+    self.selector.load({"val_history": meta.get("val_history"), "best": best_meta.get("best")},
+                       saved[0] if saved else None)
+
+  def close(self) -> None:
+    self.mngr.wait_until_finished()
+    self.mngr.close()
+
+
+def finetune(cfg, workdir: str) -> dict:
+  mesh = train.make_mesh()
+  model, tx = train.build_model(cfg), train.make_optimizer(cfg, cfg.num_steps)
+  if cfg.eval_split not in ("val", "test"):
+    raise UsjaxError(f"config.eval_split must be 'val' or 'test', got {cfg.eval_split!r}")
+  if cfg.tta not in ("auto", "none", "hflip"):
+    raise UsjaxError(f"config.tta must be 'auto', 'none' or 'hflip', got {cfg.tta!r}")
+  transfer = {}
+  override = None
+  if cfg.init_from.endswith(".safetensors"):   # ImageNet weights exported from torchvision or timm
+    if cfg.transfer != "encoder":
+      raise UsjaxError(f"config.transfer must be 'encoder' with a .safetensors config.init_from (the file has no "
+                       f"decoder), got {cfg.transfer!r}")
+
+    def override(params, batch_stats):
+      params, batch_stats, info = torch_weights.load_resnet(os.path.abspath(os.path.expanduser(cfg.init_from)),
+                                                            params, batch_stats, cfg.model.encoder)
+      transfer.update(info)
+      return params, batch_stats
+  elif cfg.init_from:
+    parts = {"encoder": ("encoder",), "encoder+decoder": ("encoder", "decoder")}.get(cfg.transfer)
+    if parts is None:
+      raise UsjaxError(f"config.transfer must be 'encoder' or 'encoder+decoder', got {cfg.transfer!r}")
+
+    def override(params, batch_stats):
+      params, batch_stats, info = checkpoint.load_pretrained(cfg.init_from, params, batch_stats, parts,
+                                                                 encoder=cfg.model.encoder)
+      transfer.update(info)
+      return params, batch_stats
+  s = cfg.data.image_size
+  state = train.init_state(model, tx, cfg.seed, (2, s, s, cfg.data.channels), mesh, override)
+  if not cfg.init_from:
+    logging.info("training from scratch (no config.init_from): the supervised baseline")
+  if cfg.ema_decay > 0:
+    copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
+    state["extra"] = {"ema_params": copy(state["params"]), "ema_batch_stats": copy(state["batch_stats"])}
+  train_ds, n_train = pipeline.finetune_dataset(cfg.data, cfg.batch_size, cfg.seed)
+  logging.info("fine-tuning U-Net/%s (%.2fM parameters) on %s, %d%% labels = %d training images",
+               cfg.model.encoder, models.count_params(state["params"]) / 1e6, cfg.data.finetune_source,
+               cfg.data.label_fraction, n_train)
+  aug_cfg = augment.AugmentConfig.from_dict(cfg.augment)
+  loss_fn = functools.partial(segmentation_loss, model=model, aug_cfg=aug_cfg, ema_decay=cfg.ema_decay)
+  after = functools.partial(ema_after_step, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+  step_fn = train.compile_step(loss_fn, tx, mesh, after)
+  meta = {"task": "finetune", "model": cfg.model.to_dict(), "source": cfg.data.finetune_source,
+          "data": train.data_meta(cfg), "init_from": cfg.init_from, "transfer": cfg.transfer if cfg.init_from else "none"}
+
+  # Validation: the split is small (BUSI: 63 images), so its batches are prepared once and kept.
+  to_global = lambda a: train.global_batch(a, mesh)
+  scorers = {tta: evaluate.make_scorer(model, NamedSharding(mesh, P("data")), tta) for tta in (False, True)}
+  val_ids, val_labels = pipeline.split_labels(cfg.data, "val")
+  selector = evaluate.Selector(cfg.val_every, scorers[False], list(pipeline.eval_batches(cfg.data, "val",
+                               cfg.batch_size)), to_global, val_ids, val_labels, lambda st: candidates(st))
+  abstract_vars = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                               {"params": state["params"], "batch_stats": state["batch_stats"]})
+  best_dir = os.path.join(workdir, "best")
+  ckdir = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(best_dir) and not (os.path.isdir(ckdir) and any(n.isdigit() for n in os.listdir(ckdir))):
+    import shutil   # a best model from a run that saved nothing to resume from: this run starts over
+    shutil.rmtree(best_dir)
+  hook = Validation(selector, best_dir, meta, abstract_vars)
+  state, rep, summary = train.fit(cfg, workdir, "finetune", state, step_fn, iter(train_ds),
+                            lambda b: train.global_batch((b["image"], b["mask"]), mesh), mesh, meta, hook)
+
+  # The chosen model: the best (step, weights) on validation, then flip averaging only if validation says so.
+  best_vars, chosen = selector.best_variables, dict(selector.best)
+  val_plain = selector.score(best_vars)
+  use_tta = cfg.tta == "hflip"
+  if cfg.tta == "auto":
+    val_tta = selector.score(best_vars, scorers[True])
+    use_tta = val_tta["dice"] > val_plain["dice"]
+    chosen["val_dice_tta"] = val_tta["dice"]
+  chosen["tta"] = use_tta
+  val = val_tta if use_tta and cfg.tta == "auto" else selector.score(best_vars, scorers[use_tta])
+  chosen.update(val_dice=val["dice"], val_dice_lesion=val.get("dice_lesion"))
+  hook.close()
+  if jax.process_index() == 0:   # what launch/predict.py applies with the best weights
+    report.write_json(os.path.join(workdir, "best", "selection.json"), chosen)
+  logging.info("selected on validation: step %d, %s weights, flip averaging %s: validation Dice %.4f "
+               "(lesion images %.4f)", chosen["step"], chosen["weights"], "on" if use_tta else "off", val["dice"],
+               val.get("dice_lesion", float("nan")))
+
+  # The one read of the evaluation split (the test split only where the config asks for it).
+  if cfg.eval_split == "val":
+    scores, examples = evaluate.score_split(scorers[use_tta], best_vars, selector.batches, to_global, val_ids,
+                                            val_labels)
+  else:
+    ids, labels = pipeline.split_labels(cfg.data, cfg.eval_split)
+    batches = list(pipeline.eval_batches(cfg.data, cfg.eval_split, cfg.batch_size))
+    scores, examples = evaluate.score_split(scorers[use_tta], best_vars, batches, to_global, ids, labels)
+    last_vars = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    last, _ = evaluate.score_split(scorers[False], last_vars, batches, to_global, ids, labels)
+    summary["last_step"] = {k: v for k, v in evaluate.summarize(last).items()
+                            if k in ("dice", "dice_lesion", "iou", "iou_lesion")}
+  summary.update(evaluate.summarize(scores), source=cfg.data.finetune_source, label_fraction=cfg.data.label_fraction,
+                 train_images=n_train, eval_split=cfg.eval_split, init_from=cfg.init_from or None,
+                 transfer=transfer or None, selected=chosen, val_history=selector.history)
+  rep.scalars(cfg.num_steps, {k: summary[k] for k in ("dice", "dice_lesion", "iou") if k in summary},
+              cfg.eval_split)
+  if jax.process_index() == 0:
+    report.write_json(os.path.join(workdir, "per_image.json"), evaluate.per_image_rows(scores))
+    np.savez_compressed(os.path.join(workdir, "examples.npz"), **examples)
+  logging.info("%s split, the validation-chosen model: Dice %.4f over %d images, %.4f over the %d with a lesion; "
+               "IoU %.4f", cfg.eval_split, summary["dice"], summary["num_images"],
+               summary.get("dice_lesion", float("nan")), summary.get("num_lesion_images", 0), summary["iou"])
+  rep.close(workdir, summary)
+  return summary
+
+
+def candidates(state) -> dict:
+  """The weights that model selection compares: the trained ones and, when kept, their EMA."""
+  out = {"raw": {"params": state["params"], "batch_stats": state["batch_stats"]}}
+  if "extra" in state and "ema_params" in state["extra"]:
+    out["ema"] = {"params": state["extra"]["ema_params"], "batch_stats": state["extra"]["ema_batch_stats"]}
+  return out
