@@ -1,0 +1,42 @@
+"""The claim grid on one GPU: C1-C3 and the label-fraction curve, 3 seeds, 4 label fractions, 128 px.
+
+    python launch/main.py --config=configs/grid_gpu.py:data_cache/compact --workdir=runs/grid_gpu
+
+Pre-training arms: none (scratch), breast (BUSI training split), multi-organ (BUSI + POCUS lung) and multi-organ
++ natural (the CIFAR-10 folder), SimCLR; fine-tuning with the recipe of configs/finetune_busi_real.py (model
+chosen on validation, test scored once at the end) at 100, 50, 25 and 10% of the labels, 3 seeds: 4 x 4 x 3 = 48
+fine-tunes, trained 12 at a time in one program (`stack_runs`: the 4 fractions x 3 seeds of one arm share every
+shape). bf16 compute with fp32 weights. `launch/gpu_study.sh` is the prepared device run (versions, GPU tests,
+this grid, results packed for `results/grid_gpu/`).
+
+Status: sized from the measured H200 SimCLR rate (README: Benchmarks), not yet run; the README says so until the
+run's results are committed. A later session resumes it from `results/grid_gpu/` (finished runs are skipped).
+"""
+from configs import default, grid_cpu
+
+
+def get_config(data_root: str = "data_cache/compact"):
+  g = grid_cpu.get_config(data_root)
+  g.name = "gpu"
+  g.stack_runs = 12
+  g.sources.update({"multiorgan_natural": "busi,pocus,natural"})
+  g.label_fractions = (100, 50, 25, 10)
+  g.image_sizes = (128,)
+  g.seeds = (0, 1, 2)
+
+  g.pretrain.data.image_size = 128
+  g.pretrain.batch_size = 256
+  g.pretrain.num_steps = 1000
+  g.pretrain.simclr.temperature = 0.2   # SimCLR's value for larger batches (0.5 at 32)
+  g.pretrain.optim.warmup_steps = 100
+  g.pretrain.checkpoint_every = 500
+  g.pretrain.log_every = 50
+  g.pretrain.probe.every = 100
+  g.pretrain.model.dtype = "bfloat16"
+  g.pretrain.data.num_workers = 8
+
+  g.finetune.data.image_size = 128
+  g.finetune.num_steps = 2000
+  g.finetune.model.dtype = "bfloat16"
+  g.finetune.data.num_workers = 0
+  return g
