@@ -90,3 +90,21 @@ def test_sigterm_saves_at_a_step_boundary_and_the_resumed_run_equals_an_unbroken
   with open(tmp_path / "broken" / "history.json") as f:
     history = json.load(f)
   assert [r["step"] for r in history] == list(range(1, steps + 1))   # spans the run across the resume
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("data.label_fraction", 30, "config.data.label_fraction must be one of 100, 50, 25, 10, got 30"),
+    ("data.finetune_source", "bussi", "unknown source 'bussi'"),
+    ("data.finetune_source", "busi", "config.data.busi_dir must name the folder"),
+    ("tta", "vflip", "config.tta must be one of"),
+])
+def test_bad_config_values_fail_before_any_data_is_prepared(tmp_path, key, value, match):
+  from configs import finetune_busi
+  from usjax import UsjaxError
+  cfg = finetune_busi.get_config()
+  cfg.data.data_dir = str(tmp_path / "data")
+  section, _, name = key.rpartition(".")
+  setattr(cfg.data if section else cfg, name, value)
+  with pytest.raises(UsjaxError, match=match):
+    train.run(cfg, str(tmp_path / "run"))
+  assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()

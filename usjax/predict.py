@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -100,11 +101,16 @@ def _flat_shapes(tree) -> dict[str, tuple]:
 
 
 def latest_checkpoint(workdir: str) -> str:
-  """`<workdir>/checkpoints/<latest step>` (a workdir or its checkpoints/ folder is accepted)."""
+  """The model a fine-tuning run chose on validation (`<workdir>/best/<step>`), else `<workdir>/checkpoints/<latest
+  step>` (runs from before model selection); a workdir or a checkpoints folder is accepted."""
   path = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
   if not os.path.isdir(path):
     raise PredictError(f"{workdir}: workdir not found")
-  ckdir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+  ckdir = path
+  for sub in ("best", "checkpoints"):
+    if os.path.isdir(os.path.join(path, sub)) and any(n.isdigit() for n in os.listdir(os.path.join(path, sub))):
+      ckdir = os.path.join(path, sub)
+      break
   mngr = ocp.CheckpointManager(ckdir, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
   step = mngr.latest_step()
   mngr.close()
@@ -124,8 +130,18 @@ class Predictor:
   batch_size: int = 8
   checkpoint: str = ""
 
+  tta: bool = False   # left-right flip averaging, where the run's model selection kept it
+
   def __post_init__(self):
-    self._forward = jax.jit(lambda v, x: self.model.apply(v, x.astype(jnp.float32) / 255.0, train=False)[..., 0])
+    def forward(v, x):   # logits; with tta, those of the flip-averaged foreground probability
+      x = x.astype(jnp.float32) / 255.0
+      logits = self.model.apply(v, x, train=False)[..., 0]
+      if not self.tta:
+        return logits
+      prob = 0.5 * (jax.nn.sigmoid(logits) + jnp.flip(jax.nn.sigmoid(self.model.apply(
+          v, jnp.flip(x, 2), train=False)[..., 0]), 2))
+      return jnp.log(prob) - jnp.log1p(-prob)
+    self._forward = jax.jit(forward)
 
   def logits(self, squares: np.ndarray) -> np.ndarray:
     """[N, S, S, C] uint8 -> [N, S, S] float32, in batches padded to `batch_size` (one compile)."""
@@ -175,7 +191,12 @@ def load(workdir: str, *, image_size: int | None = None, channels: int | None = 
   variables = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(os.path.join(path, "state"), args=restore)
   logging.info("loaded %s: U-Net/%s, %d px, %d channel(s), aspect %s", path, meta["model"]["encoder"], s,
                cfg["channels"], cfg["aspect"])
-  return Predictor(model, variables, s, cfg["channels"], cfg["aspect"], batch_size, path)
+  selection = os.path.join(os.path.dirname(path), "selection.json")
+  tta = False
+  if os.path.isfile(selection):
+    with open(selection) as f:
+      tta = bool(json.load(f).get("tta", False))
+  return Predictor(model, variables, s, cfg["channels"], cfg["aspect"], batch_size, path, tta)
 
 
 # ---------------------------------------------------------------------------------------------------- outputs

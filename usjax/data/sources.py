@@ -56,6 +56,17 @@ def builder_for(name: str, data_cfg):
   return folders.prepare_folder(folder, ddir, name=name, channels=3 if name == "natural" else 1)
 
 
+def check_name(name: str, data_cfg, key: str) -> None:
+  """Fails in one line, before anything is prepared, on a source name that is unknown or whose folder is unset."""
+  if name in SYNTHETIC or name.startswith("tfds:"):
+    return
+  if name not in SOURCE_DIR_KEY:
+    raise DataError(f"config.data.{key}: unknown source {name!r}; known: "
+                    f"{', '.join(SYNTHETIC + tuple(SOURCE_DIR_KEY))}, tfds:NAME")
+  if not getattr(data_cfg, SOURCE_DIR_KEY[name]):
+    raise DataError(f"config.data.{SOURCE_DIR_KEY[name]} must name the folder for source {name!r}")
+
+
 def open_split(name: str, split: str, data_cfg, decoders=None):
   """Random-access source of one split (len() and [i] -> dict of numpy arrays)."""
   builder = builder_for(name, data_cfg)
