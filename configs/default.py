@@ -59,6 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.with_decoder = False      # pre-train the whole U-Net (encoder+decoder) instead of the encoder
   c.model.proj_dims = (512, 128)    # projection head: hidden layers..., output
   c.model.dtype = "float32"         # 'bfloat16' for mixed precision on GPU/TPU
+  c.model.conv_impl = "auto"        # convolutions and stem pool: 'xla' (plain Flax), 'cpu' (usjax.cpu_ops: the
+                                    # same functions, faster on XLA:CPU), 'auto' (cpu on the CPU backend, else xla)
 
   # Divergence that stays finite: a logged step's loss above `loss_spike_factor` times the median of the last
   # `window` steps stops the run like a NaN does (0 = off). Normal training never comes near 10x its median.

@@ -13,6 +13,8 @@ from configs import finetune_busi, pretrain_multiorgan
 from usjax import UsjaxError, checkpoint, train
 from usjax.checkpoint import CheckpointError
 
+pytestmark = pytest.mark.slow   # pre-trains and fine-tunes small networks end to end
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -12,6 +12,8 @@ from configs import finetune_busi
 from usjax import predict, train
 from usjax.data import DataError, pipeline, synthetic
 
+pytestmark = pytest.mark.slow   # fine-tunes a model to predict with
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -11,6 +11,8 @@ import pytest
 from configs import pretrain_multiorgan
 from usjax import checkpoint, train
 
+pytestmark = pytest.mark.slow   # starts multi-device and multi-process subprocesses
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEP = os.path.join(HERE, "step_check.py")
 

@@ -48,6 +48,7 @@ def Selector_due_every_zero():
   return not sel.due(5, 10) and sel.due(10, 10)
 
 
+@pytest.mark.slow
 def test_finetune_scores_the_best_on_validation_and_reads_test_only_after_training(tmp_path, monkeypatch):
   opened, trained = [], []
   real_open, real_fit = sources.open_split, train.fit

@@ -1,13 +1,15 @@
 """CPU lowerings of the models' convolutions and max-pool: the same functions as XLA's, computed in ways that
 XLA:CPU runs faster (im2col and shifted-window matmuls, Winograd, convolutions of upsampled maps on the low-res
-map, a max-pool with an elementwise gradient). `models` uses them on the CPU backend only; every one is tested
-against the plain XLA or Flax operation it replaces (`tests/test_conv_lowering.py`), and
+map, a max-pool with an elementwise gradient). `models.layers` puts them in the models' place of `nn.Conv`,
+`models.UpsampleConv` and `nn.max_pool` (`config.model.conv_impl`: by default on the CPU backend only); every one
+is tested against the plain XLA or Flax operation it replaces (`tests/test_conv_lowering.py`), and
 `launch/benchmark.py --what=conv` times the convolution lowerings per pass.
 """
 from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -237,11 +239,39 @@ def _cpu_conv_bwd(stride, res, dy):
 cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
 
 
-def upsample2x(x):
-  """Nearest-neighbour x2 upsampling as a broadcast: the same values as `jax.image.resize(..., "nearest")`,
-  whose gather-based gradient is slow on CPU."""
-  b, h, w, c = x.shape
-  return jnp.broadcast_to(x[:, :, None, :, None], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None):
+  """`jax.lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`: the convolutions the models make
+  (SAME, NHWC/HWIO, equal strides, no dilation or groups) go to `cpu_conv`, any other to XLA's."""
+  nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+  if (isinstance(padding, str) and padding == "SAME" and lhs.ndim == 4 and len(set(window_strides)) == 1
+      and set(lhs_dilation or (1,)) == set(rhs_dilation or (1,)) == {1} and feature_group_count == 1
+      and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc):
+    return cpu_conv(lhs, rhs, window_strides[0])
+  return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                      dimension_numbers, feature_group_count, precision=precision)
+
+
+class UpsampleConv(nn.Conv):
+  """`models.UpsampleConv` (`nn.Conv` of `concat([upsample2x(x), skip])`, 3x3, SAME, stride 1), with the same
+  parameters, computed without building that concatenation: `conv3x3_upsampled` of x with the kernel's first
+  input channels, plus `cpu_conv` of the skip with the others."""
+
+  @nn.compact
+  def __call__(self, x, skip=None):
+    if (tuple(self.kernel_size), self.strides, self.padding) not in (((3, 3), 1, "SAME"), ((3, 3), (1, 1), "SAME")):
+      raise ValueError(f"cpu_ops.UpsampleConv is 3x3, stride 1, SAME only: got kernel_size={self.kernel_size}, "
+                       f"strides={self.strides}, padding={self.padding!r}")
+    c = x.shape[-1]
+    cin = c + (0 if skip is None else skip.shape[-1])
+    # created in nn.Conv's order (kernel, then bias), so that they initialise to the same values
+    kernel = self.param("kernel", self.kernel_init, (3, 3, cin, self.features), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+    x, skip, kernel, bias = self.promote_dtype(x, skip, kernel, bias, dtype=self.dtype)
+    y = conv3x3_upsampled(x, kernel[:, :, :c])
+    if skip is not None:
+      y = y + cpu_conv(skip, kernel[:, :, c:], 1)
+    return y if bias is None else y + bias
 
 
 def _pool_windows(x) -> list[jax.Array]:

@@ -195,10 +195,7 @@ def _pred_dims(cfg, section: str) -> tuple[int, ...]:
 
 def _pretrain_net(m, pred_dims) -> models.PretrainNet:
   """The PretrainNet of `config.model` (the U-Net's encoder, optionally its decoder) with the method's predictor."""
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.dtype]
-  return models.PretrainNet(encoder=m.encoder, decoder_widths=tuple(m.decoder_widths), norm=m.norm,
-                            with_decoder=m.with_decoder, proj_dims=tuple(m.proj_dims), pred_dims=tuple(pred_dims),
-                            dtype=dtype)
+  return models.pretrain_net_from_config(m, pred_dims)
 
 
 def make_method(cfg) -> Method:

@@ -5,17 +5,23 @@ their decoder `decoder`, so moving pre-trained weights into a segmentation model
 (see `usjax.checkpoint.load_pretrained`). Layout follows the common segmentation U-Net (as in
 segmentation_models_pytorch): encoder features at strides 2, 4, 8, 16, 32; a decoder of upsample + skip-concat +
 two 3x3 conv blocks with widths (256, 128, 64, 32, 16); a 3x3 conv segmentation head.
+
+The layers are module arguments, as in Flax's ImageNet ResNet: every convolution is `conv` (default `nn.Conv`),
+the decoder's first convolution at each stride is `up_conv` (default `UpsampleConv`, an `nn.Conv` of the
+upsampled map concatenated with the skip) and the ResNet stem's max-pool is `pool` (default `max_pool`). `layers`
+gives the CPU lowerings of `usjax.cpu_ops` in their place (the same functions with the same parameters), and
+`unet_from_config`, `pretrain_net_from_config` and `encoder_from_config` build the networks of a `config.model`.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from usjax.cpu_ops import conv3x3_upsampled, cpu_conv, lax_conv, max_pool_3x3_s2, upsample2x
+from usjax import cpu_ops
 
 ModuleDef = Any
 # torchvision's ResNet initialisation: He normal, fan-out.
@@ -24,39 +30,27 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 RESNET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3)}
 
 
-class Conv(nn.Module):
-  """`nn.Conv` (same parameter names and layout, SAME padding) that picks the faster XLA lowering per shape.
+def upsample2x(x):
+  """Nearest-neighbour x2 upsampling as a broadcast: the same values as `jax.image.resize(..., "nearest")`,
+  whose gather-based gradient is slow on CPU."""
+  b, h, w, c = x.shape
+  return jnp.broadcast_to(x[:, :, None, :, None], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
 
-  With `upsample`, it convolves `concat([upsample2x(x), skip])` (the U-Net decoder's input); on CPU the
-  upsampled part is computed by `conv3x3_upsampled` without building it."""
-  features: int
-  kernel_size: tuple[int, int] = (3, 3)
-  strides: int = 1
-  use_bias: bool = True
-  kernel_init: Callable = conv_init
-  dtype: Any = jnp.float32
-  upsample: bool = False
+
+def max_pool(x):
+  """ResNet's stem pool: 3x3 windows, stride 2, one pixel of padding."""
+  return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+
+
+class UpsampleConv(nn.Conv):
+  """`nn.Conv` of `concat([upsample2x(x), skip])`: the U-Net decoder's first convolution at each stride."""
 
   @nn.compact
   def __call__(self, x, skip=None):
-    kh, kw = self.kernel_size
-    cin = x.shape[-1] + (0 if skip is None else skip.shape[-1])
-    kernel = self.param("kernel", self.kernel_init, (kh, kw, cin, self.features), jnp.float32)
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    skip = None if skip is None else skip.astype(self.dtype)
-    on_cpu = jax.default_backend() == "cpu"
-    if self.upsample and on_cpu and self.kernel_size == (3, 3) and self.strides == 1:
-      c = x.shape[-1]
-      y = conv3x3_upsampled(x, kernel[:, :, :c])
-      if skip is not None:
-        y = y + cpu_conv(skip, kernel[:, :, c:], 1)
-    else:
-      x = upsample2x(x) if self.upsample else x
-      x = x if skip is None else jnp.concatenate([x, skip], axis=-1)
-      y = cpu_conv(x, kernel, self.strides) if on_cpu else lax_conv(x, kernel, self.strides)
-    if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
-    return y
+    x = upsample2x(x)
+    if skip is not None:
+      x = jnp.concatenate([x, skip], axis=-1)
+    return super().__call__(x)
 
 
 def norm_layer(kind: str, train: bool, dtype) -> Callable[..., nn.Module]:
@@ -105,20 +99,19 @@ class ResNetEncoder(nn.Module):
   depth: int = 18
   norm: str = "batch"
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  pool: Callable = max_pool
 
   @nn.compact
   def __call__(self, x, train: bool = True) -> list[jax.Array]:
     if self.depth not in RESNET_STAGES:
       raise ValueError(f"model.encoder depth must be one of {sorted(RESNET_STAGES)}, got {self.depth}")
     norm = norm_layer(self.norm, train, self.dtype)
-    conv = functools.partial(Conv, use_bias=False, dtype=self.dtype)
+    conv = functools.partial(self.conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
     block = Bottleneck if self.depth >= 50 else BasicBlock
     x = nn.relu(norm(name="stem_norm")(conv(64, (7, 7), 2, name="stem")(x)))
     feats = [x]
-    if jax.default_backend() == "cpu":
-      x = max_pool_3x3_s2(x)
-    else:
-      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    x = self.pool(x)
     for i, n_blocks in enumerate(RESNET_STAGES[self.depth]):
       for j in range(n_blocks):
         x = block(64 * 2**i, 2 if (j == 0 and i > 0) else 1, norm, conv, name=f"layer{i + 1}_{j}")(x)
@@ -126,63 +119,80 @@ class ResNetEncoder(nn.Module):
     return feats
 
 
+class ConvBlock(nn.Module):
+  """Two 3x3 conv + norm + ReLU: the plain encoder's unit."""
+  features: int
+  norm: ModuleDef
+  conv: ModuleDef
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(self.norm()(self.conv(self.features, (3, 3))(x)))
+    return nn.relu(self.norm()(self.conv(self.features, (3, 3))(x)))
+
+
 class PlainEncoder(nn.Module):
   """The original U-Net encoder: double 3x3 convs and 2x2 max-pools; features at strides 1, 2, 4, 8, 16."""
   widths: Sequence[int] = (32, 64, 128, 256, 512)
   norm: str = "batch"
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
 
   @nn.compact
   def __call__(self, x, train: bool = True) -> list[jax.Array]:
     norm = norm_layer(self.norm, train, self.dtype)
+    conv = functools.partial(self.conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
     feats = []
     for i, w in enumerate(self.widths):
       if i:
         x = nn.max_pool(x, (2, 2), (2, 2))
-      x = ConvBlock(w, norm, self.dtype, name=f"down{i}")(x)
+      x = ConvBlock(w, norm, conv, name=f"down{i}")(x)
       feats.append(x)
     return feats
 
 
-class ConvBlock(nn.Module):
-  """Two 3x3 conv + norm + ReLU: the U-Net decoder (and plain encoder) unit. With `upsample`, the first
-  convolution's input is `concat([upsample2x(x), skip])`."""
+class DecoderBlock(nn.Module):
+  """Upsample x2, concatenate the skip (if any), then two 3x3 conv + norm + ReLU. The first convolution is
+  `up_conv(x, skip)`, the convolution of that concatenation (`UpsampleConv`)."""
   features: int
   norm: ModuleDef
-  dtype: Any = jnp.float32
-  upsample: bool = False
+  conv: ModuleDef
+  up_conv: ModuleDef
 
   @nn.compact
   def __call__(self, x, skip=None):
-    x = Conv(self.features, (3, 3), use_bias=False, dtype=self.dtype, upsample=self.upsample)(x, skip)
-    x = nn.relu(self.norm()(x))
-    x = Conv(self.features, (3, 3), use_bias=False, dtype=self.dtype)(x)
-    return nn.relu(self.norm()(x))
+    # explicit names: those that auto-naming gave two `Conv` modules, which every checkpoint holds
+    x = nn.relu(self.norm()(self.up_conv(self.features, (3, 3), name="Conv_0")(x, skip)))
+    return nn.relu(self.norm()(self.conv(self.features, (3, 3), name="Conv_1")(x)))
 
 
 class UNetDecoder(nn.Module):
-  """Upsample x2, concatenate the skip at that stride, ConvBlock; extra blocks (no skip) up to full size."""
+  """A DecoderBlock per stride, each with the encoder's skip at its output stride; extra blocks (no skip) up to
+  full size."""
   widths: Sequence[int] = (256, 128, 64, 32, 16)
   norm: str = "batch"
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  up_conv: ModuleDef = UpsampleConv
 
   @nn.compact
   def __call__(self, feats: list[jax.Array], out_hw: tuple[int, int], train: bool = True) -> jax.Array:
     norm = norm_layer(self.norm, train, self.dtype)
+    conv, up_conv = (functools.partial(c, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
+                     for c in (self.conv, self.up_conv))
     x, skips = feats[-1], feats[-2::-1]
     for i, w in enumerate(self.widths):
-      h = x.shape[1]
-      if h >= out_hw[0]:
+      if x.shape[1] >= out_hw[0]:
         break
-      x = ConvBlock(w, norm, self.dtype, upsample=True, name=f"up{i}")(x, skips[i] if i < len(skips) else None)
+      x = DecoderBlock(w, norm, conv, up_conv, name=f"up{i}")(x, skips[i] if i < len(skips) else None)
     return x
 
 
-def make_encoder(name: str, norm: str, dtype) -> nn.Module:
+def make_encoder(name: str, norm: str, dtype, conv: ModuleDef = nn.Conv, pool: Callable = max_pool) -> nn.Module:
   if name == "plain":
-    return PlainEncoder(norm=norm, dtype=dtype, name="encoder")
+    return PlainEncoder(norm=norm, dtype=dtype, conv=conv, name="encoder")
   if name.startswith("resnet") and name[6:].isdigit():
-    return ResNetEncoder(depth=int(name[6:]), norm=norm, dtype=dtype, name="encoder")
+    return ResNetEncoder(depth=int(name[6:]), norm=norm, dtype=dtype, conv=conv, pool=pool, name="encoder")
   raise ValueError(f"model.encoder must be 'plain' or 'resnet18/34/50', got {name!r}")
 
 
@@ -193,14 +203,19 @@ class UNet(nn.Module):
   norm: str = "batch"
   num_classes: int = 1
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  up_conv: ModuleDef = UpsampleConv
+  pool: Callable = max_pool
 
   @nn.compact
   def __call__(self, x, train: bool = True) -> jax.Array:
-    feats = make_encoder(self.encoder, self.norm, self.dtype)(x.astype(self.dtype), train)
+    encoder = make_encoder(self.encoder, self.norm, self.dtype, self.conv, self.pool)
+    feats = encoder(x.astype(self.dtype), train)
     widths = self.decoder_widths if self.encoder != "plain" else self.decoder_widths[1:]
-    y = UNetDecoder(widths, self.norm, self.dtype, name="decoder")(feats, x.shape[1:3], train)
-    logits = Conv(self.num_classes, (3, 3), kernel_init=nn.initializers.lecun_normal(), dtype=self.dtype,
-                  name="seg_head")(y)
+    y = UNetDecoder(widths, self.norm, self.dtype, self.conv, self.up_conv, name="decoder")(feats, x.shape[1:3],
+                                                                                             train)
+    logits = self.conv(self.num_classes, (3, 3), kernel_init=nn.initializers.lecun_normal(), dtype=self.dtype,
+                       name="seg_head")(y)
     return logits.astype(jnp.float32)
 
 
@@ -230,14 +245,19 @@ class PretrainNet(nn.Module):
   proj_dims: Sequence[int] = (512, 128)
   pred_dims: Sequence[int] = ()   # a predictor head (SimSiam, BYOL) when non-empty
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  up_conv: ModuleDef = UpsampleConv
+  pool: Callable = max_pool
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     """Returns (projection z, prediction p); p is z when the method has no predictor."""
-    feats = make_encoder(self.encoder, self.norm, self.dtype)(x.astype(self.dtype), train)
+    encoder = make_encoder(self.encoder, self.norm, self.dtype, self.conv, self.pool)
+    feats = encoder(x.astype(self.dtype), train)
     if self.with_decoder:
       widths = self.decoder_widths if self.encoder != "plain" else self.decoder_widths[1:]
-      y = UNetDecoder(widths, self.norm, self.dtype, name="decoder")(feats, x.shape[1:3], train)
+      y = UNetDecoder(widths, self.norm, self.dtype, self.conv, self.up_conv, name="decoder")(feats, x.shape[1:3],
+                                                                                               train)
     else:
       y = feats[-1]
     z = MLPHead(self.proj_dims, self.dtype, name="projector")(jnp.mean(y, axis=(1, 2)), train)
@@ -247,3 +267,48 @@ class PretrainNet(nn.Module):
 
 def count_params(params) -> int:
   return sum(int(p.size) for p in jax.tree.leaves(params))
+
+
+# ---------------------------------------------------------------------------------------------------- from config
+CONV_IMPLS = ("auto", "xla", "cpu")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def layers(conv_impl: str = "auto") -> dict[str, Any]:
+  """The `conv`, `up_conv` and `pool` arguments of `config.model.conv_impl`: 'xla' the plain Flax layers (XLA's
+  convolutions and pool), 'cpu' the lowerings of `usjax.cpu_ops` (the same functions and parameters, faster on
+  XLA:CPU), 'auto' the CPU lowerings on the CPU backend and XLA's elsewhere."""
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f"model.conv_impl must be one of {', '.join(CONV_IMPLS)}, got {conv_impl!r}")
+  if conv_impl == "auto":
+    conv_impl = "cpu" if jax.default_backend() == "cpu" else "xla"
+  if conv_impl == "cpu":
+    return {"conv": functools.partial(nn.Conv, conv_general_dilated=cpu_ops.conv_general_dilated),
+            "up_conv": cpu_ops.UpsampleConv, "pool": cpu_ops.max_pool_3x3_s2}
+  return {"conv": nn.Conv, "up_conv": UpsampleConv, "pool": max_pool}
+
+
+def _common(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """The arguments every network of a model config shares: norm, dtype and the layers of its conv_impl. Checkpoint
+  metas of older runs lack some keys: they get the defaults those runs had."""
+  return {"norm": model_cfg.get("norm", "batch"), "dtype": DTYPES[model_cfg.get("dtype", "float32")],
+          **layers(model_cfg.get("conv_impl", "auto"))}
+
+
+def unet_from_config(model_cfg: Mapping[str, Any]) -> UNet:
+  """The segmentation U-Net of a model config (`config.model`, or a checkpoint's `meta['model']`)."""
+  return UNet(encoder=model_cfg["encoder"], decoder_widths=tuple(model_cfg["decoder_widths"]), **_common(model_cfg))
+
+
+def pretrain_net_from_config(model_cfg: Mapping[str, Any], pred_dims: Sequence[int] = ()) -> PretrainNet:
+  """The PretrainNet of a model config (the U-Net's encoder, and its decoder with `with_decoder`) with a
+  predictor head of `pred_dims` (none when empty)."""
+  return PretrainNet(encoder=model_cfg["encoder"], decoder_widths=tuple(model_cfg["decoder_widths"]),
+                     with_decoder=model_cfg["with_decoder"], proj_dims=tuple(model_cfg["proj_dims"]),
+                     pred_dims=tuple(pred_dims), **_common(model_cfg))
+
+
+def encoder_from_config(model_cfg: Mapping[str, Any]) -> nn.Module:
+  """The standalone encoder of a model config, named `encoder` as inside the U-Net."""
+  common = _common(model_cfg)
+  return make_encoder(model_cfg["encoder"], common["norm"], common["dtype"], common["conv"], common["pool"])

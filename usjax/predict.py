@@ -90,9 +90,7 @@ def settings(meta: dict, image_size=None, channels=None, aspect=None) -> dict:
 
 
 def build_unet(model_meta: dict) -> models.UNet:
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_meta.get("dtype", "float32")]
-  return models.UNet(encoder=model_meta["encoder"], decoder_widths=tuple(model_meta["decoder_widths"]),
-                     norm=model_meta["norm"], dtype=dtype)
+  return models.unet_from_config(model_meta)
 
 
 def _flat_shapes(tree) -> dict[str, tuple]:

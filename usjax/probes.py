@@ -209,8 +209,7 @@ def uniformity(z, t: float = 2.0):
 # ---------------------------------------------------------------------------------------------------- features
 def build_encoder(model_cfg: Mapping[str, Any]) -> nn.Module:
   """The standalone encoder of a model config (`cfg.model`, or a checkpoint's `meta['model']`)."""
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_cfg.get("dtype", "float32")]
-  return models.make_encoder(model_cfg["encoder"], model_cfg.get("norm", "batch"), dtype)
+  return models.encoder_from_config(model_cfg)
 
 
 def encoder_variables(variables: Mapping[str, Any]) -> dict:

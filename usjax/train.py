@@ -54,9 +54,7 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
 
 def build_model(cfg) -> models.UNet:
   """The segmentation U-Net of `cfg.model` (pre-training networks come from `methods.make_method`)."""
-  m = cfg.model
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.dtype]
-  return models.UNet(encoder=m.encoder, decoder_widths=tuple(m.decoder_widths), norm=m.norm, dtype=dtype)
+  return models.unet_from_config(cfg.model)
 
 
 def init_state(model, tx, seed: int, input_shape, mesh, params_override=None) -> dict:
