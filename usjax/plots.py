@@ -44,20 +44,21 @@ def plot_label_curves(curves: Mapping[str, list[dict]], path: str) -> str:
   return _save(fig, path, ax, "" if curves else "no finished runs")
 
 
-def plot_loss_curves(histories: dict[str, list[dict]], path: str, title: str = "training loss") -> str:
-  """One line per run; a legend only while it stays readable."""
+def plot_loss_curves(histories: dict[str, list[dict]], path: str, title: str = "training loss",
+                     key: str = "loss", ylabel: str = "loss") -> str:
+  """One line per run (`key` of each history row against its step); a legend only while it stays readable."""
   fig, axes = _figure()
   ax = axes[0, 0]
-  curves = {n: [(h["step"], h["loss"]) for h in hist or [] if "step" in h and h.get("loss") is not None]
+  curves = {n: [(h["step"], h[key]) for h in hist or [] if "step" in h and h.get(key) is not None]
             for n, hist in histories.items()}
   for name, pts in ((n, p) for n, p in curves.items() if p):
     ax.plot(*zip(*pts), label=name, lw=1)
   drawn = sum(bool(p) for p in curves.values())
   if 0 < drawn <= 12:
     ax.legend(fontsize=7)
-  ax.set(xlabel="step", ylabel="loss", title=title)
+  ax.set(xlabel="step", ylabel=ylabel, title=title)
   ax.grid(alpha=0.3)
-  return _save(fig, path, ax, "" if drawn else "no loss history")
+  return _save(fig, path, ax, "" if drawn else f"no {key} history")
 
 
 def plot_overlays(images, masks, preds, titles, path: str, ncols: int = 4) -> str:
