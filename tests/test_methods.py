@@ -125,6 +125,7 @@ def trainer(name):
   return method, tx, step
 
 
+@pytest.mark.slow   # compiles a MoCo train step
 def test_moco_enqueues_normalised_keys_at_the_pointer():
   method, tx, step = trainer("moco")
   params, batch_stats, extra = init(method)
@@ -147,6 +148,7 @@ def test_moco_enqueues_normalised_keys_at_the_pointer():
     assert int(after["queue_ptr"]) == (ptr + 2 * N) % k_size
 
 
+@pytest.mark.slow   # compiles and runs each method's train step
 @pytest.mark.parametrize("name", methods.METHODS)
 def test_method_trains_a_few_steps(name):
   method, tx, step = trainer(name)

@@ -113,6 +113,7 @@ def test_bad_source_names_and_weights(synth):
     pipeline.pretrain_dataset(data_cfg(synth, pretrain_sources="busi"), 4, 0)
 
 
+@pytest.mark.slow   # prepares and streams the shared real data
 @pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "busi")), reason="../shared/data is absent")
 def test_real_multi_source_mixture_streams(tmp_path_factory):
   d = tmp_path_factory.mktemp("real")
