@@ -38,10 +38,14 @@ def pretrained(tmp_path_factory):
 def test_pretrain_writes_checkpoint_summary_and_events(pretrained):
   root, summary = pretrained
   with open(root / "pre" / "summary.json") as f:
-    assert json.load(f) == pytest.approx(summary)
+    saved = json.load(f)
+  assert saved.keys() == summary.keys()
+  scalars = {k for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+  assert {k: saved[k] for k in scalars} == pytest.approx({k: summary[k] for k in scalars})
+  assert saved["probe_history"] == [] and saved["collapsed"] is False   # no probe set on synthetic data
   assert summary["steps"] == 4 and np.isfinite(summary["final_loss"])
   assert summary["images_per_sec"] > 0
-  assert sorted(os.listdir(root / "pre" / "checkpoints")) == ["2", "4"]
+  assert sorted(n for n in os.listdir(root / "pre" / "checkpoints") if n.isdigit()) == ["2", "4"]
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(root / "pre" / "tb"))
 
 
