@@ -44,6 +44,8 @@ flags.DEFINE_integer("warmup", 6, "Untimed steps per case after compilation (pip
                      "the first 5 or so steps of a process.")
 flags.DEFINE_string("encoder", "resnet18", "model.encoder")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "model.dtype")
+flags.DEFINE_enum("conv_impl", "auto", ["auto", "xla", "cpu"], "model.conv_impl: the convolutions' and stem pool's "
+                  "lowerings (auto = usjax.cpu_ops on CPU, XLA's elsewhere).")
 flags.DEFINE_list("cases", "unet,simclr", "Step cases: unet (fine-tuning), simclr (pre-training).")
 flags.DEFINE_list("variants", "aug,noaug", "Step variants: aug (the real step), noaug (no augmentation).")
 flags.DEFINE_string("data_root", os.path.join(os.path.dirname(ROOT), "shared", "data"),
@@ -64,10 +66,11 @@ FLAGS = flags.FLAGS
 
 def base_config(case: str = "unet"):
   """configs/finetune_busi.py's U-Net, or (case simclr) configs/pretrain_multiorgan.py's SimCLR with a
-  512-512-128 projection head, at the flags' encoder, dtype, batch and size."""
+  512-512-128 projection head, at the flags' encoder, dtype, conv_impl, batch and size."""
   from configs import default
   cfg = default.get_config()
   cfg.model.encoder, cfg.model.dtype, cfg.batch_size = FLAGS.encoder, FLAGS.dtype, FLAGS.batch
+  cfg.model.conv_impl = FLAGS.conv_impl
   cfg.data.image_size = FLAGS.res
   if case == "simclr":
     cfg.method, cfg.model.proj_dims = "simclr", (512, 128)
@@ -198,6 +201,7 @@ def conv_shapes(case: str) -> dict:
     seen[(tuple(x_shape), tuple(kernel_shape), stride)] += 1
     return original(x_shape, kernel_shape, stride)
   cfg = base_config(case)
+  cfg.model.conv_impl = "cpu"   # the shapes are those `cpu_conv` chooses a lowering for
   n = FLAGS.batch
   if case == "simclr":
     model, n = methods.make_method(cfg).model, 2 * FLAGS.batch
@@ -349,7 +353,8 @@ def main(argv):
     for name, res in gen:
       rows.append((name, res))
       print(json.dumps({"case": name, "res": FLAGS.res, "batch": FLAGS.batch, "encoder": FLAGS.encoder,
-                        "dtype": FLAGS.dtype, **{k: round(v, 4) for k, v in res.items()}}), flush=True)
+                        "dtype": FLAGS.dtype, "conv_impl": FLAGS.conv_impl,
+                        **{k: round(v, 4) for k, v in res.items()}}), flush=True)
   throughput = [(n, r) for n, r in rows if "img_s" in r]
   rate_cols = (("img_s", "img/s", 9, 1), ("views_s", "views/s", 9, 1), ("pipe_img_s", "pipe img/s", 11, 1),
                ("step_ms", "step ms", 9, 1), ("compile_s", "compile s", 11, 1), ("gflop_s", "GFLOP/s", 10, 1),

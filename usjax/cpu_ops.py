@@ -252,6 +252,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                       dimension_numbers, feature_group_count, precision=precision)
 
 
+# `nn.Conv` with the convolution above: the same module, parameters and auto-names (Conv_0, ...)
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+
+
 class UpsampleConv(nn.Conv):
   """`models.UpsampleConv` (`nn.Conv` of `concat([upsample2x(x), skip])`, 3x3, SAME, stride 1), with the same
   parameters, computed without building that concatenation: `conv3x3_upsampled` of x with the kernel's first

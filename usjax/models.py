@@ -283,8 +283,7 @@ def layers(conv_impl: str = "auto") -> dict[str, Any]:
   if conv_impl == "auto":
     conv_impl = "cpu" if jax.default_backend() == "cpu" else "xla"
   if conv_impl == "cpu":
-    return {"conv": functools.partial(nn.Conv, conv_general_dilated=cpu_ops.conv_general_dilated),
-            "up_conv": cpu_ops.UpsampleConv, "pool": cpu_ops.max_pool_3x3_s2}
+    return {"conv": cpu_ops.Conv, "up_conv": cpu_ops.UpsampleConv, "pool": cpu_ops.max_pool_3x3_s2}
   return {"conv": nn.Conv, "up_conv": UpsampleConv, "pool": max_pool}
 
 
