@@ -5,8 +5,9 @@
 Pre-training arms: none (scratch), breast (BUSI training split), multi-organ (BUSI + POCUS lung) and multi-organ
 + natural (the CIFAR-10 folder), SimCLR; fine-tuning with the recipe of configs/finetune_busi_real.py (model
 chosen on validation, test scored once at the end) at 100, 50, 25 and 10% of the labels, 3 seeds: 4 x 4 x 3 = 48
-fine-tunes, trained 12 at a time in one program (`stack_runs`: the 4 fractions x 3 seeds of one arm share every
-shape). bf16 compute with fp32 weights. `launch/gpu_study.sh` is the prepared device run (versions, GPU tests,
+fine-tunes. bf16 compute with fp32 weights. At one fine-tune at a time this does not fit 8 minutes: the runs of one
+arm share every shape and are meant to train together in one program (jax.vmap over their states), which is not
+built yet. `launch/gpu_study.sh` is the prepared device run (versions, GPU tests,
 this grid, results packed for `results/grid_gpu/`).
 
 Status: sized from the measured H200 SimCLR rate (README: Benchmarks), not yet run; the README says so until the
@@ -18,7 +19,6 @@ from configs import default, grid_cpu
 def get_config(data_root: str = "data_cache/compact"):
   g = grid_cpu.get_config(data_root)
   g.name = "gpu"
-  g.stack_runs = 12
   g.sources.update({"multiorgan_natural": "busi,pocus,natural"})
   g.label_fractions = (100, 50, 25, 10)
   g.image_sizes = (128,)

@@ -46,6 +46,14 @@ def plan(g) -> tuple[list[tuple[dict, str, ml_collections.ConfigDict]], list[tup
       fields = dict(pretrain=name, method=method if arm else "none", transfer=transfer if arm else "none",
                     label_fraction=fraction, image_size=size, seed=seed)
       fine.append((fields, "ft_" + _name(**fields), cfg))
+  imagenet = g.get("imagenet", "")   # a torchvision/timm ResNet .safetensors file: the field's default start
+  for fraction, size, seed in itertools.product(g.label_fractions if imagenet else (), g.image_sizes, g.seeds):
+    cfg = ml_collections.ConfigDict(g.finetune.to_dict())
+    cfg.data.label_fraction, cfg.data.image_size, cfg.seed = fraction, size, seed
+    cfg.init_from, cfg.transfer = os.path.abspath(os.path.expanduser(imagenet)), "encoder"
+    fields = dict(pretrain="imagenet", method="supervised", transfer="encoder", label_fraction=fraction,
+                  image_size=size, seed=seed)
+    fine.append((fields, "ft_" + _name(**fields), cfg))
   return pre, fine
 
 
@@ -78,7 +86,7 @@ def run(g, root: str) -> dict:
   logging.info("grid %s: %d pre-training runs, %d fine-tuning cells, %d still to run", g.name, len(pre), len(fine),
                len(todo))
   for k, (fields, run_name, cfg) in enumerate(todo):
-    if cfg.task == "finetune" and cfg.init_from:
+    if cfg.task == "finetune" and cfg.init_from and not cfg.init_from.endswith(".safetensors"):
       if not finished(os.path.join(root, cfg.init_from)):
         raise UsjaxError(f"grid {g.name}: pre-training run {cfg.init_from} did not finish")
       cfg.init_from = os.path.join(root, cfg.init_from)
