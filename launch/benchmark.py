@@ -13,7 +13,7 @@ Prints a table and one JSON line per case. Step cases run `usjax.train`'s own ji
 real shapes; each is timed twice: `+aug` is the real step (on-device augmentation included) and `noaug` is the
 same step fed the images directly, the like-for-like number for a framework benchmark that does no augmentation.
 Images/second count source images (a SimCLR image is two views); warm-up and compilation are excluded.
-GFLOP/s is the step's FLOPs (`usjax.report.step_flops`: its matmuls and convolutions as they run, so CPU
+GFLOP/s is the step's FLOPs (`usjax.flops.step_flops`: its matmuls and convolutions as they run, so CPU
 Winograd convolutions count 2.25x fewer) over the mean step time, and MFU that over the chip's dense peak
 (`--peak_tflops`, else the bf16 peak of a known accelerator; accelerators run the model's direct convolutions).
 `feed` times the grain pipeline alone (the host's ceiling), then the real SimCLR step on its batches: dispatch
@@ -94,7 +94,7 @@ def peak_flops() -> float:
 
 
 def rates(flops: float, mean_s: float, n_images: int, views: int) -> dict:
-  """Throughput of a step of `flops` (`report.step_flops`) in `mean_s` seconds: images and views per second,
+  """Throughput of a step of `flops` (`flops.step_flops`) in `mean_s` seconds: images and views per second,
   achieved GFLOP/s and MFU."""
   import jax
   peak = peak_flops()
@@ -107,10 +107,10 @@ def rates(flops: float, mean_s: float, n_images: int, views: int) -> dict:
 
 def compile_timed(step_fn, state, batch):
   """(the compiled step, seconds its compilation took, its FLOPs)."""
-  from usjax import report
+  from usjax import flops
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
-  return compiled, time.perf_counter() - t0, report.step_flops(step_fn, state, batch)
+  return compiled, time.perf_counter() - t0, flops.step_flops(step_fn, state, batch)
 
 
 # A step that page-faults more than this (40 MB) re-touched memory the kernel took back: on the 2-core development
