@@ -33,6 +33,8 @@ def get_config(data_root: str = "../shared/data"):
   g.label_fractions = (100, 50)
   g.image_sizes = (64,)
   g.seeds = (0, 1, 2)
+  g.results_dir = "results/grid_cpu"   # each finished run's small outputs, committed; a new workdir goes on from them
+  g.stack_runs = 1                     # one fine-tune at a time: on CPU stacking runs gains nothing
 
   g.pretrain = default.get_config()
   g.pretrain.task = "pretrain"

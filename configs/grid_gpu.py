@@ -5,13 +5,16 @@
 Pre-training arms: none (scratch), breast (BUSI training split), multi-organ (BUSI + POCUS lung) and multi-organ
 + natural (the CIFAR-10 folder), SimCLR; fine-tuning with the recipe of configs/finetune_busi_real.py (model
 chosen on validation, test scored once at the end) at 100, 50, 25 and 10% of the labels, 3 seeds: 4 x 4 x 3 = 48
-fine-tunes. bf16 compute with fp32 weights. At one fine-tune at a time this does not fit 8 minutes: the runs of one
-arm share every shape and are meant to train together in one program (jax.vmap over their states), which is not
-built yet. `launch/gpu_study.sh` is the prepared device run (versions, GPU tests,
-this grid, results packed for `results/grid_gpu/`).
+fine-tunes. bf16 compute with fp32 weights. One fine-tune at a time does not fit 8 minutes: a 128-px U-Net step at
+batch 16 leaves an H200 mostly idle, so each arm's 12 cells (4 fractions x 3 seeds share every shape) train
+together in one program (`stack_runs = 12`: `usjax.stacked`, jax.vmap over their train states; each cell gets the
+result it would get alone, tests/test_stacked.py). A stacked group keeps no mid-run checkpoints: cut short, it
+trains again from step 0. `launch/gpu_study.sh` is the prepared device run (versions, GPU tests, this grid,
+results packed for `results/grid_gpu/`).
 
-Status: sized from the measured H200 SimCLR rate (README: Benchmarks), not yet run; the README says so until the
-run's results are committed. A later session resumes it from `results/grid_gpu/` (finished runs are skipped).
+Status: sized from the measured H200 SimCLR rate (README: Benchmarks), not yet run; the stacked step's speed on a
+GPU is not measured either. The README says so until the run's results are committed. Finished cells recorded in
+`results/grid_gpu/` are not trained again (usjax/grid.py).
 """
 from configs import default, grid_cpu
 
@@ -23,6 +26,8 @@ def get_config(data_root: str = "data_cache/compact"):
   g.label_fractions = (100, 50, 25, 10)
   g.image_sizes = (128,)
   g.seeds = (0, 1, 2)
+  g.results_dir = "results/grid_gpu"
+  g.stack_runs = 12
 
   g.pretrain.data.image_size = 128
   g.pretrain.batch_size = 256

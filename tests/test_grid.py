@@ -1,5 +1,7 @@
 """Grid planning: the cells each study config asks for, and the ImageNet arm."""
+import json
 import os
+import shutil
 
 from configs import grid_cpu, grid_gpu
 from usjax import grid
@@ -24,3 +26,80 @@ def test_an_imagenet_file_adds_an_encoder_transfer_arm(tmp_path):
   arm = [(f, c) for f, _, c in fine if f["pretrain"] == "imagenet"]
   assert len(arm) == 2 * 3
   assert all(c.init_from == os.path.abspath(g.imagenet) and c.transfer == "encoder" for _, c in arm)
+
+
+def _small_grid(tmp_path):
+  g = grid_cpu.get_config()
+  g.label_fractions, g.seeds = (100,), (0,)
+  g.results_dir = str(tmp_path / "results")
+  return g
+
+
+def _fake_train(trained):
+  """Stands in for `train.run`: records the run and writes what a finished run leaves (pre-training: weights)."""
+  def run(cfg, workdir):
+    trained.append(os.path.basename(workdir))
+    if cfg.task == "finetune" and cfg.init_from:   # the grid hands over the weights' absolute path
+      assert grid.has_weights(cfg.init_from), cfg.init_from
+    os.makedirs(os.path.join(workdir, "checkpoints", "7"), exist_ok=True)
+    os.makedirs(os.path.join(workdir, "best"), exist_ok=True)
+    for name in ("history.json", "per_image.json", os.path.join("best", "selection.json")):
+      with open(os.path.join(workdir, name), "w") as f:
+        f.write("[]")
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      f.write('{"task": "%s", "dice": 0.5}' % cfg.task)
+  return run
+
+
+def test_a_grid_goes_on_from_the_results_another_machine_recorded(tmp_path, monkeypatch):
+  g = _small_grid(tmp_path)
+  pre, fine = grid.plan(g)
+  trained = []
+  monkeypatch.setattr(grid.train, "run", _fake_train(trained))
+  monkeypatch.setattr(grid, "write_report", lambda *a, **k: {})
+  grid.run(g, str(tmp_path / "first"))
+  assert trained == [r for _, r, _ in pre + fine]
+  results = tmp_path / "results"
+  timing = json.loads((results / "timing.json").read_text())   # the grid's clock travels with the results
+  assert [t["runs"] for t in timing] == [[r] for r in trained] and all(t["seconds"] >= 0 for t in timing)
+  for _, run, _ in pre + fine:   # the small outputs are recorded; the checkpoints stay behind
+    assert (results / run / "summary.json").is_file() and (results / run / "best" / "selection.json").is_file()
+    assert not (results / run / "checkpoints").exists()
+
+  # Another machine, an empty workdir: nothing to train, not even the pre-training runs.
+  trained.clear()
+  grid.run(g, str(tmp_path / "second"))
+  assert trained == []
+  assert all(grid.finished(str(tmp_path / "second" / r)) for _, r, _ in fine)
+
+  # One cell unrecorded: it trains, after the one pre-training run it starts from (its weights did not travel).
+  missing = next((f, r, c) for f, r, c in fine if f["pretrain"] == "breast")
+  shutil.rmtree(results / missing[1])
+  trained.clear()
+  grid.run(g, str(tmp_path / "third"))
+  assert trained == [missing[2].init_from, missing[1]]
+  assert (results / missing[1] / "summary.json").is_file()
+
+
+def test_a_cell_already_in_the_workdir_is_kept_over_the_recorded_one(tmp_path, monkeypatch):
+  g = _small_grid(tmp_path)
+  _, fine = grid.plan(g)
+  run = fine[0][1]
+  for where, dice in ((tmp_path / "results", 0.1), (tmp_path / "work", 0.9)):
+    os.makedirs(where / run)
+    (where / run / "summary.json").write_text('{"dice": %s}' % dice)
+  assert grid.take_results(str(tmp_path / "results"), str(tmp_path / "work"), fine) == []
+  assert "0.9" in (tmp_path / "work" / run / "summary.json").read_text()
+
+
+def test_the_time_table_counts_a_stacked_group_once():
+  timing = [{"runs": ["pre"], "task": "pretrain", "seconds": 600.0, "device": "cpu"},
+            {"runs": ["a", "b"], "task": "finetune", "seconds": 300.0, "device": "cpu"},
+            {"runs": ["c"], "task": "finetune", "seconds": 120.0, "device": "cpu"}]
+  summaries = {"pre": {"compile_s": 60.0, "wall_s": 480.0}, "a": {"compile_s": 30.0, "wall_s": 240.0},
+               "b": {"compile_s": 30.0, "wall_s": 240.0}, "c": {"compile_s": 6.0, "wall_s": 66.0}}
+  rows = [line.split(" | ") for line in grid.time_table(timing, summaries).splitlines() if line.startswith("| cpu")]
+  # device, phase, runs, programs, total, compiling, train loop (compile excluded), rest (total - loop), in minutes
+  assert [r[1:] for r in rows] == [["fine-tuning", "3", "2", "7.0", "0.6", "4.5", "1.9 |"],
+                                   ["pre-training", "1", "1", "10.0", "1.0", "7.0", "2.0 |"]]
+  assert "Total: 17.0 min over 4 runs" in grid.time_table(timing, summaries)

@@ -3,17 +3,35 @@
 One command runs a grid (`python launch/main.py --config=configs/grid_cpu.py --workdir=runs/grid_cpu`): every
 run has its own workdir under the grid's, a finished run (its summary.json exists) is skipped, an unfinished one
 resumes from its latest checkpoint, and the report (results.csv, report.md with the claim rows, plots) is
-rewritten after every run, so it can be read at any time. `--config.report_only=True` only writes the report.
+rewritten after every run, so it can be read at any time; its last section says where the time went (per
+device and phase, from the grid's own clock in `timing.json`). `--config.report_only=True` only writes the report.
+
+`g.results_dir` (e.g. `results/grid_cpu`, relative to where the command runs) keeps each finished run's small
+outputs (RESULTS: summary, per-image scores, history, the model choice; never checkpoints), copied there as each
+run ends, so they can be committed. A grid run in an empty workdir takes its finished fine-tuning cells from there
+and trains only the rest: this is how a grid that did not finish on one machine goes on on another. A
+pre-training run counts as finished only where its checkpoint is (the cells that start from it need the
+weights): one whose cells are all finished is not run again; one with a cell left to train is.
+
+`g.stack_runs` (default 1: one run at a time) trains up to that many fine-tuning cells at once in one program
+(`usjax.stacked`): cells that differ only in seed, label fraction and pre-training arm. A stacked group saves no
+checkpoints while it trains: an interrupted group trains again from step 0, and a cell with checkpoints of its own
+(from an unstacked attempt) resumes alone.
 """
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 import os
+import shutil
+import time
 
+import jax
 import ml_collections
 from absl import logging
 
-from usjax import UsjaxError, analysis, train
+from usjax import UsjaxError, analysis, report, stacked, train
 
 
 def _name(**fields) -> str:
@@ -57,13 +75,117 @@ def plan(g) -> tuple[list[tuple[dict, str, ml_collections.ConfigDict]], list[tup
   return pre, fine
 
 
+# A run's small outputs, the ones committed under results/ (paths inside its workdir).
+RESULTS = ("summary.json", "per_image.json", "history.json", os.path.join("best", "selection.json"))
+TIMING = "timing.json"   # the grid's own clock: seconds per trained run or stacked group (`time_table`)
+
+
 def finished(workdir: str) -> bool:
   return os.path.isfile(os.path.join(workdir, "summary.json"))
 
 
-def write_report(g, root: str, pre, fine) -> dict:
+def has_weights(workdir: str) -> bool:
+  """A finished pre-training run whose checkpoint is here, so fine-tuning can start from it."""
+  return finished(workdir) and resumable(workdir)
+
+
+def _copy_results(src: str, dst: str) -> int:
+  """Copies a finished run's RESULTS from `src` to `dst` (summary.json last, so `dst` counts as finished only
+  once the rest is there); -> the number of files copied."""
+  n = 0
+  for name in sorted(RESULTS, key=lambda f: f == "summary.json"):
+    if os.path.isfile(os.path.join(src, name)):
+      os.makedirs(os.path.dirname(os.path.join(dst, name)), exist_ok=True)
+      shutil.copyfile(os.path.join(src, name), os.path.join(dst, name) + ".tmp")
+      os.replace(os.path.join(dst, name) + ".tmp", os.path.join(dst, name))
+      n += 1
+  return n
+
+
+def take_results(results: str, root: str, fine) -> list[str]:
+  """Finished fine-tuning cells recorded in `results` but not in `root`, copied into `root`; -> their names."""
+  taken = []
+  for _, run_name, _ in fine:
+    src, dst = os.path.join(results, run_name), os.path.join(root, run_name)
+    if finished(src) and not finished(dst) and not resumable(dst):
+      _copy_results(src, dst)
+      taken.append(run_name)
+  return taken
+
+
+def resumable(workdir: str) -> bool:
+  ckdir = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(ckdir) and any(n.isdigit() for n in os.listdir(ckdir))
+
+
+def schedule(todo, stack_runs: int, root: str) -> list[list]:
+  """`todo`'s runs in groups that train together: pre-training runs and resumable cells alone, the other
+  fine-tuning cells in groups of up to `stack_runs` that `stacked.finetune_stacked` can train at once (in plan
+  order, so every group comes after the pre-training runs, which `todo` lists first)."""
+  groups, open_groups = [], {}
+  for item in todo:
+    _, run_name, cfg = item
+    if stack_runs <= 1 or cfg.task != "finetune" or resumable(os.path.join(root, run_name)):
+      groups.append([item])
+      continue
+    key = stacked.stack_key(cfg)
+    if key not in open_groups or len(open_groups[key]) >= stack_runs:
+      open_groups[key] = []
+      groups.append(open_groups[key])
+    open_groups[key].append(item)
+  return groups
+
+
+def record(root: str, results: str, names) -> None:
+  """Copies the RESULTS of the runs `names` that finished in `root` into `results` (no-op without `results`)."""
+  for name in names if results else ():
+    if finished(os.path.join(root, name)):
+      _copy_results(os.path.join(root, name), os.path.join(results, name))
+
+
+def _read_timing(path: str) -> list[dict]:
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    return json.load(f)
+
+
+def time_table(timing: list[dict], summaries: dict[str, dict]) -> str:
+  """Markdown: where a grid's time went, per device and phase. `timing` holds the grid's measurement of each
+  group it trained (seconds from start to summary: data preparation, compilation, the train loop, validation and
+  the final scoring); the runs' summaries give compilation and train-loop seconds (a stacked group's once)."""
+  rows = {}
+  for t in timing:
+    key = (t.get("device", "?"), "pre-training" if t["task"] == "pretrain" else "fine-tuning")
+    r = rows.setdefault(key, {"runs": 0, "groups": 0, "seconds": 0.0, "compile": 0.0, "loop": 0.0})
+    runs = [summaries[n] for n in t["runs"] if n in summaries]
+    r["runs"] += len(t["runs"])
+    r["groups"] += 1
+    r["seconds"] += t["seconds"]
+    if runs:   # the members of a stacked group report the group's compile and loop seconds
+      r["compile"] += max(s.get("compile_s") or 0.0 for s in runs)
+      r["loop"] += max(s.get("wall_s") or 0.0 for s in runs)
+  if not rows:
+    return ""
+  lines = ["| device | phase | runs | programs | total (min) | compiling (min) | train loop (min) | rest (min) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for (device, phase), r in sorted(rows.items()):
+    lines.append(f"| {device} | {phase} | {r['runs']} | {r['groups']} | {r['seconds'] / 60:.1f} | "
+                 f"{r['compile'] / 60:.1f} | {(r['loop'] - r['compile']) / 60:.1f} | "
+                 f"{(r['seconds'] - r['loop']) / 60:.1f} |")
+  total = sum(r["seconds"] for r in rows.values())
+  return ("\n".join(lines) + f"\n\nTotal: {total / 60:.1f} min over {sum(r['runs'] for r in rows.values())} runs. "
+          "Train loop: the steps and periodic validation/probes, compilation excluded; rest: data preparation, "
+          "start-up, the final scoring and writing.\n")
+
+
+def write_report(g, root: str, pre, fine, results: str = "") -> dict:
   cells = [(fields, os.path.join(root, run)) for fields, run, _ in fine]
-  pre_runs = {run: os.path.join(root, run) for _, run, _ in pre if finished(os.path.join(root, run))}
+  pre_runs = {}   # the probe table: a pre-training's summary here, else the one recorded in `results`
+  for _, run, _ in pre:
+    where = [d for d in (root, results) if d and finished(os.path.join(d, run))]
+    if where:
+      pre_runs[run] = os.path.join(where[0], run)
   overlays = None
   for fields, run, _ in fine:   # overlay panel from the best-labelled pre-trained cell that has finished
     path = os.path.join(root, run, "examples.npz")
@@ -72,27 +194,72 @@ def write_report(g, root: str, pre, fine) -> dict:
       ex = np.load(path)
       overlays = {"images": ex["image"], "masks": ex["mask"], "preds": ex["pred"],
                   "titles": [f"{fields['pretrain']} {fields['label_fraction']}% #{i}" for i in range(len(ex["image"]))]}
-  return analysis.write_report(cells, os.path.join(root, "report"), pretrain_runs=pre_runs, overlays=overlays)
+  paths = analysis.write_report(cells, os.path.join(root, "report"), pretrain_runs=pre_runs, overlays=overlays)
+  summaries = {}
+  for _, run, _ in pre + fine:
+    if finished(os.path.join(root, run)):
+      with open(os.path.join(root, run, "summary.json")) as f:
+        summaries[run] = json.load(f)
+  table = time_table(_read_timing(os.path.join(root, TIMING)), summaries)
+  if table and paths.get("report.md"):
+    with open(paths["report.md"], "a") as f:
+      f.write("\n## Where the time went\n\n" + table)
+  return paths
+
+
+def _log_time(root: str, results: str, names: list[str], task: str, seconds: float) -> None:
+  path = os.path.join(root, TIMING)
+  timing = _read_timing(path) + [{"runs": names, "task": task, "seconds": round(seconds, 1),
+                                  "device": jax.devices()[0].device_kind, "date": time.strftime("%Y-%m-%d")}]
+  report.write_json(path, timing)
+  if results:
+    os.makedirs(results, exist_ok=True)
+    shutil.copyfile(path, os.path.join(results, TIMING))
 
 
 def run(g, root: str) -> dict:
   """Runs (or resumes) every run of grid `g` under `root`, refreshing the report after each."""
   root = os.path.abspath(os.path.expanduser(root))
   pre, fine = plan(g)
+  results = os.path.abspath(os.path.expanduser(g.results_dir)) if g.get("results_dir") else ""
+  if results == root:
+    results = ""
   os.makedirs(os.path.join(root, "report"), exist_ok=True)
+  if results:
+    taken = take_results(results, root, fine)
+    if taken:
+      logging.info("grid %s: %d finished fine-tuning cells taken from %s", g.name, len(taken), results)
+    if not os.path.isfile(os.path.join(root, TIMING)) and os.path.isfile(os.path.join(results, TIMING)):
+      shutil.copyfile(os.path.join(results, TIMING), os.path.join(root, TIMING))
+  refresh = functools.partial(write_report, g, root, pre, fine, results)
   if g.report_only:
-    return write_report(g, root, pre, fine)
-  todo = [(f, r, c) for f, r, c in pre + fine if not finished(os.path.join(root, r))]
+    return refresh()
+  record(root, results, [r for _, r, _ in pre + fine])
+  fine_todo = [(f, r, c) for f, r, c in fine if not finished(os.path.join(root, r))]
+  needed = {c.init_from for _, _, c in fine_todo}
+  pre_todo = [(f, r, c) for f, r, c in pre if r in needed and not has_weights(os.path.join(root, r))]
+  todo = pre_todo + fine_todo
   logging.info("grid %s: %d pre-training runs, %d fine-tuning cells, %d still to run", g.name, len(pre), len(fine),
                len(todo))
-  for k, (fields, run_name, cfg) in enumerate(todo):
-    if cfg.task == "finetune" and cfg.init_from and not cfg.init_from.endswith(".safetensors"):
-      if not finished(os.path.join(root, cfg.init_from)):
-        raise UsjaxError(f"grid {g.name}: pre-training run {cfg.init_from} did not finish")
-      cfg.init_from = os.path.join(root, cfg.init_from)
-    logging.info("grid %s: run %d/%d %s", g.name, k + 1, len(todo), run_name)
-    train.run(cfg, os.path.join(root, run_name))
-    paths = write_report(g, root, pre, fine)
-  paths = write_report(g, root, pre, fine)
+  done = 0
+  for group in schedule(todo, g.get("stack_runs", 1), root):
+    for _, _, cfg in group:
+      if cfg.task == "finetune" and cfg.init_from and not cfg.init_from.endswith(".safetensors"):
+        if not has_weights(os.path.join(root, cfg.init_from)):
+          raise UsjaxError(f"grid {g.name}: pre-training run {cfg.init_from} did not finish")
+        cfg.init_from = os.path.join(root, cfg.init_from)
+    names = [r for _, r, _ in group]
+    logging.info("grid %s: run%s %d%s/%d %s", g.name, "s" if len(group) > 1 else "", done + 1,
+                 f"-{done + len(group)}" if len(group) > 1 else "", len(todo), ", ".join(names))
+    t0 = time.perf_counter()
+    if len(group) == 1:
+      train.run(group[0][2], os.path.join(root, names[0]))
+    else:
+      stacked.finetune_stacked([c for _, _, c in group], [os.path.join(root, r) for r in names])
+    _log_time(root, results, names, group[0][2].task, time.perf_counter() - t0)
+    done += len(group)
+    record(root, results, names)
+    refresh()
+  paths = refresh()
   logging.info("grid %s: report in %s", g.name, paths.get("report.md", root))
   return paths
