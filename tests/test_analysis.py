@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from usjax import analysis
+from usjax import analysis, bootstrap
 
 N_BOOT = 400
 
@@ -39,29 +39,29 @@ def test_hd95_hand_cases():
 def test_bootstrap_ci_properties():
   rng = np.random.default_rng(1)
   values = [rng.uniform(0.3, 0.9, 40) for _ in range(3)]
-  mean, lo, hi = analysis.bootstrap_ci(values, N_BOOT, seed=0)
+  mean, lo, hi = bootstrap.bootstrap_ci(values, N_BOOT, seed=0)
   assert mean == pytest.approx(np.mean(np.concatenate(values)))
   assert lo < mean < hi
-  assert analysis.bootstrap_ci(values, N_BOOT, seed=0) == (mean, lo, hi)
+  assert bootstrap.bootstrap_ci(values, N_BOOT, seed=0) == (mean, lo, hi)
   one = [rng.uniform(0.3, 0.9, 20)]
   big = [rng.uniform(0.3, 0.9, 500)]
-  width = lambda v: np.subtract(*analysis.bootstrap_ci(v, N_BOOT)[2:0:-1])
+  width = lambda v: np.subtract(*bootstrap.bootstrap_ci(v, N_BOOT)[2:0:-1])
   assert width(big) < width(one) / 2
-  mean, lo, hi = analysis.bootstrap_ci([np.full(30, 0.7)], N_BOOT)
+  mean, lo, hi = bootstrap.bootstrap_ci([np.full(30, 0.7)], N_BOOT)
   assert mean == pytest.approx(0.7) and lo == pytest.approx(0.7) and hi == pytest.approx(0.7)
 
 
 def test_paired_difference_exact_and_by_id():
   rng = np.random.default_rng(2)
   a = [rng.uniform(0.2, 0.8, 30) for _ in range(2)]
-  diff, lo, hi, p = analysis.paired_difference_ci(a, [x + 0.1 for x in a], N_BOOT)
+  diff, lo, hi, p = bootstrap.paired_difference_ci(a, [x + 0.1 for x in a], N_BOOT)
   assert diff == pytest.approx(0.1) and lo == pytest.approx(0.1) and hi == pytest.approx(0.1) and p < 0.01
   rows_a = [{"id": f"img{i}", "dice": float(v)} for i, v in enumerate(a[0])]
   rows_b = [{"id": r["id"], "dice": r["dice"] + 0.1} for r in rows_a][::-1]   # other order
-  diff, lo, hi, _ = analysis.paired_difference_ci([rows_a], [rows_b], N_BOOT)
+  diff, lo, hi, _ = bootstrap.paired_difference_ci([rows_a], [rows_b], N_BOOT)
   assert diff == pytest.approx(0.1) and hi - lo < 1e-9
   # By position, the reversed list would not be a constant shift.
-  _, lo, hi, _ = analysis.paired_difference_ci([a[0]], [np.array([r["dice"] for r in rows_b])], N_BOOT)
+  _, lo, hi, _ = bootstrap.paired_difference_ci([a[0]], [np.array([r["dice"] for r in rows_b])], N_BOOT)
   assert hi - lo > 0.05
 
 

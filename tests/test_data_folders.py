@@ -12,6 +12,7 @@ from PIL import Image
 from usjax.data import DataError
 from usjax.data import folders
 from usjax.data import imageio
+from usjax.data import staging
 
 from data_helpers import assert_clean, labels_of, png, raises, raw, shared, truncate
 
@@ -119,14 +120,14 @@ class NumpyImages(tfds.core.GeneratorBasedBuilder):
 
 
 def test_prepare_tfds_errors(tmp_path):
-  raises(lambda: folders.prepare_tfds('no_such_dataset_xyz', tmp_path / 'out'), 'no_such_dataset_xyz')
+  raises(lambda: staging.prepare_tfds('no_such_dataset_xyz', tmp_path / 'out'), 'no_such_dataset_xyz')
   assert_clean(tmp_path / 'out')
   try:
     import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
     pytest.skip('TensorFlow is installed: catalogue sets encode fine')
   except ImportError:
     pass
-  assert 'TensorFlow' in raises(lambda: folders.prepare_tfds('numpy_images', tmp_path / 'out'), 'numpy_images')
+  assert 'TensorFlow' in raises(lambda: staging.prepare_tfds('numpy_images', tmp_path / 'out'), 'numpy_images')
   left = [p.relative_to(tmp_path / 'out').as_posix() for p in (tmp_path / 'out').rglob('*')]
   assert set(left) <= {'downloads', 'downloads/extracted'}, left  # Downloads are kept for a retry.
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from configs import finetune_busi
 from usjax import predict, train
-from usjax.data import DataError, pipeline, synthetic
+from usjax.data import DataError, phantoms, pipeline
 
 pytestmark = pytest.mark.slow   # fine-tunes a model to predict with
 
@@ -101,7 +101,7 @@ def write_busi(folder, size=48):
   counts = {"benign": 0, "malignant": 0, "normal": 0}
   index = 1000
   while min(counts.values()) < 2:
-    ex = synthetic.generate("breast", index, size, seed=0)
+    ex = phantoms.generate("breast", index, size, seed=0)
     index += 1
     label = ex["label"]
     if counts[label] >= 2:

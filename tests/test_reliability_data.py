@@ -14,13 +14,13 @@ import pytest
 from PIL import Image
 
 from usjax import predict
-from usjax.data import DataError, folders, synthetic
+from usjax.data import DataError, phantoms, staging, synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def staging_dirs(data_dir) -> list[str]:
-  return sorted(n for n in os.listdir(data_dir) if n.startswith(folders.STAGING_PREFIX))
+  return sorted(n for n in os.listdir(data_dir) if n.startswith(staging.STAGING_PREFIX))
 
 
 def leftovers(data_dir) -> list[str]:
@@ -49,7 +49,7 @@ def test_a_killed_preparation_is_cleaned_up_by_the_next(tmp_path):
 
 
 def make_staging(data_dir, name: str, owner: dict | str | None = None, age_s: float = 0.0) -> str:
-  path = os.path.join(data_dir, name if name.startswith("incomplete.") else folders.STAGING_PREFIX + name)
+  path = os.path.join(data_dir, name if name.startswith("incomplete.") else staging.STAGING_PREFIX + name)
   os.makedirs(os.path.join(path, "synthetic_ultrasound"))
   if owner is not None:
     with open(os.path.join(path, "owner.json"), "w") as f:
@@ -72,7 +72,7 @@ def test_only_staging_of_dead_owners_is_removed(tmp_path):
   make_staging(tmp_path, "half", '{"pid": 12')            # ... or half written
   make_staging(tmp_path, "half-old", '{"pid": 12', age_s=2 * 3600)
   (tmp_path / "data_set").mkdir()
-  removed = folders.remove_stale_staging(str(tmp_path))
+  removed = staging.remove_stale_staging(str(tmp_path))
   assert sorted(os.path.basename(p) for p in removed) == [".staging-dead", ".staging-half-old", ".staging-old"]
   assert staging_dirs(tmp_path) == [".staging-half", ".staging-live", ".staging-other", ".staging-young"]
   assert (tmp_path / "data_set").is_dir()
@@ -91,14 +91,14 @@ def test_incomplete_folders_of_the_builder_being_prepared_are_removed_once_old(t
 
 def test_a_live_preparation_records_its_owner(tmp_path, monkeypatch):
   seen = {}
-  real = synthetic.generate
+  real = phantoms.generate
 
   def spy(*args, **kwargs):
     if not seen:
       [name] = staging_dirs(tmp_path)
       seen.update(json.loads((tmp_path / name / "owner.json").read_text()))
     return real(*args, **kwargs)
-  monkeypatch.setattr(synthetic, "generate", spy)
+  monkeypatch.setattr(phantoms, "generate", spy)
   synthetic.prepare("lung", str(tmp_path), image_size=32, num_images=10)
   assert seen["pid"] == os.getpid() and seen["host"] == socket.gethostname()
   assert staging_dirs(tmp_path) == []

@@ -1,4 +1,4 @@
-"""Tests for the synthetic ultrasound generator and its TFDS builder."""
+"""Tests for the synthetic ultrasound phantoms and their TFDS builder."""
 
 import pathlib
 
@@ -7,6 +7,7 @@ import pytest
 from scipy import ndimage
 
 from usjax.data import DataError
+from usjax.data import phantoms
 from usjax.data import synthetic
 
 ORGANS = ('breast', 'lung', 'heart')
@@ -14,9 +15,9 @@ ORGANS = ('breast', 'lung', 'heart')
 
 @pytest.mark.parametrize('organ', ORGANS)
 def test_generate_is_deterministic(organ):
-  a = synthetic.generate(organ, 3, 64, seed=0)
-  b = synthetic.generate(organ, 3, 64, seed=0)
-  c = synthetic.generate(organ, 3, 64, seed=1)
+  a = phantoms.generate(organ, 3, 64, seed=0)
+  b = phantoms.generate(organ, 3, 64, seed=0)
+  c = phantoms.generate(organ, 3, 64, seed=1)
   assert a['image'].shape == (64, 64, 1) and a['image'].dtype == np.uint8
   assert a.keys() == b.keys()
   for k in a:
@@ -28,17 +29,17 @@ def test_generate_is_deterministic(organ):
 
 def test_label_of_matches_generate():
   for i in range(20):
-    assert synthetic.label_of('breast', i, 5) == synthetic.generate('breast', i, 32, 5)['label']
+    assert phantoms.label_of('breast', i, 5) == phantoms.generate('breast', i, 32, 5)['label']
 
 
 def _breast(n, size=64):
-  return [synthetic.generate('breast', i, size, seed=0) for i in range(n)]
+  return [phantoms.generate('breast', i, size, seed=0) for i in range(n)]
 
 
 def test_breast_masks_and_labels():
   examples = _breast(60)
   labels = [ex['label'] for ex in examples]
-  assert set(labels) == set(synthetic.BREAST_LABELS)
+  assert set(labels) == set(phantoms.BREAST_LABELS)
   assert 0.3 < labels.count('benign') / 60 < 0.7
   for ex in examples:
     mask = ex['mask']
@@ -76,7 +77,7 @@ def test_malignant_lesions_cast_shadows():
 
 def test_heart_is_black_outside_the_fan():
   for i in range(6):
-    img = synthetic.generate('heart', i, 64, seed=0)['image'][..., 0]
+    img = phantoms.generate('heart', i, 64, seed=0)['image'][..., 0]
     for corner in (img[0, 0], img[0, -1], img[-1, 0], img[-1, -1]):
       assert corner == 0
     assert img[:8, :8].max() == 0 and img[:8, -8:].max() == 0
@@ -86,7 +87,7 @@ def test_heart_is_black_outside_the_fan():
 def test_lung_pleural_line_and_a_lines():
   size, peaks, a_lines = 128, 0, 0
   for i in range(10):
-    img = synthetic.generate('lung', i, size, seed=0)['image'][..., 0].astype(float)
+    img = phantoms.generate('lung', i, size, seed=0)['image'][..., 0].astype(float)
     profile = img[:, int(0.4 * size):int(0.6 * size)].mean(1)
     lo, hi = int(0.12 * size), int(0.3 * size)
     p = lo + int(np.argmax(profile[lo:hi]))
@@ -99,7 +100,7 @@ def test_lung_pleural_line_and_a_lines():
 
 def test_unknown_organ():
   with pytest.raises(DataError, match='kidney'):
-    synthetic.generate('kidney', 0, 64, 0)
+    phantoms.generate('kidney', 0, 64, 0)
   with pytest.raises(DataError, match='kidney'):
     synthetic.prepare('kidney', '/nonexistent')
 
@@ -129,7 +130,7 @@ def _files(root: pathlib.Path):
 
 def test_prepare_reuses_a_prepared_data_set(breast_dir, monkeypatch):
   before = _files(breast_dir)
-  monkeypatch.setattr(synthetic, 'generate', lambda *a, **k: pytest.fail('regenerated'))
+  monkeypatch.setattr(phantoms, 'generate', lambda *a, **k: pytest.fail('regenerated'))
   builder = synthetic.prepare('breast', str(breast_dir), image_size=SIZE, num_images=N)
   assert _files(breast_dir) == before
   assert builder.info.splits['train'].num_examples == 28
@@ -147,7 +148,7 @@ def test_builder_splits_and_pixels(breast_dir):
       ex = ds[j]
       assert ex['image'].shape == (SIZE, SIZE, 1) and ex['mask'].shape == (SIZE, SIZE, 1)
       organ, index = ex['id'].decode().split('/')
-      ref = synthetic.generate(organ, int(index), SIZE, seed=0)
+      ref = phantoms.generate(organ, int(index), SIZE, seed=0)
       np.testing.assert_array_equal(ex['image'], ref['image'])
       np.testing.assert_array_equal(ex['mask'], ref['mask'])
       assert names[ex['label']] == ref['label']
@@ -179,11 +180,11 @@ def test_lung_builder_has_no_mask(tmp_path):
   ex = builder.as_data_source()['test'][0]
   assert set(ex) == {'image', 'label', 'id'}
   assert ex['id'] == b'lung/000008'  # test split = last 20 % of the indices
-  np.testing.assert_array_equal(ex['image'], synthetic.generate('lung', 8, SIZE, 0)['image'])
+  np.testing.assert_array_equal(ex['image'], phantoms.generate('lung', 8, SIZE, 0)['image'])
 
 
 def test_failed_build_leaves_nothing_prepared(tmp_path, monkeypatch):
-  real, calls = synthetic.generate, []
+  real, calls = phantoms.generate, []
 
   def flaky(*args, **kwargs):
     calls.append(1)
@@ -191,11 +192,11 @@ def test_failed_build_leaves_nothing_prepared(tmp_path, monkeypatch):
       raise RuntimeError('disk on fire')
     return real(*args, **kwargs)
 
-  monkeypatch.setattr(synthetic, 'generate', flaky)
+  monkeypatch.setattr(phantoms, 'generate', flaky)
   with pytest.raises(RuntimeError, match='disk on fire'):
     synthetic.prepare('heart', str(tmp_path), image_size=SIZE, num_images=20)
   assert not list(tmp_path.rglob('dataset_info.json'))
   assert not list(tmp_path.rglob('incomplete*'))
-  monkeypatch.setattr(synthetic, 'generate', real)
+  monkeypatch.setattr(phantoms, 'generate', real)
   builder = synthetic.prepare('heart', str(tmp_path), image_size=SIZE, num_images=20)
   assert len(builder.as_data_source()['train']) == 14

@@ -1,8 +1,9 @@
 """Analysis stage: finished fine-tuning runs -> the study's evidence (results table, bootstrap CIs, claims, plots).
 
-The statistics are pure functions of rows and per-image scores; `collect`, the writers and `write_report` do the
-file I/O; `usjax.plots` draws the figures. Everything tolerates a half-finished grid: unfinished cells are skipped
-and a claim whose arms are missing says "not run", so the report can be rebuilt at any moment.
+Grouping and claims are pure functions of rows and per-image scores, with the bootstrap in `usjax.bootstrap`;
+`collect`, the writers and `write_report` do the file I/O; `usjax.plots` draws the figures. Everything tolerates a
+half-finished grid: unfinished cells are skipped and a claim whose arms are missing says "not run", so the report
+can be rebuilt at any moment.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from usjax import bootstrap
 from usjax import plots
 
 METRICS = ("dice", "dice_lesion", "iou", "iou_lesion", "hd95", "hd95_undefined", "dice_benign", "dice_malignant", "dice_normal", "iou_benign",
@@ -79,74 +81,6 @@ def columns(rows: list[dict]) -> list[str]:
   return cell_fields(rows) + [k for k in METRICS if k in present] + (["workdir"] if "workdir" in present else [])
 
 
-# ---------------------------------------------------------------------------------------------------- bootstrap
-def _boot_means(values_by_seed: list[np.ndarray], n_boot: int, rng: np.random.Generator) -> np.ndarray:
-  """Hierarchical bootstrap of the mean: resample seeds, then images within each chosen seed."""
-  vals = [v[~np.isnan(v)] for v in (np.asarray(v, float).ravel() for v in values_by_seed)]
-  vals = [v for v in vals if v.size]
-  picks = rng.integers(0, len(vals), (n_boot, len(vals)))
-  total = np.zeros(n_boot)
-  for k, v in enumerate(vals):
-    count = (picks == k).sum(1)
-    means = v[rng.integers(0, v.size, (int(count.sum()), v.size))].mean(1)
-    total += np.bincount(np.repeat(np.arange(n_boot), count), weights=means, minlength=n_boot)
-  return total / len(vals)
-
-
-def _ci(values_by_seed, n_boot: int, seed: int, alpha: float):
-  means = [np.nanmean(v) for v in (np.asarray(v, float) for v in values_by_seed) if np.any(~np.isnan(v))]
-  mean = float(np.mean(means)) if means else math.nan
-  if math.isnan(mean):
-    return mean, math.nan, math.nan, np.full(n_boot, math.nan)
-  boot = _boot_means(values_by_seed, n_boot, np.random.default_rng(seed))
-  lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
-  return mean, float(lo), float(hi), boot
-
-
-def bootstrap_ci(values_by_seed: list[np.ndarray], n_boot: int = 2000, seed: int = 0,
-                 alpha: float = 0.05) -> tuple[float, float, float]:
-  """Mean (of the per-seed means) with a percentile CI that carries both image and seed variability.
-
-  Seeds weigh equally; with one seed only images are resampled. NaNs (undefined HD95) are left out.
-  """
-  return _ci(values_by_seed, n_boot, seed, alpha)[:3]
-
-
-def _paired(a, b, key: str) -> np.ndarray:
-  """b - a per image: matched by id when both come with ids, else by position."""
-  as_map = lambda x: (dict(x) if isinstance(x, Mapping) else {r["id"]: r.get(key) for r in x}
-                      if isinstance(x, (list, tuple)) and x and isinstance(x[0], Mapping) else None)
-  ma, mb = as_map(a), as_map(b)
-  if ma is not None and mb is not None:
-    ids = sorted(set(ma) & set(mb))
-    if not ids:
-      raise ValueError("the two arms share no test image ids")
-    va, vb = ([np.nan if m[i] is None else m[i] for i in ids] for m in (ma, mb))
-  else:
-    va, vb = np.asarray(a, float).ravel(), np.asarray(b, float).ravel()
-    if va.shape != vb.shape:
-      raise ValueError(f"unpaired arms: {va.size} vs {vb.size} images and no ids to match them")
-  return np.asarray(vb, float) - np.asarray(va, float)
-
-
-def paired_difference_ci(a_by_seed: list, b_by_seed: list, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05,
-                         key: str = "dice") -> tuple[float, float, float, float]:
-  """Mean of (b - a) on the same test images, its bootstrap CI, and a two-sided bootstrap p-value.
-
-  Each arm is a list over seeds (paired by position) of per-image scores: arrays in a common order, {id: value}
-  maps, or per_image.json rows (matched by "id", scored by `key`). Pairing removes the between-image variance
-  that dominates an unpaired comparison on a test set this small.
-  """
-  if len(a_by_seed) != len(b_by_seed) or not a_by_seed:
-    raise ValueError(f"need the same number of seeds in both arms, got {len(a_by_seed)} and {len(b_by_seed)}")
-  diffs = [_paired(a, b, key) for a, b in zip(a_by_seed, b_by_seed)]
-  mean, lo, hi, boot = _ci(diffs, n_boot, seed, alpha)
-  if math.isnan(mean):
-    return mean, lo, hi, math.nan
-  tail = min(np.sum(boot <= 0), np.sum(boot >= 0))
-  return mean, lo, hi, float(min(1.0, 2 * (tail + 1) / (n_boot + 1)))
-
-
 # ---------------------------------------------------------------------------------------------------- groups
 def _h(v):
   return v if isinstance(v, (str, bool, type(None)) + _NUM) else repr(v)
@@ -197,12 +131,12 @@ def group_stats(rows: list[dict], per_image: Mapping | None = None, by: tuple[st
   for desc, runs in _groups(rows, by):
     scores = _scores(runs, per_image)
     values = scores or [np.array([r.get("dice", np.nan) for r in runs], float)]
-    mean, lo, hi = bootstrap_ci(values, n_boot, seed)
+    mean, lo, hi = bootstrap.bootstrap_ci(values, n_boot, seed)
     stat = {**desc, "n_runs": len(runs), "dice": mean, "dice_lo": lo, "dice_hi": hi,
             "ci_over": "images+seeds" if scores else "runs"}
     lesion = _scores(runs, per_image, lesion_only=True) or [np.array([r.get("dice_lesion", np.nan) for r in runs],
                                                                      float)]
-    stat["dice_lesion"], stat["dice_lesion_lo"], stat["dice_lesion_hi"] = bootstrap_ci(lesion, n_boot, seed)
+    stat["dice_lesion"], stat["dice_lesion_lo"], stat["dice_lesion_hi"] = bootstrap.bootstrap_ci(lesion, n_boot, seed)
     stat.update({k: _nanmean(r.get(k) for r in runs) for k in
                  ("iou", "hd95", "dice_benign", "dice_malignant", "false_positive_rate")})
     out.append(stat)
@@ -287,7 +221,7 @@ def _compare(claim, ref, treat, per_image, margin, n_boot, seed) -> dict:
     return {**row, "verdict": "inconclusive", "note": "per-image scores missing"}
   a = [per_image[p[0]["workdir"]] for p in pairs]
   b = [per_image[p[1]["workdir"]] for p in pairs]
-  diff, lo, hi, p = paired_difference_ci(a, b, n_boot, seed)
+  diff, lo, hi, p = bootstrap.paired_difference_ci(a, b, n_boot, seed)
   verdict, note = _verdict(claim, lo, hi, margin)
   n_images = min(len(set(r["id"] for r in x) & set(r["id"] for r in y)) for x, y in zip(a, b))
   return {**row, "n_seeds": len(pairs), "n_images": n_images, "diff": diff, "lo": lo, "hi": hi, "p": p,

@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 from usjax.data import DataError
 from usjax.data import folders
 from usjax.data import imageio
+from usjax.data import staging
 
 CLASSES = ('benign', 'malignant', 'normal')
 _INNER = 'Dataset_BUSI_with_GT'
@@ -101,5 +102,5 @@ def prepare(manual_dir: str, data_dir: str, *, split=folders.DEFAULT_SPLIT,
       name=folders.config_name(root, split, seed),
       description=f'{root}, split={folders.check_split(split)}, seed={seed}',
       root=root, split=folders.check_split(split), seed=seed)
-  return folders.build(lambda d: Busi(data_dir=d, config=config, file_format='array_record'), data_dir)
+  return staging.build(lambda d: Busi(data_dir=d, config=config, file_format='array_record'), data_dir)
 

@@ -25,6 +25,7 @@ import tensorflow_datasets as tfds
 from usjax.data import DataError
 from usjax.data import folders
 from usjax.data import imageio
+from usjax.data import staging
 
 CLASSES = ('2CH', '4CH')
 STRUCTURES = {1: 'LV endocardium', 2: 'myocardium', 3: 'left atrium'}
@@ -141,4 +142,4 @@ def prepare(manual_dir: str, data_dir: str, *, split=folders.DEFAULT_SPLIT, seed
       name=folders.config_name(root, split, seed, 'm' + ''.join(map(str, structures))),
       description=f'{root}, split={folders.check_split(split)}, seed={seed}, structures={structures}',
       root=root, split=folders.check_split(split), seed=seed, structures=structures)
-  return folders.build(lambda d: Camus(data_dir=d, config=config, file_format='array_record'), data_dir)
+  return staging.build(lambda d: Camus(data_dir=d, config=config, file_format='array_record'), data_dir)

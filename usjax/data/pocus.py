@@ -27,6 +27,7 @@ import tensorflow_datasets as tfds
 from usjax.data import DataError
 from usjax.data import folders
 from usjax.data import imageio
+from usjax.data import staging
 
 CLASSES = ('covid', 'pneumonia', 'regular', 'other')
 _FRAMES, _STILLS, _METADATA = 'image_dataset', 'pocus_images', 'dataset_metadata.csv'
@@ -136,4 +137,4 @@ def prepare(manual_dir: str, data_dir: str, *, split=folders.DEFAULT_SPLIT, seed
       name=folders.config_name(root, split, seed, f'by{group_by}'),
       description=f'{root}, split={folders.check_split(split)}, seed={seed}, group_by={group_by}',
       root=root, split=folders.check_split(split), seed=seed, group_by=group_by)
-  return folders.build(lambda d: Pocus(data_dir=d, config=config, file_format='array_record'), data_dir)
+  return staging.build(lambda d: Pocus(data_dir=d, config=config, file_format='array_record'), data_dir)

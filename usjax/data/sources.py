@@ -33,8 +33,8 @@ def builder_for(name: str, data_cfg):
     return synthetic.prepare(name.split("_", 1)[1], ddir, image_size=data_cfg.synthetic_size,
                              num_images=data_cfg.synthetic_num_images, seed=data_cfg.synthetic_seed)
   if name.startswith("tfds:"):
-    from usjax.data import folders
-    return folders.prepare_tfds(name[5:], ddir)
+    from usjax.data import staging
+    return staging.prepare_tfds(name[5:], ddir)
   if name not in SOURCE_DIR_KEY:
     raise DataError(f"config.data: unknown source {name!r}; known: {', '.join(SYNTHETIC + tuple(SOURCE_DIR_KEY))},"
                     " tfds:NAME")
