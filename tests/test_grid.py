@@ -58,7 +58,7 @@ def test_a_grid_goes_on_from_the_results_another_machine_recorded(tmp_path, monk
   monkeypatch.setattr(grid.train, "run", _fake_train(trained))
   monkeypatch.setattr(grid, "write_report", lambda *a, **k: {})
   grid.run(g, str(tmp_path / "first"))
-  assert trained == [r for _, r, _ in pre + fine]
+  assert trained == [r for _, r, _ in pre + fine]   # one seed: plan order
   results = tmp_path / "results"
   timing = json.loads((results / "timing.json").read_text())   # the grid's clock travels with the results
   assert [t["runs"] for t in timing] == [[r] for r in trained] and all(t["seconds"] >= 0 for t in timing)
@@ -103,3 +103,18 @@ def test_the_time_table_counts_a_stacked_group_once():
   assert [r[1:] for r in rows] == [["fine-tuning", "3", "2", "7.0", "0.6", "4.5", "1.9 |"],
                                    ["pre-training", "1", "1", "10.0", "1.0", "7.0", "2.0 |"]]
   assert "Total: 17.0 min over 4 runs" in grid.time_table(timing, summaries)
+
+
+def test_cells_train_seed_by_seed_so_a_grid_cut_short_stays_balanced(tmp_path, monkeypatch):
+  g = grid_cpu.get_config()
+  g.results_dir = str(tmp_path / "results")
+  trained = []
+  monkeypatch.setattr(grid.train, "run", _fake_train(trained))
+  monkeypatch.setattr(grid, "write_report", lambda *a, **k: {})
+  grid.run(g, str(tmp_path / "grid"))
+  _, fine = grid.plan(g)
+  fields = {r: f for f, r, _ in fine}
+  cells = [fields[r] for r in trained if r in fields]
+  assert [c["seed"] for c in cells] == [0] * 6 + [1] * 6 + [2] * 6
+  assert {(c["pretrain"], c["label_fraction"]) for c in cells[:6]} == {
+      (a, f) for a in ("none", "breast", "multiorgan") for f in (100, 50)}

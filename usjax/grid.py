@@ -235,7 +235,10 @@ def run(g, root: str) -> dict:
   if g.report_only:
     return refresh()
   record(root, results, [r for _, r, _ in pre + fine])
-  fine_todo = [(f, r, c) for f, r, c in fine if not finished(os.path.join(root, r))]
+  # Seed by seed: a grid cut short leaves every arm and label fraction with the same seeds, so its claim rows
+  # compare like with like.
+  fine_todo = sorted(((f, r, c) for f, r, c in fine if not finished(os.path.join(root, r))),
+                     key=lambda x: x[0]["seed"])
   needed = {c.init_from for _, _, c in fine_todo}
   pre_todo = [(f, r, c) for f, r, c in pre if r in needed and not has_weights(os.path.join(root, r))]
   todo = pre_todo + fine_todo
