@@ -113,9 +113,9 @@ def compile_timed(step_fn, state, batch):
   return compiled, time.perf_counter() - t0, flops.step_flops(step_fn, state, batch)
 
 
-# A step that page-faults more than this (40 MB) re-touched memory the kernel took back: on the 2-core development
-# VM a step now and then re-faults the whole heap (~210 k faults, 1-3 s more), though the process unmaps nothing
-# (strace). `fault_storm_steps` counts them; `median_step_ms` is the step time they do not move.
+# A step that page-faults more than this (40 MB) re-touched memory the kernel took back: on the development VM a
+# step now and then re-faults the whole heap though the process unmaps nothing (docs/performance.md).
+# `fault_storm_steps` counts them; `median_step_ms` is the step time they do not move.
 STORM_FAULTS = 10_000
 
 

@@ -3,7 +3,7 @@ XLA:CPU runs faster (im2col and shifted-window matmuls, Winograd, convolutions o
 map, a max-pool with an elementwise gradient). `models.layers` puts them in the models' place of `nn.Conv`,
 `models.UpsampleConv` and `nn.max_pool` (`config.model.conv_impl`: by default on the CPU backend only); every one
 is tested against the plain XLA or Flax operation it replaces (`tests/test_conv_lowering.py`), and
-`launch/benchmark.py --what=conv` times the convolution lowerings per pass.
+`launch/benchmark.py --what=conv` times the convolution lowerings per pass (measurements: docs/performance.md).
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ def _tap_windows(x, kh: int, kw: int, stride: int, axis: int = 1, barrier: bool 
   """The kh*kw strided input windows of a SAME convolution over spatial axes (axis, axis + 1), one per tap.
 
   With `barrier`, the padded input is materialised once: otherwise XLA fuses its producer (a transpose, a
-  BatchNorm) into some of the window copies, which then re-read the input transposed (XLA:CPU transposes at
-  ~1.4 GB/s here, against ~25 GB/s for a plain elementwise pass)."""
+  BatchNorm) into some of the window copies, which then each re-read the input transposed, a strided read where
+  a plain copy streams it."""
   (ph, ho), (pw, wo) = _same_pads(x.shape[axis], kh, stride), _same_pads(x.shape[axis + 1], kw, stride)
   pads = [(0, 0)] * x.ndim
   pads[axis], pads[axis + 1] = ph, pw
@@ -36,8 +36,8 @@ def _tap_windows(x, kh: int, kw: int, stride: int, axis: int = 1, barrier: bool 
 
 
 def conv_as_matmul(x, kernel, stride: int):
-  """SAME convolution as patches @ kernel. XLA's CPU convolution is pathologically slow on tiny feature maps
-  (ResNet's last stages: 2x2 maps ran at ~0.5 GFLOP/s) and on strided backward passes; a matmul is not."""
+  """SAME convolution as patches @ kernel. XLA's CPU convolution is slow on tiny feature maps (ResNet's last
+  stages) and on strided backward passes; one matmul over the gathered patches is not."""
   kh, kw, _, cout = kernel.shape
   cols = _tap_windows(x, kh, kw, stride)
   patches = jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0]
@@ -63,7 +63,7 @@ def _signed_sum(signs, terms):
 
 def _winograd_kernel(kernel) -> list[jax.Array]:
   """G g G^T: the 16 transformed kernel elements, each (C, D), as sums of the nine (C, D) taps. Written as an
-  einsum, XLA ran it as matmuls 3-4 wide with transposes, 7-15x slower (one core, 64-512 channels)."""
+  einsum, XLA runs it as matmuls only 3-4 wide, with transposes; as sums it is elementwise passes."""
   k = kernel.astype(jnp.float32)
   rows = [[_signed_sum(gi, [k[a, b] for a in range(3)]) for b in range(3)] for gi in _WINO_G]
   return [_signed_sum(gj, row).astype(kernel.dtype) for row in rows for gj in _WINO_G]
@@ -85,8 +85,8 @@ def _winograd_input(x, axis: int) -> list[jax.Array]:
 def _winograd_conv(x, u):
   """Winograd F(2x2, 3x3) of x with the transformed kernel u (16 (C, D) elements, `_winograd_kernel`)."""
   n, h, w, c = x.shape
-  # 16 separate matmuls, not one batched one: stacking their inputs cost a copy of the 4x larger transformed
-  # map, and without it the pass ran 10-25% faster at 1 and 2 cores
+  # 16 separate matmuls, not one batched one: stacking their inputs for a batched matmul costs a copy of the 4x
+  # larger transformed map
   v = [t.reshape(-1, c) for t in _winograd_input(x, 1)]
   m = [(v[t] @ u[t]).reshape(n, h // 2, w // 2, -1) for t in range(16)]
   mrows = [[_signed_sum(a, [m[4 * i + j] for i in range(4)]) for j in range(4)] for a in _WINO_AT]
@@ -96,16 +96,16 @@ def _winograd_conv(x, u):
 
 def conv3x3_winograd(x, kernel):
   """SAME stride-1 3x3 convolution by Winograd F(2x2, 3x3), for even H and W: 2.25x fewer multiplies, done as
-  16 channel matmuls. Where it runs, and how much faster than the other lowerings: `cpu_conv_paths`; with
-  fewer than 64 channels the transforms cost what the matmuls save."""
+  16 channel matmuls. Where it runs: `cpu_conv_paths`; with fewer than 64 channels the transforms cost what the
+  matmuls save."""
   return _winograd_conv(x, _winograd_kernel(kernel.astype(x.dtype)))
 
 
 def conv3x3_winograd_input_grad(dy, kernel):
   """dL/dx of `conv3x3_winograd(x, kernel)`: the Winograd convolution of dy with the kernel flipped in space and
   transposed in channels. G with its columns reversed is G with rows 0 and 3 swapped, so that kernel's
-  transformed elements are this kernel's, permuted, each transposed inside its matmul: the kernel is never
-  transposed in memory (at 512 channels that transpose took three times as long as the rest of the pass)."""
+  transformed elements are this kernel's, permuted, each transposed inside its matmul, so the pass makes no
+  transposed copy of the kernel in memory."""
   u, p = _winograd_kernel(kernel.astype(dy.dtype)), (3, 1, 2, 0)
   return _winograd_conv(dy, [u[4 * p[i] + p[j]].T for i in range(4) for j in range(4)])
 
@@ -114,9 +114,8 @@ def conv3x3_winograd_weight_grad(x, dy):
   """dL/dkernel of `conv3x3_winograd(x, kernel)` from the output gradient dy: the gradient of each of the 16
   transformed kernel elements is a (C, tiles) @ (tiles, D) matmul of the transformed input and A dY A^T, and
   G^T (.) G takes it back to the 3x3 kernel. 4 multiplies per output pixel and channel pair instead of 9, and a
-  transformed input 4x the input's size where the shifted-window matmuls copy 9x; per convolution 1.2-2x faster
-  than `conv_weight_grad_by_taps` on one and two cores. The input is transformed channels-first, so that the
-  matmuls need no transposed operand."""
+  transformed input 4x the input's size where the shifted-window matmuls (`conv_weight_grad_by_taps`) copy 9x.
+  The input is transformed channels-first, so that the matmuls need no transposed operand."""
   c, d = x.shape[-1], dy.shape[-1]
   v = [t.reshape(c, -1) for t in _winograd_input(jnp.transpose(x, (3, 0, 1, 2)), 2)]
   a_cols = [(_WINO_AT[0][i], _WINO_AT[1][i]) for i in range(4)]   # row i of A = AT^T
@@ -156,15 +155,15 @@ def lax_conv(x, kernel, stride: int):
 def conv_weight_grad_by_taps(x, dy, kernel_shape, stride: int):
   """dL/dkernel of a SAME convolution as one (kw*C, N*H*W) @ (N*H*W, D) matmul per kernel row.
 
-  XLA lowers the weight gradient as a convolution whose window is the whole feature map; on CPU that runs at
-  3-15 GFLOP/s on ResNet's 32x32 and 16x16 stages. Matmuls over a channels-first copy of the input run several
-  times faster and never materialise the 9x larger im2col matrix. A kernel row's kw windows are copied in one
-  pass and share one matmul: at 64 channels that was 1.7-1.9x faster than one matmul per tap (whose 64x64
-  output leaves the matmul short of work), and on a par at 128 and 256."""
+  XLA lowers the weight gradient as a convolution whose window is the whole feature map, which XLA:CPU runs far
+  below its matmul rate on mid-sized maps (ResNet's 32x32 and 16x16 stages). Matmuls over a channels-first copy
+  of the input are plain large matmuls and never materialise the 9x larger im2col matrix. A kernel row's kw
+  windows are copied in one pass and share one matmul, with kw*C output rows, where one matmul per tap has a
+  C x D output that leaves a matmul short of work at 64 channels."""
   kh, kw, c, d = kernel_shape
   dy2 = dy.reshape(-1, d)
   wins = _tap_windows(jnp.transpose(x, (3, 0, 1, 2)), kh, kw, stride, axis=2, barrier=True)
-  if c <= 4:   # the stem: one (taps x C) row per tap and channel in a single matmul, 3x faster than im2col's
+  if c <= 4:   # the stem: one (taps x C) row per tap and channel in a single matmul, not kh matmuls of kw*C rows
     return jnp.einsum("tck,kd->tcd", jnp.stack([w.reshape(c, -1) for w in wins]), dy2).reshape(kh, kw, c, d)
   rows = [jnp.concatenate(wins[i * kw:(i + 1) * kw], axis=0).reshape(kw * c, -1) @ dy2 for i in range(kh)]
   return jnp.stack(rows).reshape(kh, kw, c, d)
@@ -177,10 +176,10 @@ def cpu_conv_paths(x_shape, kernel_shape, stride: int) -> tuple[str, str, str]:
   Chosen per shape from `launch/benchmark.py --what=conv`, on both cores and on one (`taskset -c 0`, the work a
   pass costs when the step runs another pass beside it): XLA's convolution is fastest on large maps with few
   channels (the U-Net decoder's 128x128 stage); Winograd wins all three passes of 3x3 stride-1 convolutions with
-  >= 64 channels in and out, 1.1-2.0x against the next best on ResNet-18's 32x32 to 4x4 stages, once its
-  matmuls have >= 64 rows (on 2x2 maps 32 images lose to im2col, 256 win 1.65x); im2col matmuls win on tiny
-  maps and strided convolutions; shifted-window ("taps") matmuls win the other weight gradients on maps up to
-  64x64, and for the single-channel stem at any size."""
+  >= 64 channels in and out (ResNet-18's 32x32 to 4x4 stages) once its 16 matmuls have >= 64 rows, below which
+  they are too short to pay for the transforms; im2col matmuls win on tiny maps and strided convolutions;
+  shifted-window ("taps") matmuls win the other weight gradients on maps up to 64x64, and for the single-channel
+  stem at any size."""
   kh, kw, cin, cout = kernel_shape
   out_hw = _same_pads(x_shape[1], kh, stride)[1] * _same_pads(x_shape[2], kw, stride)[1]
   small = out_hw <= 16 or (stride > 1 and kh > 1 and cin > 3)
@@ -290,9 +289,9 @@ def _pool_windows(x) -> list[jax.Array]:
 @jax.custom_vjp
 def max_pool_3x3_s2(x):
   """`nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))` as a max over nine strided windows, with a
-  gradient that goes to the first maximum of each window, as XLA's select-and-scatter does. On XLA:CPU the
-  reduce-window and its select-and-scatter gradient (expanded into iotas and a scatter) took 4x as long as
-  these elementwise passes, and about an eighth of the SimCLR step's CPU time (profile, 32 views)."""
+  gradient that goes to the first maximum of each window, as XLA's select-and-scatter does. XLA:CPU expands the
+  select-and-scatter gradient of its reduce-window into iotas and a scatter; here both passes are elementwise
+  (max, compare, strided pad)."""
   wins = _pool_windows(x)
   y = wins[0]
   for win in wins[1:]:

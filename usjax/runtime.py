@@ -25,11 +25,10 @@ _done = False
 def keep_host_memory() -> bool:
   """Keeps freed host memory in the process instead of returning it to the OS. Returns whether it applied.
 
-  XLA:CPU allocates each step's temporaries (about 0.9 GB for the SimCLR ResNet-18 step at batch 16, 128 px)
-  from worker threads; glibc serves allocations that large with a fresh mmap and unmaps them on free, so every
-  step page-faults its whole working set back in: about 0.22 M faults and a quarter of the CPU time per step.
-  One arena, no mmap and no trimming let the heap be reused across steps (30-40% more images/second on a 2-core
-  CPU). Must run before JAX creates its CPU client: arenas of threads that already exist are not affected.
+  XLA:CPU allocates each step's temporaries, many of them large, from worker threads; glibc serves large
+  allocations with a fresh mmap and unmaps them on free, so every step page-faults its whole working set back in
+  (figures: docs/performance.md). One arena, no mmap and no trimming let the heap be reused across steps.
+  Must run before JAX creates its CPU client: arenas of threads that already exist are not affected.
   No-op off glibc (macOS) and when USJAX_SYSTEM_MALLOC=1.
   """
   global _done
