@@ -70,14 +70,14 @@ def main(argv):
 
 def run(f) -> dict:
   from configs import default
-  from usjax import UsjaxError, predict, probes
+  from usjax import UsjaxError, predict, probe_data
   if f.random == bool(f.workdir):
     raise UsjaxError("give exactly one of --workdir (a checkpoint to probe) and --random (a random encoder)")
   cfg = default.get_config()
   model = {"encoder": f.encoder, "norm": f.norm, "dtype": "float32"}
   checkpoint, meta = "random", {}
   if f.workdir:
-    meta = probes.read_meta(f.workdir, f.step)
+    meta = probe_data.read_meta(f.workdir, f.step)
     model = meta["model"]
   pre = predict.settings(meta, f.image_size, f.channels, f.aspect) if meta else {
       "image_size": f.image_size or cfg.data.image_size, "channels": f.channels or cfg.data.channels,
@@ -88,12 +88,12 @@ def run(f) -> dict:
   root = os.path.abspath(os.path.expanduser(f.data_root))
   for name, key in (("busi", "busi_dir"), ("pocus", "pocus_dir")):
     setattr(data, key, os.path.join(root, name) if os.path.isdir(os.path.join(root, name)) else "")
-  probe = probes.ProbeData(data, model, names=tuple(f.sources), eval_split=f.eval_split, batch_size=f.batch_size,
+  probe = probe_data.ProbeData(data, model, names=tuple(f.sources), eval_split=f.eval_split, batch_size=f.batch_size,
                            k=f.k, temperature=f.temperature, l2=f.l2, balanced=f.balanced)
   if f.random:
     variables = probe.init_variables(f.seed)
   else:
-    variables, _, checkpoint = probes.load_encoder(f.workdir, pre["image_size"], pre["channels"], f.step)
+    variables, _, checkpoint = probe_data.load_encoder(f.workdir, pre["image_size"], pre["channels"], f.step)
   metrics = probe.run(variables)
   described = probe.describe()
   print(f"{checkpoint}: {model['encoder']}, {pre['image_size']} px, {pre['channels']} channel(s), "

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import default
-from usjax import cpu_ops, methods, models, predict, probes, train
+from usjax import cpu_ops, methods, models, predict, probe_data, train
 
 # Parameter counts of segmentation_models_pytorch.Unet(<encoder>, in_channels=1, classes=1), the common layout.
 SMP_UNET_PARAMS = {"resnet18": 14_321_937, "resnet34": 24_430_097, "resnet50": 32_514_833}
@@ -89,7 +89,7 @@ def test_conv_impl_chooses_the_layers_in_one_place():
     unet, net = train.build_model(cfg), methods.make_method(cfg).model
     assert (unet.conv, unet.up_conv, unet.pool) == (net.conv, net.up_conv, net.pool) == tuple(want.values())
     assert predict.build_unet(cfg.model.to_dict()) == unet
-    assert probes.build_encoder(cfg.model).conv == want["conv"]
+    assert probe_data.build_encoder(cfg.model).conv == want["conv"]
   old_meta = {"encoder": "resnet18", "decoder_widths": [256, 128, 64, 32, 16], "norm": "batch"}   # no conv_impl
   assert predict.build_unet(old_meta).conv == models.layers("auto")["conv"]
   cfg.model.conv_impl = "fast"

@@ -1,4 +1,5 @@
-"""Probes: k-NN and linear probes against plain formulas, collapse statistics, encoder features, probe data."""
+"""Probes: k-NN and linear probes against plain formulas, collapse statistics; encoder features and probe data
+(`probe_data`)."""
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from usjax import UsjaxError, checkpoint, models, probes
+from usjax import UsjaxError, checkpoint, models, probe_data, probes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
@@ -114,28 +115,28 @@ def synthetic_probe(tmp_path_factory):
   cfg.data.data_dir = str(tmp_path_factory.mktemp("probe_data"))
   cfg.data.image_size = cfg.data.synthetic_size = 32
   cfg.data.synthetic_num_images = 60
-  probe = probes.ProbeData(cfg.data, cfg.model, names=("synthetic_breast",), batch_size=16)
+  probe = probe_data.ProbeData(cfg.data, cfg.model, names=("synthetic_breast",), batch_size=16)
   shapes = jax.eval_shape(lambda: probe.encoder.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)), train=False))
   return cfg, probe, random_variables(shapes)
 
 
 def test_encoder_variables_from_unet_and_pretrain_trees():
   x = jnp.zeros((1, 32, 32, 1))
-  encoder = probes.build_encoder({"encoder": "resnet18", "norm": "batch"})
+  encoder = probe_data.build_encoder({"encoder": "resnet18", "norm": "batch"})
   want = jax.tree.map(lambda a: a.shape, jax.eval_shape(lambda: encoder.init(jax.random.key(0), x, train=False)))
   for net in (models.UNet(), models.PretrainNet(proj_dims=(64, 16), pred_dims=(32, 16))):
     tree = jax.eval_shape(lambda: net.init(jax.random.key(0), x, train=False))
-    assert jax.tree.map(lambda a: a.shape, probes.encoder_variables(tree)) == want
+    assert jax.tree.map(lambda a: a.shape, probe_data.encoder_variables(tree)) == want
 
 
 def test_encoder_features_padded_batches_and_deterministic(synthetic_probe):
   _, probe, variables = synthetic_probe
   images = probe.sets["synthetic_breast"].train_images[:21]      # 16 + a last batch of 5 padded to 16
-  a = probes.encoder_features(probe.forward, variables, images, batch_size=16)
-  b = probes.encoder_features(probe.forward, variables, images[16:], batch_size=16)
+  a = probe_data.encoder_features(probe.forward, variables, images, batch_size=16)
+  b = probe_data.encoder_features(probe.forward, variables, images[16:], batch_size=16)
   assert a.shape == (21, 512) and a.dtype == np.float32 and np.isfinite(a).all()
   np.testing.assert_allclose(a[16:], b, rtol=1e-5, atol=1e-6)   # padding and batch neighbours change nothing
-  np.testing.assert_array_equal(a, probes.encoder_features(probe.forward, variables, images, batch_size=16))
+  np.testing.assert_array_equal(a, probe_data.encoder_features(probe.forward, variables, images, batch_size=16))
   assert probe.forward._cache_size() == 1                         # one compile for every batch
 
 
@@ -155,15 +156,15 @@ def test_probe_data_run(synthetic_probe):
   assert metrics["probe/synthetic_breast_z_std"] > 0
   assert probe.describe()["synthetic_breast"]["train_counts"] == [19, 13, 10]
   # Classes with too few training examples are left out and the labels renumbered.
-  few = probes.probe_sets(cfg.data, ("synthetic_breast",), min_train=11)["synthetic_breast"]
+  few = probe_data.probe_sets(cfg.data, ("synthetic_breast",), min_train=11)["synthetic_breast"]
   assert few.class_names == ("benign", "malignant") and set(few.train_labels) == {0, 1}
 
 
 def test_sources_without_a_folder_are_skipped(synthetic_probe):
   cfg, _, _ = synthetic_probe
-  assert probes.probe_sets(cfg.data, ("busi", "pocus")) == {}
-  with pytest.raises(probes.ProbeError, match="busi_dir"):
-    probes.ProbeData(cfg.data, cfg.model, names=("busi",))
+  assert probe_data.probe_sets(cfg.data, ("busi", "pocus")) == {}
+  with pytest.raises(probe_data.ProbeError, match="busi_dir"):
+    probe_data.ProbeData(cfg.data, cfg.model, names=("busi",))
 
 
 def test_load_encoder_reads_a_pretraining_checkpoint(tmp_path):
@@ -175,15 +176,15 @@ def test_load_encoder_reads_a_pretraining_checkpoint(tmp_path):
   checkpoint.save(mngr, 3, state, {"task": "pretrain", "model": default.get_config().model.to_dict()})
   mngr.wait_until_finished()
   mngr.close()
-  got, meta, path = probes.load_encoder(str(tmp_path / "run"), 32, 1)
+  got, meta, path = probe_data.load_encoder(str(tmp_path / "run"), 32, 1)
   assert meta["task"] == "pretrain" and path.endswith(os.path.join("checkpoints", "3"))
-  jax.tree.map(np.testing.assert_array_equal, got, probes.encoder_variables(variables))
-  with pytest.raises(probes.ProbeError, match="stem"):
-    probes.load_encoder(str(tmp_path / "run"), 32, 3)
-  with pytest.raises(probes.ProbeError, match="no checkpoint"):
-    probes.load_encoder(str(tmp_path), 32, 1)
-  with pytest.raises(probes.ProbeError, match="no checkpoint of step 4 \\(has 3\\)"):
-    probes.load_encoder(str(tmp_path / "run"), 32, 1, step=4)
+  jax.tree.map(np.testing.assert_array_equal, got, probe_data.encoder_variables(variables))
+  with pytest.raises(probe_data.ProbeError, match="stem"):
+    probe_data.load_encoder(str(tmp_path / "run"), 32, 3)
+  with pytest.raises(probe_data.ProbeError, match="no checkpoint"):
+    probe_data.load_encoder(str(tmp_path), 32, 1)
+  with pytest.raises(probe_data.ProbeError, match="no checkpoint of step 4 \\(has 3\\)"):
+    probe_data.load_encoder(str(tmp_path / "run"), 32, 1, step=4)
 
 
 def test_launch_reports_bad_input_in_one_line(tmp_path):
@@ -191,7 +192,7 @@ def test_launch_reports_bad_input_in_one_line(tmp_path):
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 1
   assert out.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope'}: workdir not found"
-  assert issubclass(probes.ProbeError, UsjaxError)
+  assert issubclass(probe_data.ProbeError, UsjaxError)
 
 
 # ---------------------------------------------------------------------------------------------------- real data
@@ -204,7 +205,7 @@ def test_real_busi_and_pocus(tmp_path_factory):
   cfg.data.data_dir = str(tmp_path_factory.mktemp("probe_real"))
   cfg.data.busi_dir, cfg.data.pocus_dir = os.path.join(SHARED, "busi"), os.path.join(SHARED, "pocus")
   cfg.data.image_size = 32
-  probe = probes.ProbeData(cfg.data, cfg.model)
+  probe = probe_data.ProbeData(cfg.data, cfg.model)
   assert probe.sets["busi"].class_names == ("benign", "malignant", "normal")
   assert probe.sets["pocus"].class_names == ("covid", "regular")   # 2 pneumonia images: left out
   shapes = jax.eval_shape(lambda: probe.encoder.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)), train=False))

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from usjax import checkpoint, models
+from usjax import checkpoint, guard, models
 from usjax.checkpoint import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -186,10 +186,10 @@ def noisy_decreasing(n: int, seed: int, start: float = 4.0, end: float = 0.3, no
   return loss.tolist()
 
 
-def run_spike(losses, factor=checkpoint.SPIKE_FACTOR, window=checkpoint.SPIKE_WINDOW) -> list[int]:
+def run_spike(losses, factor=guard.SPIKE_FACTOR, window=guard.SPIKE_WINDOW) -> list[int]:
   fired, history = [], []
   for i, loss in enumerate(losses):
-    if checkpoint.spike(loss, history, factor, window):
+    if guard.spike(loss, history, factor, window):
       fired.append(i)
     else:
       history.append(loss)
@@ -211,59 +211,59 @@ def test_spike_never_fires_on_normal_training_curves(seed):
 def test_spike_fires_on_a_jump_and_on_non_finite():
   losses = noisy_decreasing(300, 0)
   history = losses[:200]
-  assert checkpoint.spike(losses[200] * 1e6, history)
-  assert checkpoint.spike(float("nan"), history) and checkpoint.spike(math.inf, history)
-  assert not checkpoint.spike(losses[200], history)
-  assert not checkpoint.spike(1e6, history[:5])   # too little history for a verdict
+  assert guard.spike(losses[200] * 1e6, history)
+  assert guard.spike(float("nan"), history) and guard.spike(math.inf, history)
+  assert not guard.spike(losses[200], history)
+  assert not guard.spike(1e6, history[:5])   # too little history for a verdict
   assert run_spike(losses[:200] + [1e6] + losses[200:]) == [200]
 
 
 def test_rotation_keeps_the_last_checkpoint_before_the_first_bad_step(tmp_path):
   ckdir = str(tmp_path / "checkpoints")
   mngr = checkpoint.manager(ckdir, keep=2)
-  guard = checkpoint.GoodStepTracker(mngr, start_step=0, window=10)
+  tracker = guard.GoodStepTracker(mngr, start_step=0, window=10)
   losses = noisy_decreasing(60, 1)
   losses[35] = 1e6   # the spike; training goes on after it
   for step, loss in enumerate(losses, start=1):
-    guard.observe(step, loss)
+    tracker.observe(step, loss)
     if step % 10 == 0:
       checkpoint.save(mngr, step, tiny_state(step), {"task": "test"})
-      guard.saved(step)
+      tracker.saved(step)
   mngr.wait_until_finished()
-  assert guard.first_bad == 36 and guard.good_step == 30
+  assert tracker.first_bad == 36 and tracker.good_step == 30
   assert mngr.all_steps() == [30, 50, 60]   # the two newest, and the pinned one
   mngr.close()
 
   # A resumed run (from step 60, after the spike) keeps honouring the pin: 30 survives further rotation.
   mngr = checkpoint.manager(ckdir, keep=2)
-  guard = checkpoint.GoodStepTracker(mngr, start_step=60, window=10)
+  tracker = guard.GoodStepTracker(mngr, start_step=60, window=10)
   for step in (70, 80):
     checkpoint.save(mngr, step, tiny_state(step), {"task": "test"})
-    guard.saved(step)
+    tracker.saved(step)
   mngr.wait_until_finished()
   assert mngr.all_steps() == [30, 70, 80]
   mngr.close()
 
   # A run resumed from before the spike (here: step 30) starts afresh: its saves are pinned again.
   mngr = checkpoint.manager(ckdir, keep=2)
-  guard = checkpoint.GoodStepTracker(mngr, start_step=30, window=10)
-  assert guard.first_bad is None
+  tracker = guard.GoodStepTracker(mngr, start_step=30, window=10)
+  assert tracker.first_bad is None
   checkpoint.save(mngr, 90, tiny_state(90), {"task": "test"})
-  guard.saved(90)
+  tracker.saved(90)
   checkpoint.save(mngr, 100, tiny_state(100), {"task": "test"})
   mngr.wait_until_finished()
-  assert checkpoint.good_step(mngr) == 90 and mngr.all_steps() == [90, 100]
+  assert guard.good_step(mngr) == 90 and mngr.all_steps() == [90, 100]
   mngr.close()
 
 
 def test_rotation_keeps_the_newest_checkpoint_before_a_bad_step_even_unmarked(tmp_path):
   # No save was marked good (the marked save never completed, or the caller only observes losses).
   mngr = checkpoint.manager(str(tmp_path / "checkpoints"), keep=1)
-  guard = checkpoint.GoodStepTracker(mngr, start_step=0, window=10)
+  tracker = guard.GoodStepTracker(mngr, start_step=0, window=10)
   for step, loss in enumerate(noisy_decreasing(40, 2) + [1e6] + noisy_decreasing(39, 3), start=1):
-    guard.observe(step, loss)
+    tracker.observe(step, loss)
     if step % 10 == 0:
       checkpoint.save(mngr, step, tiny_state(step), {"task": "test"})
   mngr.wait_until_finished()
-  assert guard.first_bad == 41 and mngr.all_steps() == [40, 80]
+  assert tracker.first_bad == 41 and mngr.all_steps() == [40, 80]
   mngr.close()

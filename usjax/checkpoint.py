@@ -6,21 +6,16 @@ position, one file per process). Saves are asynchronous and atomic (orbax writes
 renames it), so an interrupted save never replaces the previous good checkpoint. A checkpoint damaged later
 (a truncated file) is moved aside to `unreadable-<step>` on resume, which falls back to the next older one.
 
-Rotation keeps the newest `keep` checkpoints and, besides them, the one pinned by `mark_good` and, once
-`mark_bad` recorded a run's first bad step, the newest one from before it (both in `good_step.json`): with the
-divergence guard (`GoodStepTracker`) the last checkpoint from before a loss spike survives however long the run
-goes on after it.
+Rotation keeps the newest `keep` checkpoints and, besides them, the ones the divergence guard pins (`guard`:
+the last checkpoint before a loss spike survives however long the run goes on after it). `locate` is the one
+answer to "which checkpoint of this workdir": transfer (`load_pretrained`), the probes and prediction ask it.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
-import json
-import math
 import os
 import sys
-import weakref
 from collections.abc import Sequence
 
 import grain
@@ -29,12 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from usjax import UsjaxError
-
-GOOD_STEP_FILE = "good_step.json"
-# Loss-spike guard defaults (config fields guard.loss_spike_factor and guard.window): see `spike`.
-SPIKE_FACTOR = 10.0
-SPIKE_WINDOW = 50
+from usjax import UsjaxError, guard
 
 
 class CheckpointError(UsjaxError):
@@ -96,165 +86,16 @@ def _quiet_failed_reads():
 
 
 # ---------------------------------------------------------------------------------------------------- rotation
-@dataclasses.dataclass
-class _Pinned(ocp.checkpoint_managers.PreservationPolicy):
-  """Preserves the step pinned by `mark_good` and, once a bad step is recorded, the newest step before it.
-
-  The second rule holds even where the pinned save never completed (a crash during an async save) or no step
-  was marked. Combined with LatestN, which keeps the newest.
-  """
-  step: int | None = None
-  bad_step: int | None = None
-  path: str | None = None   # where the pin is recorded, so a resumed run keeps honouring it
-
-  def should_preserve(self, checkpoints, *, context) -> list[bool]:
-    del context
-    keep = {self.step} - {None}
-    before_bad = [c.step for c in checkpoints if self.bad_step is not None and c.step < self.bad_step]
-    if before_bad:
-      keep.add(max(before_bad))
-    return [c.step in keep for c in checkpoints]
-
-  def write(self) -> None:
-    if self.path is None or jax.process_index() != 0:
-      return
-    tmp = f"{self.path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-      json.dump({"step": self.step, "bad_step": self.bad_step}, f)
-    os.replace(tmp, self.path)   # atomic: a reader never sees half a record
-
-
-def _read_pin(path: str) -> _Pinned:
-  pin = _Pinned(path=path)
-  try:
-    with open(path) as f:
-      rec = json.load(f)
-    pin.step, pin.bad_step = rec.get("step"), rec.get("bad_step")
-  except (OSError, ValueError, AttributeError):   # none yet, or damaged: nothing is pinned
-    pass
-  return pin
-
-
-_PINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # manager -> its pin (also in its options)
-
 
 def manager(directory: str, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
-  """Async checkpoint manager that keeps the newest `keep` steps and the step pinned by `mark_good`."""
+  """Async checkpoint manager that keeps the newest `keep` steps and the steps the divergence guard pins."""
   directory = os.path.abspath(directory)
-  pin = _read_pin(os.path.join(directory, GOOD_STEP_FILE))
+  pin = guard.read_pin(directory)
   policy = ocp.checkpoint_managers.AnyPreservationPolicy([ocp.checkpoint_managers.LatestN(keep), pin])
   opts = ocp.CheckpointManagerOptions(preservation_policy=policy, create=create, enable_async_checkpointing=True)
   mngr = ocp.CheckpointManager(directory, options=opts)
-  _PINS[mngr] = pin
+  guard.attach(mngr, pin)
   return mngr
-
-
-def _pin(mngr: ocp.CheckpointManager) -> _Pinned:
-  pin = _PINS.get(mngr)
-  if pin is None:
-    raise CheckpointError(f"{mngr.directory}: not a manager made by checkpoint.manager (no pinned step)")
-  return pin
-
-
-def mark_good(mngr: ocp.CheckpointManager, step: int) -> None:
-  """Pins `step` (saved, or being saved, by `mngr`) so that rotation keeps it; it replaces the previous pin."""
-  pin = _pin(mngr)
-  pin.step = int(step)
-  pin.write()
-
-
-def good_step(mngr: ocp.CheckpointManager) -> int | None:
-  """The pinned step (`mark_good`), kept by rotation; None if none."""
-  return _pin(mngr).step
-
-
-def mark_bad(mngr: ocp.CheckpointManager, step: int) -> None:
-  """Records the first bad step of a run: from then on rotation keeps the newest checkpoint from before it."""
-  pin = _pin(mngr)
-  pin.bad_step = int(step)
-  pin.write()
-
-
-def spike(loss: float, history: Sequence[float], factor: float = SPIKE_FACTOR, window: int = SPIKE_WINDOW) -> bool:
-  """Whether `loss` is far above the recent losses: a sign of divergence before anything turns non-finite.
-
-  True when `loss` is not finite, or exceeds the median m of the last `window` finite losses of `history` by
-  more than `factor` times the larger of |m| and the losses' spread (1.4826 x their median absolute deviation).
-  The |m| term makes it a ratio test where the loss is far from zero; the spread term keeps a loss that
-  fluctuates about zero, or is negative (SimSiam's -cosine), from firing on ordinary noise. With fewer than
-  min(window, 10) finite losses in `history` it gives no verdict (False).
-
-  The default factor 10 needs a loss 11x the median of a positive loss: batch-to-batch noise and the ups of a
-  warm-up stay far below that (NT-Xent / InfoNCE are bounded by about log(2B) + 2/T, Dice + BCE of a sane
-  network by a few units), while a blow-up passes it by orders of magnitude.
-  """
-  if not math.isfinite(loss):
-    return True
-  recent = [x for x in history if math.isfinite(x)][-window:] if window > 0 else []
-  if len(recent) < min(window, 10) or not recent:
-    return False
-  m = float(np.median(recent))
-  spread = 1.4826 * float(np.median(np.abs(np.asarray(recent) - m)))
-  return loss - m > factor * max(abs(m), spread, 1e-12)
-
-
-class GoodStepTracker:
-  """The divergence guard of a run: loss-spike watch, and the pin on the last checkpoint before the first bad step.
-
-  Per step, `observe(step, loss)` says whether the step is bad (`spike`) and records the first bad step with
-  the manager (`mark_bad`), from when on rotation keeps the newest checkpoint older than it; per save,
-  `saved(step)` pins the checkpoint (`mark_good`) while no bad step has been seen. Either way rotation never
-  deletes the last checkpoint taken before the first bad step. Both records live in `good_step.json` beside
-  the checkpoints: a run resumed from a checkpoint at or after the bad step (it descends from the spike) keeps
-  them; one resumed from before it starts afresh.
-  """
-
-  def __init__(self, mngr: ocp.CheckpointManager, start_step: int, factor: float = SPIKE_FACTOR,
-               window: int = SPIKE_WINDOW):
-    if not factor > 0 or int(window) < 1:
-      raise UsjaxError(f"config.guard: loss_spike_factor must be positive and window at least 1, got {factor} and "
-                       f"{window}")
-    self.mngr, self.factor, self.window = mngr, float(factor), int(window)
-    self.pin = _pin(mngr)
-    self.history: list[float] = []
-    self.first_bad: int | None = None
-    self.bad_steps = 0
-    if self.pin.bad_step is not None:
-      if self.pin.bad_step <= start_step:
-        self.first_bad = self.pin.bad_step
-      else:
-        self.pin.bad_step = None
-        self.pin.write()
-
-  def observe(self, step: int, loss: float) -> bool:
-    """Records the loss of `step`; True if it is a spike (or not finite). Spikes stay out of the history."""
-    loss = float(loss)
-    bad = spike(loss, self.history, self.factor, self.window)
-    if not bad:
-      self.history.append(loss)
-      del self.history[:-self.window]
-      return False
-    self.bad_steps += 1
-    if self.first_bad is None:
-      self.first_bad = step
-      mark_bad(self.mngr, step)
-      recent = [x for x in self.history if math.isfinite(x)][-self.window:]
-      median = float(np.median(recent)) if recent else float("nan")
-      before = [s for s in self.mngr.all_steps() if s < step]
-      kept = f"checkpoint step {max(before)} is kept" if before else "no checkpoint before it"
-      logging.warning("loss spike at step %d: loss %.4g against a median of %.4g over the last %d steps; %s in %s "
-                      "(no later checkpoint replaces it)", step, loss, median, len(recent), kept,
-                      self.mngr.directory)
-    return True
-
-  def saved(self, step: int) -> None:
-    """Call after each `save`: pins `step` while the run has seen no bad step."""
-    if self.first_bad is None:
-      mark_good(self.mngr, step)
-
-  @property
-  def good_step(self) -> int | None:
-    return self.pin.step
 
 
 # ---------------------------------------------------------------------------------------------------- save/resume
@@ -336,21 +177,38 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter=None):
                         f"--workdir starts afresh")
 
 
+# ---------------------------------------------------------------------------------------------------- look-up
+def _holds_steps(directory: str) -> bool:
+  return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+
+
+def locate(path, step: int | None = None, prefer: Sequence[str] = ("checkpoints",),
+           kind: str = "a pre-training or fine-tuning workdir") -> tuple[str, int]:
+  """(checkpoint directory, step) that `path`, a workdir or a checkpoint directory, points to.
+
+  The directory is the first of `prefer` under `path` that holds a step, else `path` itself: ("best",
+  "checkpoints") reads the model a fine-tuning run chose on validation, or its latest save where there is none
+  (runs from before model selection). The step is `step`, or the latest when None. Where there is no such
+  directory or step, CheckpointError says so in one line naming `path` (and that `kind` was expected).
+  """
+  root = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  if not os.path.isdir(root):
+    raise CheckpointError(f"{path}: workdir not found")
+  ckdir = next((os.path.join(root, sub) for sub in prefer if _holds_steps(os.path.join(root, sub))), root)
+  mngr = ocp.CheckpointManager(ckdir, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  steps = sorted(mngr.all_steps())
+  mngr.close()
+  if not steps:
+    raise CheckpointError(f"{path}: no checkpoint (expected {kind} with checkpoints/<step>/)")
+  if step is not None and step not in steps:
+    raise CheckpointError(f"{path}: no checkpoint of step {step} (has {', '.join(map(str, steps))})")
+  return ckdir, int(steps[-1] if step is None else step)
+
+
 # ---------------------------------------------------------------------------------------------------- transfer
 def _flat(tree) -> dict[str, tuple]:
   return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(getattr(v, "shape", ()))
           for path, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def find_checkpoint_dir(path: str) -> str:
-  """Accepts a pre-training workdir or its `checkpoints/` directory."""
-  path = os.path.abspath(os.path.expanduser(path))
-  cand = os.path.join(path, "checkpoints")
-  if os.path.isdir(cand):
-    return cand
-  if os.path.isdir(path):
-    return path
-  raise CheckpointError(f"config.init_from: no checkpoint at {path} (expected a pre-training workdir)")
 
 
 def _read_meta(ckdir: str, step: int) -> dict | None:
@@ -378,19 +236,19 @@ def load_pretrained(path: str, params: dict, batch_stats: dict, parts: tuple[str
   mismatching parameter (orbax alone would silently keep the init values). A damaged checkpoint fails in one
   line naming its step and directory.
   """
-  ckdir = find_checkpoint_dir(path)
+  try:
+    ckdir, step = locate(path, kind="a pre-training workdir")
+  except CheckpointError as e:
+    raise CheckpointError(f"config.init_from: {e}") from None
   mngr = ocp.CheckpointManager(ckdir, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
                                item_handlers={"state": ocp.PyTreeCheckpointHandler()})
   try:
-    return _load_pretrained(mngr, ckdir, params, batch_stats, parts, encoder)
+    return _load_pretrained(mngr, ckdir, step, params, batch_stats, parts, encoder)
   finally:
     mngr.close()
 
 
-def _load_pretrained(mngr, ckdir, params, batch_stats, parts, encoder):
-  step = mngr.latest_step()
-  if step is None:
-    raise CheckpointError(f"config.init_from: {ckdir} holds no checkpoint")
+def _load_pretrained(mngr, ckdir, step, params, batch_stats, parts, encoder):
   where = f"{ckdir}/{step}"
   stored_encoder = ((_read_meta(ckdir, step) or {}).get("model") or {}).get("encoder")
   if encoder is not None and stored_encoder is not None and stored_encoder != encoder:

@@ -23,7 +23,7 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
-from usjax import UsjaxError, evaluate, models, report
+from usjax import UsjaxError, checkpoint, evaluate, models, report
 from usjax.data import DataError, folders, imageio, pipeline
 
 # configs/default.py's values, for checkpoints written before `meta["data"]` recorded them.
@@ -98,25 +98,6 @@ def _flat_shapes(tree) -> dict[str, tuple]:
           for path, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def latest_checkpoint(workdir: str) -> str:
-  """The model a fine-tuning run chose on validation (`<workdir>/best/<step>`), else `<workdir>/checkpoints/<latest
-  step>` (runs from before model selection); a workdir or a checkpoints folder is accepted."""
-  path = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
-  if not os.path.isdir(path):
-    raise PredictError(f"{workdir}: workdir not found")
-  ckdir = path
-  for sub in ("best", "checkpoints"):
-    if os.path.isdir(os.path.join(path, sub)) and any(n.isdigit() for n in os.listdir(os.path.join(path, sub))):
-      ckdir = os.path.join(path, sub)
-      break
-  mngr = ocp.CheckpointManager(ckdir, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-  step = mngr.latest_step()
-  mngr.close()
-  if step is None:
-    raise PredictError(f"{workdir}: no checkpoint (expected a fine-tuning workdir with checkpoints/<step>/)")
-  return os.path.join(ckdir, str(step))
-
-
 @dataclasses.dataclass
 class Predictor:
   """A fine-tuned U-Net with its preprocessing; `predict` maps images to masks at their own size."""
@@ -161,8 +142,14 @@ class Predictor:
 
 def load(workdir: str, *, image_size: int | None = None, channels: int | None = None, aspect: str | None = None,
          batch_size: int = 8) -> Predictor:
-  """The latest checkpoint of a fine-tuning workdir, ready to predict; keyword values override its meta."""
-  path = latest_checkpoint(workdir)
+  """The model a fine-tuning run chose on validation (`<workdir>/best/<step>`), else its latest checkpoint (runs
+  from before model selection), ready to predict; keyword values override its meta. A workdir or a checkpoint
+  folder is accepted."""
+  try:
+    ckdir, step = checkpoint.locate(workdir, prefer=("best", "checkpoints"), kind="a fine-tuning workdir")
+  except checkpoint.CheckpointError as e:
+    raise PredictError(str(e)) from None
+  path = os.path.join(ckdir, str(step))
   try:
     meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(path, "meta"))
   except (FileNotFoundError, ValueError, OSError) as e:

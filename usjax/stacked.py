@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from usjax import UsjaxError, augment, checkpoint, evaluate, finetune, models, report, runtime, torch_weights, train
+from usjax import UsjaxError, augment, checkpoint, evaluate, finetune, guard, models, report, runtime, torch_weights, train
 from usjax.data import pipeline
 
 # What stacked runs may differ in; every other config key must be equal (one compiled step serves them all).
@@ -172,7 +172,7 @@ class _Run:
       at, loss = step - len(metrics) + 1 + i, float(m["loss"])
       why = None
       if cfg.guard.loss_spike_factor > 0:
-        if checkpoint.spike(loss, self.recent, cfg.guard.loss_spike_factor, cfg.guard.window):
+        if guard.spike(loss, self.recent, cfg.guard.loss_spike_factor, cfg.guard.window):
           why = f"loss spike (loss={loss:.4g}, over {cfg.guard.loss_spike_factor:g}x the recent median and spread)"
         else:
           self.recent = (self.recent + [loss])[-cfg.guard.window:]

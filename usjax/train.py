@@ -20,7 +20,7 @@ import optax
 from absl import logging
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from usjax import UsjaxError, augment, checkpoint, methods, models, probes, report, runtime
+from usjax import UsjaxError, augment, checkpoint, guard, methods, models, probe_data, probes, report, runtime
 from usjax.data import pipeline
 
 
@@ -138,15 +138,15 @@ def fit(cfg, workdir: str, task: str, state, step_fn, data_iter, to_batch, mesh,
     logging.info("resuming from %s at step %d", ckpt.directory, start)
   rep = report.Reporter(workdir, cfg.num_steps, cfg.batch_size, start)
   rep.history = history
-  guard = checkpoint.GoodStepTracker(ckpt, start, cfg.guard.loss_spike_factor, cfg.guard.window) \
+  tracker = guard.GoodStepTracker(ckpt, start, cfg.guard.loss_spike_factor, cfg.guard.window) \
       if cfg.guard.loss_spike_factor > 0 else None
   t0, compile_s, row, pending = time.perf_counter(), 0.0, {}, []
 
   def save(step):
     extra_meta = {"history": rep.history, "elapsed_s": earlier_s + time.perf_counter() - t0}
     checkpoint.save(ckpt, step, state, {**meta, **extra_meta, **(hook.state_dict() if hook else {})}, data_iter)
-    if guard is not None:
-      guard.saved(step)
+    if tracker is not None:
+      tracker.saved(step)
 
   def diverged(step, why):
     last = ckpt.latest_step()
@@ -175,7 +175,7 @@ def fit(cfg, workdir: str, task: str, state, step_fn, data_iter, to_batch, mesh,
         pending = []
         for i, m in enumerate(host):
           at = step - len(host) + 1 + i
-          spiked = guard is not None and guard.observe(at, float(m["loss"]))
+          spiked = tracker is not None and tracker.observe(at, float(m["loss"]))
           if not m["finite"]:
             diverged(at, f"non-finite loss or gradient (loss={m['loss']})")
           if spiked:
@@ -219,7 +219,7 @@ class Probes:
     self.z_ideal = 1.0 / math.sqrt(cfg.model.proj_dims[-1])
     self.data = None
     if names and cfg.probe.every >= 0 and jax.process_index() == 0:
-      self.data = probes.ProbeData(cfg.data, cfg.model, names=[n.strip() for n in names])
+      self.data = probe_data.ProbeData(cfg.data, cfg.model, names=[n.strip() for n in names])
       logging.info("probes: %s (prepared in %.1f s)", ", ".join(f"{k} {v['train']}->{v['eval']} images" for k, v in
                                                              self.data.describe().items()), self.data.build_seconds)
     elif cfg.probe.every >= 0:
