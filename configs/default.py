@@ -7,60 +7,58 @@ import ml_collections
 
 def pretrain_augment() -> dict:
   """SimCLR's augmentation for grayscale ultrasound (usjax.augment.AugmentConfig: what each key does)."""
-  return dict(crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=True, vflip=False, brightness=0.4,
-              contrast=0.4, gamma=0.3, blur_prob=0.5, speckle=0.3, depth_gain_db=6.0, fan_prob=0.2,
-              shadow_prob=0.2, rotate=0.0)
+  return dict(crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=True, vflip=False, brightness=0.4, contrast=0.4,
+              gamma=0.3, blur_prob=0.5, speckle=0.3, depth_gain_db=6.0, fan_prob=0.2, shadow_prob=0.2, rotate=0.0)
 
 
 def finetune_augment() -> dict:
   """Milder, for segmentation, where the label must stay plausible: one geometry (crop = scale + translation,
   left-right flip, rotation) for image and mask, intensity changes on the image only; no fans or shadows."""
-  return dict(crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=True, vflip=False, brightness=0.2,
-              contrast=0.2, gamma=0.15, blur_prob=0.2, speckle=0.15, depth_gain_db=3.0, fan_prob=0.0,
-              shadow_prob=0.0, rotate=15.0)
+  return dict(crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=True, vflip=False, brightness=0.2, contrast=0.2,
+              gamma=0.15, blur_prob=0.2, speckle=0.15, depth_gain_db=3.0, fan_prob=0.0, shadow_prob=0.0, rotate=15.0)
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.task = "pretrain"               # 'pretrain' | 'finetune'
-  c.method = "simclr"               # 'simclr' | 'moco' | 'simsiam' | 'byol'
+  c.task = "pretrain"  # 'pretrain' | 'finetune'
+  c.method = "simclr"  # 'simclr' | 'moco' | 'simsiam' | 'byol'
 
   c.seed = 0
-  c.batch_size = 32                 # global: split over all devices and hosts
+  c.batch_size = 32  # global: split over all devices and hosts
   c.num_steps = 100
   c.log_every = 10
   c.checkpoint_every = 50
   c.keep_checkpoints = 3
 
   c.data = ml_collections.ConfigDict()
-  c.data.data_dir = "~/tensorflow_datasets"   # where prepared (array_record) data sets live and are reused
-  c.data.pretrain_sources = "synthetic_breast,synthetic_lung,synthetic_heart"   # pre-training mixture (usjax.data.sources)
-  c.data.pretrain_weights = ""               # mixture weights, e.g. '2,1,1'; '' = equal
-  c.data.pretrain_split = "train"   # never pre-train on a fine-tuning test split
+  c.data.data_dir = "~/tensorflow_datasets"  # where prepared (array_record) data sets live and are reused
+  c.data.pretrain_sources = "synthetic_breast,synthetic_lung,synthetic_heart"  # pre-training mixture (usjax.data.sources)
+  c.data.pretrain_weights = ""  # mixture weights, e.g. '2,1,1'; '' = equal
+  c.data.pretrain_split = "train"  # never pre-train on a fine-tuning test split
   c.data.finetune_source = "synthetic_breast"  # fine-tuning / evaluation source (needs masks)
-  c.data.label_fraction = 100       # % of the training labels used for fine-tuning: 100, 50, 25, 10 (nested)
+  c.data.label_fraction = 100  # % of the training labels used for fine-tuning: 100, 50, 25, 10 (nested)
   c.data.image_size = 64
   c.data.channels = 1
-  c.data.aspect = "pad"             # 'pad' | 'stretch' | 'crop' (usjax.data.pipeline)
-  c.data.num_workers = 0            # grain worker processes (0 = in the main process)
-  c.data.synthetic_size = 64        # the embedded synthetic set: image side, count, seed
+  c.data.aspect = "pad"  # 'pad' | 'stretch' | 'crop' (usjax.data.pipeline)
+  c.data.num_workers = 0  # grain worker processes (0 = in the main process)
+  c.data.synthetic_size = 64  # the embedded synthetic set: image side, count, seed
   c.data.synthetic_num_images = 600
   c.data.synthetic_seed = 0
-  c.data.busi_dir = ""              # folders of downloaded real data (README: Data)
+  c.data.busi_dir = ""  # folders of downloaded real data (README: Data)
   c.data.pocus_dir = ""
   c.data.camus_dir = ""
   c.data.us_folder_dir = ""
   c.data.natural_dir = ""
 
   c.model = ml_collections.ConfigDict()
-  c.model.encoder = "resnet18"      # 'resnet18' | 'resnet34' | 'resnet50' | 'plain'
+  c.model.encoder = "resnet18"  # 'resnet18' | 'resnet34' | 'resnet50' | 'plain'
   c.model.decoder_widths = (256, 128, 64, 32, 16)
-  c.model.norm = "batch"            # 'batch' (global-batch statistics) | 'group'
-  c.model.with_decoder = False      # pre-train the whole U-Net (encoder+decoder) instead of the encoder
-  c.model.proj_dims = (512, 128)    # projection head: hidden layers..., output
-  c.model.dtype = "float32"         # 'bfloat16' for mixed precision on GPU/TPU
-  c.model.conv_impl = "auto"        # convolutions and stem pool: 'xla' (plain Flax), 'cpu' (usjax.cpu_ops: the
-                                    # same functions, faster on XLA:CPU), 'auto' (cpu on the CPU backend, else xla)
+  c.model.norm = "batch"  # 'batch' (global-batch statistics) | 'group'
+  c.model.with_decoder = False  # pre-train the whole U-Net (encoder+decoder) instead of the encoder
+  c.model.proj_dims = (512, 128)  # projection head: hidden layers..., output
+  c.model.dtype = "float32"  # 'bfloat16' for mixed precision on GPU/TPU
+  c.model.conv_impl = "auto"  # convolutions and stem pool: 'xla' (plain Flax), 'cpu' (usjax.cpu_ops: the
+  # same functions, faster on XLA:CPU), 'auto' (cpu on the CPU backend, else xla)
 
   # Divergence that stays finite: a logged step's loss above `loss_spike_factor` times the median of the last
   # `window` steps stops the run like a NaN does (0 = off). Normal training never comes near 10x its median.
@@ -76,41 +74,41 @@ def get_config() -> ml_collections.ConfigDict:
   c.probe.sources = "busi,pocus"
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.name = "adamw"            # 'adamw' | 'lars' | 'sgd'
+  c.optim.name = "adamw"  # 'adamw' | 'lars' | 'sgd'
   c.optim.learning_rate = 1e-3
   c.optim.weight_decay = 1e-6
   c.optim.warmup_steps = 10
 
   # Methods (usjax/methods.py). Recipe defaults of the papers, scaled to small batches where noted.
   c.simclr = ml_collections.ConfigDict()
-  c.simclr.temperature = 0.5        # SimCLR: 0.5 for small batches (0.1 with batch 4096 + LARS)
+  c.simclr.temperature = 0.5  # SimCLR: 0.5 for small batches (0.1 with batch 4096 + LARS)
 
   c.moco = ml_collections.ConfigDict()
-  c.moco.temperature = 0.2          # MoCo v2
-  c.moco.queue_size = 4096          # multiple of 2 x batch_size: both views' keys are enqueued each step
-  c.moco.momentum = 0.99            # key-encoder EMA (base of the cosine if scheduled)
-  c.moco.momentum_schedule = "constant"   # 'constant' | 'cosine'
+  c.moco.temperature = 0.2  # MoCo v2
+  c.moco.queue_size = 4096  # multiple of 2 x batch_size: both views' keys are enqueued each step
+  c.moco.momentum = 0.99  # key-encoder EMA (base of the cosine if scheduled)
+  c.moco.momentum_schedule = "constant"  # 'constant' | 'cosine'
 
   c.simsiam = ml_collections.ConfigDict()
   c.simsiam.pred_dims = (512, 128)  # predictor: hidden..., output (= model.proj_dims[-1])
 
   c.byol = ml_collections.ConfigDict()
   c.byol.pred_dims = (512, 128)
-  c.byol.momentum = 0.996           # tau_base of the cosine schedule to 1 at num_steps
+  c.byol.momentum = 0.996  # tau_base of the cosine schedule to 1 at num_steps
 
   c.augment = ml_collections.ConfigDict(pretrain_augment())
 
-  c.init_from = ""                  # fine-tuning: a pre-training workdir, or a torchvision/timm ResNet
-                                    # .safetensors file (ImageNet weights; README); '' = from scratch
-  c.transfer = "encoder"            # 'encoder' | 'encoder+decoder'
+  c.init_from = ""  # fine-tuning: a pre-training workdir, or a torchvision/timm ResNet
+  # .safetensors file (ImageNet weights; README); '' = from scratch
+  c.transfer = "encoder"  # 'encoder' | 'encoder+decoder'
 
   # Fine-tuning: model selection on the validation split. Every `val_every` steps the validation split is scored
   # (with the raw weights and, when ema_decay > 0, their EMA); the best (step, weights) by validation Dice is kept
   # in <workdir>/best and is the model scored on `eval_split` at the end. The test split is never read while
   # training; only study configs set eval_split='test', and then the last step's test score is recorded beside.
-  c.val_every = 50                  # 0: validate only at the end
-  c.ema_decay = 0.0                 # EMA of the weights, a selection candidate beside the raw ones (0 = off)
-  c.tta = "auto"                    # test-time left-right flip averaging: 'auto' (kept if validation Dice says
-                                    # so), 'none' or 'hflip'
+  c.val_every = 50  # 0: validate only at the end
+  c.ema_decay = 0.0  # EMA of the weights, a selection candidate beside the raw ones (0 = off)
+  c.tta = "auto"  # test-time left-right flip averaging: 'auto' (kept if validation Dice says
+  # so), 'none' or 'hflip'
   c.eval_split = "val"
   return c

@@ -26,15 +26,15 @@ def get_config(data_root: str = "../shared/data"):
   g.task = "grid"
   g.name = "cpu"
   g.report_only = False
-  g.imagenet = ""                   # a torchvision/timm ResNet-18 .safetensors file adds an ImageNet arm (README)
+  g.imagenet = ""  # a torchvision/timm ResNet-18 .safetensors file adds an ImageNet arm (README)
   g.sources = ml_collections.ConfigDict({"breast": "busi", "multiorgan": "busi,pocus"})
   g.methods = ("simclr",)
   g.transfers = ("encoder",)
   g.label_fractions = (100, 50)
   g.image_sizes = (64,)
   g.seeds = (0, 1, 2)
-  g.results_dir = "results/grid_cpu"   # each finished run's small outputs, committed; a new workdir goes on from them
-  g.stack_runs = 1                     # one fine-tune at a time: on CPU stacking runs gains nothing
+  g.results_dir = "results/grid_cpu"  # each finished run's small outputs, committed; a new workdir goes on from them
+  g.stack_runs = 1  # one fine-tune at a time: on CPU stacking runs gains nothing
 
   g.pretrain = default.get_config()
   g.pretrain.task = "pretrain"
@@ -45,7 +45,7 @@ def get_config(data_root: str = "../shared/data"):
   g.pretrain.batch_size = 32
   g.pretrain.checkpoint_every = 200
   g.pretrain.log_every = 25
-  g.pretrain.probe.every = 200      # frozen-feature probes: the pre-training's own curve of what it learned
+  g.pretrain.probe.every = 200  # frozen-feature probes: the pre-training's own curve of what it learned
 
   g.finetune = finetune_busi_real.get_config(data_root)
   g.finetune.data.pocus_dir = f"{data_root}/pocus"
@@ -53,5 +53,5 @@ def get_config(data_root: str = "../shared/data"):
   g.finetune.num_steps = 1000
   g.finetune.val_every = 100
   g.finetune.checkpoint_every = 500
-  g.finetune.eval_split = "test"    # a study: scored once on test, at the end, by the validation-chosen model
+  g.finetune.eval_split = "test"  # a study: scored once on test, at the end, by the validation-chosen model
   return g

@@ -12,8 +12,10 @@ from configs import grid_cpu
 def get_config(data_root: str = "/data"):
   g = grid_cpu.get_config(data_root)
   g.name = "paper"
-  g.sources.update({"lung": "pocus", "heart": "camus", "natural": "natural",
-                    "multiorgan": "busi,pocus,camus", "multiorgan_natural": "busi,pocus,camus,natural"})
+  g.sources.update({
+      "lung": "pocus", "heart": "camus", "natural": "natural", "multiorgan": "busi,pocus,camus",
+      "multiorgan_natural": "busi,pocus,camus,natural"
+  })
   g.pretrain.data.camus_dir = g.finetune.data.camus_dir = f"{data_root}/camus"
   g.pretrain.data.natural_dir = g.finetune.data.natural_dir = f"{data_root}/imagenette"
   g.methods = ("simclr", "moco", "simsiam", "byol")

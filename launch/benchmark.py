@@ -34,18 +34,21 @@ sys.path.insert(0, ROOT)  # `configs` and `usjax`
 
 from absl import app, flags  # noqa: E402
 
-flags.DEFINE_list("what", "all", "Benchmarks to run, of step, pipeline, feed, conv; all = step + pipeline "
-                  "(conv is a CPU diagnostic).")
+flags.DEFINE_list(
+    "what", "all", "Benchmarks to run, of step, pipeline, feed, conv; all = step + pipeline "
+    "(conv is a CPU diagnostic).")
 flags.DEFINE_integer("res", 128, "Image side in pixels (step cases).")
 flags.DEFINE_integer("batch", 16, "Source images per step (SimCLR sees twice as many views).")
 flags.DEFINE_integer("steps", 10, "Timed steps (or pipeline batches) per case, after warm-up.")
-flags.DEFINE_integer("warmup", 6, "Untimed steps per case after compilation (pipeline: untimed batches, plus 2 "
-                     "per worker). On CPU the kept host heap still grows (page faults, see faults_per_step) for "
-                     "the first 5 or so steps of a process.")
+flags.DEFINE_integer(
+    "warmup", 6, "Untimed steps per case after compilation (pipeline: untimed batches, plus 2 "
+    "per worker). On CPU the kept host heap still grows (page faults, see faults_per_step) for "
+    "the first 5 or so steps of a process.")
 flags.DEFINE_string("encoder", "resnet18", "model.encoder")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "model.dtype")
-flags.DEFINE_enum("conv_impl", "auto", ["auto", "xla", "cpu"], "model.conv_impl: the convolutions' and stem pool's "
-                  "lowerings (auto = usjax.cpu_ops on CPU, XLA's elsewhere).")
+flags.DEFINE_enum(
+    "conv_impl", "auto", ["auto", "xla", "cpu"], "model.conv_impl: the convolutions' and stem pool's "
+    "lowerings (auto = usjax.cpu_ops on CPU, XLA's elsewhere).")
 flags.DEFINE_list("cases", "unet,simclr", "Step cases: unet (fine-tuning), simclr (pre-training).")
 flags.DEFINE_list("variants", "aug,noaug", "Step variants: aug (the real step), noaug (no augmentation).")
 flags.DEFINE_string("data_root", os.path.join(os.path.dirname(ROOT), "shared", "data"),
@@ -98,9 +101,11 @@ def rates(flops: float, mean_s: float, n_images: int, views: int) -> dict:
   achieved GFLOP/s and MFU."""
   import jax
   peak = peak_flops()
-  out = {"img_s": n_images / mean_s, "views_s": views * n_images / mean_s, "step_ms": 1e3 * mean_s,
-         "gflop_per_step": flops / 1e9, "gflop_s": flops / mean_s / 1e9}
-  if peak:   # the step runs on all devices: compare with all their peaks
+  out = {
+      "img_s": n_images / mean_s, "views_s": views * n_images / mean_s, "step_ms": 1e3 * mean_s,
+      "gflop_per_step": flops / 1e9, "gflop_s": flops / mean_s / 1e9
+  }
+  if peak:  # the step runs on all devices: compare with all their peaks
     out["mfu_pct"] = 100 * flops / mean_s / (peak * jax.device_count())
   return out
 
@@ -135,10 +140,13 @@ def time_step(step_fn, state, batch, n_images: int, views: int = 1) -> dict:
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
   usage = resource.getrusage(resource.RUSAGE_SELF)
   cpu_s = (usage.ru_utime - usage0.ru_utime) + (usage.ru_stime - usage0.ru_stime)
-  return {**rates(flops, sum(times) / len(times), n_images, views), "min_step_ms": 1e3 * min(times),
-          "median_step_ms": 1e3 * statistics.median(times), "compile_s": compile_s, "loss": float(metrics["loss"]),
-          "cores_busy": cpu_s / sum(times), "sys_frac": (usage.ru_stime - usage0.ru_stime) / max(cpu_s, 1e-9),
-          "faults_per_step": sum(faults) / FLAGS.steps, "fault_storm_steps": sum(n > STORM_FAULTS for n in faults)}
+  return {
+      **rates(flops,
+              sum(times) / len(times), n_images, views), "min_step_ms": 1e3 * min(times),
+      "median_step_ms": 1e3 * statistics.median(times), "compile_s": compile_s, "loss": float(metrics["loss"]),
+      "cores_busy": cpu_s / sum(times), "sys_frac": (usage.ru_stime - usage0.ru_stime) / max(cpu_s, 1e-9),
+      "faults_per_step": sum(faults) / FLAGS.steps, "fault_storm_steps": sum(n > STORM_FAULTS for n in faults)
+  }
 
 
 def noaug_pretrain_loss(params, batch_stats, extra, images, key, step, *, method):
@@ -153,8 +161,8 @@ def noaug_segmentation_loss(params, batch_stats, extra, batch, key, step, *, mod
   """`finetune.segmentation_loss` without the augmentation."""
   import jax.numpy as jnp
   from usjax import objectives, train
-  logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, train.to_float(batch[0]),
-                                 train=True, mutable=["batch_stats"])
+  logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, train.to_float(batch[0]), train=True,
+                                 mutable=["batch_stats"])
   return objectives.dice_bce(logits, batch[1].astype(jnp.float32)), (new_vars["batch_stats"], extra, {})
 
 
@@ -169,14 +177,14 @@ def step_cases():
   for case in FLAGS.cases:
     cfg = base_config(case)
     tx, after_step = train.make_optimizer(cfg, 1000), None
-    if case == "unet":   # configs/finetune_busi.py: segmentation augmentation recipe, Dice + BCE, adamw
+    if case == "unet":  # configs/finetune_busi.py: segmentation augmentation recipe, Dice + BCE, adamw
       model = train.build_model(cfg)
       aug_cfg = augment.AugmentConfig.segmentation()
       real = functools.partial(finetune.segmentation_loss, model=model, aug_cfg=aug_cfg)
       bare = functools.partial(noaug_segmentation_loss, model=model)
       pair = (images, (rng.random((b, s, s, 1)) > 0.7).astype(np.uint8))
       local = {"+aug": pair, "noaug": pair}
-    else:   # SimCLR, NT-Xent
+    else:  # SimCLR, NT-Xent
       method = methods.make_method(cfg)
       model, after_step = method.model, method.after_step
       real = functools.partial(train.pretrain_loss, method=method, aug_cfg=augment.AugmentConfig.from_dict(cfg.augment))
@@ -197,11 +205,13 @@ def conv_shapes(case: str) -> dict:
   import jax
   from usjax import cpu_ops, methods, train
   seen, original = collections.Counter(), cpu_ops.cpu_conv_paths
+
   def record(x_shape, kernel_shape, stride):
     seen[(tuple(x_shape), tuple(kernel_shape), stride)] += 1
     return original(x_shape, kernel_shape, stride)
+
   cfg = base_config(case)
-  cfg.model.conv_impl = "cpu"   # the shapes are those `cpu_conv` chooses a lowering for
+  cfg.model.conv_impl = "cpu"  # the shapes are those `cpu_conv` chooses a lowering for
   n = FLAGS.batch
   if case == "simclr":
     model, n = methods.make_method(cfg).model, 2 * FLAGS.batch
@@ -219,6 +229,7 @@ def conv_cases():
   """Yields (name, result): milliseconds per pass (fwd, dx, dw) of each lowering, and of the chosen one."""
   import jax
   from usjax import cpu_ops
+
   def ms(fn, *args):
     fn = jax.jit(fn)
     jax.block_until_ready(fn(*args))
@@ -227,6 +238,7 @@ def conv_cases():
       out = fn(*args)
     jax.block_until_ready(out)
     return 1e3 * (time.perf_counter() - t) / FLAGS.steps
+
   for case in FLAGS.cases:
     for (xs, ks, stride), count in conv_shapes(case).items():
       kx, kk, kd = jax.random.split(jax.random.key(0), 3)
@@ -236,14 +248,14 @@ def conv_cases():
       winograd = ("winograd",) if cpu_ops.winograd_fits(xs, ks, stride) else ()
       for path in ("lax", "matmul") + winograd:
         res[f"fwd_{path}"] = ms(lambda x, k: cpu_ops.conv_by(path)(x, k, stride), x, k)
-        if ks[2] > 1:   # the stem's input needs no gradient
+        if ks[2] > 1:  # the stem's input needs no gradient
           res[f"dx_{path}"] = ms(lambda x, k, dy: cpu_ops.conv_input_grad(path, dy, x, k, stride), x, k, dy)
       for path in ("lax", "matmul", "taps") + winograd:
         res[f"dw_{path}"] = ms(lambda x, k, dy: cpu_ops.conv_weight_grad(path, dy, x, k, stride), x, k, dy)
       chosen = cpu_ops.cpu_conv_paths(xs, ks, stride)
       res["chosen"] = sum(res.get(f"{p}_{c}", 0.0) for p, c in zip(("fwd", "dx", "dw"), chosen))
-      res["best"] = sum(min((v for key, v in res.items() if key.startswith(p + "_")), default=0.0)
-                        for p in ("fwd", "dx", "dw"))
+      res["best"] = sum(
+          min((v for key, v in res.items() if key.startswith(p + "_")), default=0.0) for p in ("fwd", "dx", "dw"))
       yield f"conv {case} {xs[1]}x{xs[2]} {ks[2]}->{ks[3]} k{ks[0]} s{stride} x{count} [{'/'.join(chosen)}]", res
 
 
@@ -309,7 +321,7 @@ def feed_cases():
     d.pretrain_sources = FLAGS.feed_sources
     it = iter(pipeline.pretrain_dataset(d, b, 0))
     n = FLAGS.feed_steps
-    first_s, batches_s = time_batches(it, workers, n)   # the pipeline alone
+    first_s, batches_s = time_batches(it, workers, n)  # the pipeline alone
     for _ in range(FLAGS.warmup):
       state, metrics = compiled(state, train.global_batch(next(it)["image"], mesh))
     jax.block_until_ready(state)
@@ -319,9 +331,10 @@ def feed_cases():
     jax.block_until_ready((state, metrics))
     mean_s = (time.perf_counter() - t0) / n
     del it
-    yield f"feed simclr {s}px w{workers}", {**rates(flops, mean_s, b, 2), "compile_s": compile_s,
-                                            "loss": float(metrics["loss"]), "pipe_img_s": b * batches_s,
-                                            "startup_s": first_s}
+    yield f"feed simclr {s}px w{workers}", {
+        **rates(flops, mean_s, b, 2), "compile_s": compile_s, "loss": float(metrics["loss"]),
+        "pipe_img_s": b * batches_s, "startup_s": first_s
+    }
 
 
 def cpu_model() -> str:
@@ -336,25 +349,31 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from usjax import report, runtime
-  kept = runtime.keep_host_memory()   # before JAX's first computation, as launch/main.py does
+  kept = runtime.keep_host_memory()  # before JAX's first computation, as launch/main.py does
   report.quiet_libraries()
   import jax
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.device_count()} device(s): "
-        f"{jax.devices()[0].device_kind}; {os.cpu_count()} cpu(s): {cpu_model()}); "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; host heap kept: {kept}", flush=True)
+  print(
+      f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.device_count()} device(s): "
+      f"{jax.devices()[0].device_kind}; {os.cpu_count()} cpu(s): {cpu_model()}); "
+      f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; host heap kept: {kept}", flush=True)
   what = {"step", "pipeline"} if "all" in FLAGS.what else set(FLAGS.what)
   unknown = what - {"step", "pipeline", "feed", "conv"}
   if unknown:
     raise app.UsageError(f"--what: unknown {', '.join(sorted(unknown))}; use step, pipeline, feed, conv or all")
-  gens = [make() for name, make in (("step", step_cases), ("conv", conv_cases), ("feed", feed_cases),
-                                    ("pipeline", pipeline_cases)) if name in what]
+  gens = [
+      make()
+      for name, make in (("step", step_cases), ("conv", conv_cases), ("feed", feed_cases), ("pipeline", pipeline_cases))
+      if name in what
+  ]
   rows = []
   for gen in gens:
     for name, res in gen:
       rows.append((name, res))
-      print(json.dumps({"case": name, "res": FLAGS.res, "batch": FLAGS.batch, "encoder": FLAGS.encoder,
-                        "dtype": FLAGS.dtype, "conv_impl": FLAGS.conv_impl,
-                        **{k: round(v, 4) for k, v in res.items()}}), flush=True)
+      print(
+          json.dumps({
+              "case": name, "res": FLAGS.res, "batch": FLAGS.batch, "encoder": FLAGS.encoder, "dtype": FLAGS.dtype,
+              "conv_impl": FLAGS.conv_impl, **{k: round(v, 4) for k, v in res.items()}
+          }), flush=True)
   throughput = [(n, r) for n, r in rows if "img_s" in r]
   rate_cols = (("img_s", "img/s", 9, 1), ("views_s", "views/s", 9, 1), ("pipe_img_s", "pipe img/s", 11, 1),
                ("step_ms", "step ms", 9, 1), ("compile_s", "compile s", 11, 1), ("gflop_s", "GFLOP/s", 10, 1),

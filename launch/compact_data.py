@@ -33,7 +33,7 @@ flags.DEFINE_integer("natural_per_class", 0, "CIFAR images kept per class (the f
 flags.DEFINE_bool("force", False, "Replace --out if it exists.")
 flags.DEFINE_bool("check", False, "Prepare BUSI and POCUS from the copy and the source and compare their splits.")
 
-SETS = {"busi": "busi", "pocus": "pocus", "natural": "cifar10_test"}   # source name -> folder under data_root
+SETS = {"busi": "busi", "pocus": "pocus", "natural": "cifar10_test"}  # source name -> folder under data_root
 JPEG_QUALITY = 90
 
 
@@ -135,13 +135,16 @@ def compact(data_root: str, out: str, max_side: int = 256, natural_per_class: in
       sizes[sub] = {"files": files, "bytes": size, "source_bytes": _tree_bytes(src)}
       log(f"{sub:<13} {files:>6} files {size / 1e6:8.1f} MB  (source {sizes[sub]['source_bytes'] / 1e6:.1f} MB)")
     readme = os.path.join(data_root, "README.md")
-    if os.path.isfile(readme):   # the licences and citations travel with the images
+    if os.path.isfile(readme):  # the licences and citations travel with the images
       shutil.copyfile(readme, os.path.join(tmp, "README.md"))
     total = _tree_bytes(tmp)
     with open(os.path.join(tmp, "compact.json"), "w") as f:
-      json.dump({"source": data_root, "max_side": max_side, "natural_per_class": natural_per_class,
-                 "jpeg_quality": JPEG_QUALITY, "sets": sizes, "total_bytes": total}, f, indent=1)
-    if os.path.exists(out):   # --force: the old copy goes only once the new one is complete
+      json.dump(
+          {
+              "source": data_root, "max_side": max_side, "natural_per_class": natural_per_class,
+              "jpeg_quality": JPEG_QUALITY, "sets": sizes, "total_bytes": total
+          }, f, indent=1)
+    if os.path.exists(out):  # --force: the old copy goes only once the new one is complete
       old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
       os.rename(out, os.path.join(old, "x"))
       os.rename(tmp, out)

@@ -16,8 +16,10 @@ flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, summa
 flags.mark_flags_as_required(["config"])
 
 # Keys renamed so that the fine-tuning set and the pre-training mixture cannot be mistaken for each other.
-RENAMED = {"data.source": "data.finetune_source", "data.sources": "data.pretrain_sources",
-           "data.weights": "data.pretrain_weights"}
+RENAMED = {
+    "data.source": "data.finetune_source", "data.sources": "data.pretrain_sources",
+    "data.weights": "data.pretrain_weights"
+}
 
 
 def parse_flags(argv):
@@ -28,14 +30,17 @@ def parse_flags(argv):
       sys.exit(f"error: --config.{key} was renamed: use --config.{RENAMED[key]}")
   try:
     rest = flags.FLAGS(argv)
-    flags.FLAGS.config.task   # config_flags reports a bad file lazily: touch it here, while errors are one line
+    flags.FLAGS.config.task  # config_flags reports a bad file lazily: touch it here, while errors are one line
     return rest
   except OSError as e:
     sys.exit(f"error: --config: {str(e).strip().splitlines()[-1].strip()}")
-  except (AttributeError, KeyError) as e:   # ml_collections: an override of a key the config does not have
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a key the config does not have
     name = str(e).strip("\"' ")
-    bad = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.") and
-           name in a.split("=", 1)[0].removeprefix("--config.").split(".")]
+    bad = [
+        a.split("=", 1)[0]
+        for a in argv[1:]
+        if a.startswith("--config.") and name in a.split("=", 1)[0].removeprefix("--config.").split(".")
+    ]
     sys.exit(f"error: {bad[0] if bad else name}: no such config key (configs/default.py lists them all)")
   except (flags.Error, ValueError, TypeError) as e:
     last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
@@ -46,7 +51,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from usjax import UsjaxError, grid, report, runtime, train
-  runtime.keep_host_memory()   # before JAX's first computation
+  runtime.keep_host_memory()  # before JAX's first computation
   report.quiet_libraries()
   cfg = flags.FLAGS.config
   try:
@@ -57,7 +62,7 @@ def main(argv):
     sys.exit(e.exit_code)
   except UsjaxError as e:
     logging.error("%s", e)
-    runtime.print_error(e)   # one line, on a line of its own even after a progress bar
+    runtime.print_error(e)  # one line, on a line of its own even after a progress bar
     sys.exit(1)
 
 

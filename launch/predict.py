@@ -32,12 +32,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from usjax import UsjaxError, predict, report, runtime
-  runtime.keep_host_memory()   # before JAX's first computation
+  runtime.keep_host_memory()  # before JAX's first computation
   report.quiet_libraries()
   f = flags.FLAGS
   try:
-    p = predict.load(f.workdir, image_size=f.image_size, channels=f.channels, aspect=f.aspect,
-                     batch_size=f.batch_size)
+    p = predict.load(f.workdir, image_size=f.image_size, channels=f.channels, aspect=f.aspect, batch_size=f.batch_size)
     if f.evaluate:
       summary = predict.evaluate_folder(p, f.input, f.output, save_predictions=True)
       print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float))}, indent=2))
@@ -46,7 +45,7 @@ def main(argv):
       print(f"{len(rows)} masks and overlays written to {f.output}")
   except UsjaxError as e:
     logging.error("%s", e)
-    runtime.print_error(e)   # on a line of its own, after any progress bar
+    runtime.print_error(e)  # on a line of its own, after any progress bar
     sys.exit(1)
 
 

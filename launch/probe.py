@@ -57,7 +57,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from usjax import UsjaxError, report, runtime
-  runtime.keep_host_memory()   # before JAX's first computation
+  runtime.keep_host_memory()  # before JAX's first computation
   report.quiet_libraries()
   f = flags.FLAGS
   try:
@@ -81,7 +81,8 @@ def run(f) -> dict:
     model = meta["model"]
   pre = predict.settings(meta, f.image_size, f.channels, f.aspect) if meta else {
       "image_size": f.image_size or cfg.data.image_size, "channels": f.channels or cfg.data.channels,
-      "aspect": f.aspect or cfg.data.aspect}
+      "aspect": f.aspect or cfg.data.aspect
+  }
   data = cfg.data
   data.data_dir, data.image_size, data.channels, data.aspect = f.data_dir, pre["image_size"], pre["channels"], \
       pre["aspect"]
@@ -89,7 +90,7 @@ def run(f) -> dict:
   for name, key in (("busi", "busi_dir"), ("pocus", "pocus_dir")):
     setattr(data, key, os.path.join(root, name) if os.path.isdir(os.path.join(root, name)) else "")
   probe = probe_data.ProbeData(data, model, names=tuple(f.sources), eval_split=f.eval_split, batch_size=f.batch_size,
-                           k=f.k, temperature=f.temperature, l2=f.l2, balanced=f.balanced)
+                               k=f.k, temperature=f.temperature, l2=f.l2, balanced=f.balanced)
   if f.random:
     variables = probe.init_variables(f.seed)
   else:
@@ -100,8 +101,10 @@ def run(f) -> dict:
         f"scored on {f.eval_split}")
   print(table(metrics, described))
   print(f"prepare {probe.build_seconds:.1f} s, probe {metrics['probe/seconds']:.1f} s")
-  out = {"checkpoint": checkpoint, "model": dict(model), "preprocess": pre, "eval_split": f.eval_split,
-         "metrics": metrics, "sources": described, "prepare_seconds": probe.build_seconds}
+  out = {
+      "checkpoint": checkpoint, "model": dict(model), "preprocess": pre, "eval_split": f.eval_split, "metrics": metrics,
+      "sources": described, "prepare_seconds": probe.build_seconds
+  }
   if f.output:
     os.makedirs(os.path.dirname(os.path.abspath(f.output)), exist_ok=True)
     with open(f.output, "w") as fh:

@@ -20,7 +20,7 @@ def one_step(task: str):
   cfg = (pretrain_multiorgan if task == "pretrain" else finetune_busi).get_config()
   cfg.model.proj_dims = (32, 16)
   cfg.optim.warmup_steps = 0
-  cfg.optim.name, cfg.optim.learning_rate = "sgd", 0.1   # updates linear in the gradients: tight tolerances
+  cfg.optim.name, cfg.optim.learning_rate = "sgd", 0.1  # updates linear in the gradients: tight tolerances
   mesh = train.make_mesh()
   method = methods.make_method(cfg) if task == "pretrain" else None
   model, tx = method.model if method else train.build_model(cfg), train.make_optimizer(cfg, 10)
@@ -38,10 +38,12 @@ def one_step(task: str):
     step = train.compile_step(functools.partial(finetune.segmentation_loss, model=model, aug_cfg=aug), tx, mesh)
     batch = train.global_batch((images[local], masks[local]), mesh)
   state, metrics = step(state, batch)
-  local_copy = lambda x: np.asarray(x.addressable_data(0))   # replicated: every process holds all of it
+  local_copy = lambda x: np.asarray(x.addressable_data(0))  # replicated: every process holds all of it
   params = jax.tree.map(local_copy, state["params"])
-  flat = {f"{task}/" + "/".join(str(getattr(k, "key", k)) for k in p): np.asarray(v)
-          for p, v in jax.tree_util.tree_leaves_with_path(params)}
+  flat = {
+      f"{task}/" + "/".join(str(getattr(k, "key", k)) for k in p): np.asarray(v) for p, v in
+      jax.tree_util.tree_leaves_with_path(params)
+  }
   return {f"{task}/loss": local_copy(metrics["loss"]), **flat}
 
 

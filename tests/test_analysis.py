@@ -26,7 +26,7 @@ def mask(*cells, shape=(12, 12)):
 
 # ---------------------------------------------------------------------------------------------------- hd95
 def test_hd95_hand_cases():
-  assert hd95(mask((1, 1)), mask((4, 5))) == pytest.approx(5.0)   # 3-4-5 triangle
+  assert hd95(mask((1, 1)), mask((4, 5))) == pytest.approx(5.0)  # 3-4-5 triangle
   square = np.zeros((12, 12), bool)
   square[3:6, 3:6] = True
   assert hd95(square, square) == 0.0
@@ -57,7 +57,7 @@ def test_paired_difference_exact_and_by_id():
   diff, lo, hi, p = bootstrap.paired_difference_ci(a, [x + 0.1 for x in a], N_BOOT)
   assert diff == pytest.approx(0.1) and lo == pytest.approx(0.1) and hi == pytest.approx(0.1) and p < 0.01
   rows_a = [{"id": f"img{i}", "dice": float(v)} for i, v in enumerate(a[0])]
-  rows_b = [{"id": r["id"], "dice": r["dice"] + 0.1} for r in rows_a][::-1]   # other order
+  rows_b = [{"id": r["id"], "dice": r["dice"] + 0.1} for r in rows_a][::-1]  # other order
   diff, lo, hi, _ = bootstrap.paired_difference_ci([rows_a], [rows_b], N_BOOT)
   assert diff == pytest.approx(0.1) and hi - lo < 1e-9
   # By position, the reversed list would not be a constant shift.
@@ -84,10 +84,12 @@ def fake_run(root, fields, dice, finished=True, hd=True):
     json.dump([{"step": s, "loss": 1 / (s + 1)} for s in range(0, 50, 10)], f)
   if finished:
     with open(os.path.join(wd, "per_image.json"), "w") as f:
-      json.dump(rows[::-1], f)   # order must not matter
-    summary = {"task": "finetune", "dice": float(np.mean(dice)), "iou": float(np.mean([r["iou"] for r in rows])),
-               "num_images": len(rows), "false_positive_rate": 0.1, "label_fraction": fields["label_fraction"],
-               "source": "busi", "init_from": None, "transfer": None, "steps": 50, "images_per_sec": 100.0}
+      json.dump(rows[::-1], f)  # order must not matter
+    summary = {
+        "task": "finetune", "dice": float(np.mean(dice)), "iou": float(np.mean([r["iou"] for r in rows])),
+        "num_images": len(rows), "false_positive_rate": 0.1, "label_fraction": fields["label_fraction"],
+        "source": "busi", "init_from": None, "transfer": None, "steps": 50, "images_per_sec": 100.0
+    }
     for name in ("benign", "malignant", "normal"):
       summary[f"dice_{name}"] = float(np.mean([r["dice"] for r in rows if r["label"] == name]))
     with open(os.path.join(wd, "summary.json"), "w") as f:
@@ -115,7 +117,8 @@ def test_claims_verdicts(tmp_path):
   def effect(source, fraction):
     if source == "none":
       return 0.0 if fraction == 100 else -0.1
-    return 0.0 if fraction == 50 else 0.1   # pre-trained: +0.1 over scratch at 50%; 50% ≈ scratch@100%
+    return 0.0 if fraction == 50 else 0.1  # pre-trained: +0.1 over scratch at 50%; 50% ≈ scratch@100%
+
   cells = grid(tmp_path, effect)
   rows = analysis.collect(cells)
   per_image = {r["workdir"]: analysis.load_per_image(r["workdir"]) for r in rows}
@@ -131,21 +134,20 @@ def test_claims_verdicts(tmp_path):
 
 
 def test_claims_missing_arm_not_run(tmp_path):
-  cells = grid(tmp_path, lambda s, f: 0.05 * (s != "none"), fractions=(50,), sources=("none", "multiorgan"),
-               seeds=(0,))
+  cells = grid(tmp_path, lambda s, f: 0.05 * (s != "none"), fractions=(50,), sources=("none", "multiorgan"), seeds=(0,))
   rows = analysis.collect(cells)
-  found = analysis.claims(rows, {r["workdir"]: analysis.load_per_image(r["workdir"]) for r in rows},
-                          n_boot=N_BOOT)
+  found = analysis.claims(rows, {r["workdir"]: analysis.load_per_image(r["workdir"]) for r in rows}, n_boot=N_BOOT)
   assert [r["verdict"] for r in by_claim(found, "C3")] == ["not run"]
-  assert [r["verdict"] for r in by_claim(found, "C2")] == ["not run"]   # no scratch @ 100%
+  assert [r["verdict"] for r in by_claim(found, "C2")] == ["not run"]  # no scratch @ 100%
   assert [r["verdict"] for r in by_claim(found, "C1")] == ["supported"]
   assert "not run" in analysis.claims_markdown(found)
 
 
 def test_write_report(tmp_path):
   cells = grid(tmp_path / "runs", lambda s, f: 0.05 * (s != "none") - 0.001 * (100 - f), seeds=(0,))
-  cells.append(fake_run(tmp_path / "runs", {"pretrain": "natural", "method": "simclr", "label_fraction": 25,
-                                            "seed": 0}, BASE, finished=False))
+  cells.append(
+      fake_run(tmp_path / "runs", {"pretrain": "natural", "method": "simclr", "label_fraction": 25, "seed": 0}, BASE,
+               finished=False))
   pre = os.path.join(tmp_path, "pre")
   os.makedirs(pre)
   with open(os.path.join(pre, "history.json"), "w") as f:
@@ -182,13 +184,13 @@ def test_write_report_empty_grid(tmp_path):
 def test_pretrain_table_puts_probe_beside_finetuning_gain(tmp_path):
   for name, bacc, loss in (("breast", 0.55, 3.9), ("multiorgan", 0.62, 3.4)):
     (tmp_path / name).mkdir()
-    (tmp_path / name / "summary.json").write_text(json.dumps(
-        {"final_loss": loss, "collapsed": False, "probe": {"busi_knn_bacc": bacc, "busi_knn_acc": 0.7}}))
-  stats = [{"pretrain": "none", "label_fraction": 100, "dice": 0.70},
-           {"pretrain": "breast", "label_fraction": 100, "dice": 0.72},
+    (tmp_path / name / "summary.json").write_text(
+        json.dumps({"final_loss": loss, "collapsed": False, "probe": {"busi_knn_bacc": bacc, "busi_knn_acc": 0.7}}))
+  stats = [{"pretrain": "none", "label_fraction": 100,
+            "dice": 0.70}, {"pretrain": "breast", "label_fraction": 100, "dice": 0.72},
            {"pretrain": "multiorgan", "label_fraction": 100, "dice": 0.69}]
-  md = analysis.pretrain_table({"breast": str(tmp_path / "breast"), "multiorgan": str(tmp_path / "multiorgan")},
-                               stats, floor={"busi_knn_bacc": 0.42})
+  md = analysis.pretrain_table({"breast": str(tmp_path / "breast"), "multiorgan": str(tmp_path / "multiorgan")}, stats,
+                               floor={"busi_knn_bacc": 0.42})
   lines = md.strip().splitlines()
   assert lines[0] == "| pre-training | final loss | busi_knn_bacc | collapsed | Δ Dice @ 100% |"
   assert lines[2] == "| random init (floor) | – | 0.420 | – | 0 |"

@@ -9,8 +9,8 @@ from scipy import ndimage as sp_ndimage
 
 from usjax import augment, augment_intensity
 
-OFF = dict(brightness=0.0, contrast=0.0, gamma=0.0, blur_prob=0.0, speckle=0.0,
-           depth_gain_db=0.0, fan_prob=0.0, shadow_prob=0.0)
+OFF = dict(brightness=0.0, contrast=0.0, gamma=0.0, blur_prob=0.0, speckle=0.0, depth_gain_db=0.0, fan_prob=0.0,
+           shadow_prob=0.0)
 
 
 def _image(shape=(16, 16, 1), seed=0):
@@ -34,7 +34,7 @@ def _disks(batch, size, seed=0):
   for _ in range(batch):
     cy, cx = rng.uniform(0.3 * size, 0.7 * size, 2)
     r = rng.uniform(0.1 * size, 0.25 * size)
-    masks.append(((rows - cy) ** 2 + (cols - cx) ** 2 <= r * r)[..., None])
+    masks.append(((rows - cy)**2 + (cols - cx)**2 <= r * r)[..., None])
   return np.stack(masks).astype(np.float32)
 
 
@@ -45,19 +45,16 @@ def test_flip_matches_numpy_and_is_an_involution():
   x = _image((16, 12, 3))
   key = jax.random.key(0)
   np.testing.assert_array_equal(augment.flip(key, x, p=1.0), np.flip(x, 1))
-  np.testing.assert_array_equal(
-      augment.flip(key, augment.flip(key, x, p=1.0), p=1.0), x)
+  np.testing.assert_array_equal(augment.flip(key, augment.flip(key, x, p=1.0), p=1.0), x)
   np.testing.assert_array_equal(augment.flip(key, x, p=0.0), x)
-  np.testing.assert_array_equal(
-      augment.flip(key, x, p=1.0, vertical=True), np.flip(x, 0))
+  np.testing.assert_array_equal(augment.flip(key, x, p=1.0, vertical=True), np.flip(x, 0))
 
 
 def test_flip_matrix_warp_is_exact_flip():
   x = _image((16, 12, 2))
   h = augment.flip_matrix(True, False, 16, 12)
   v = augment.flip_matrix(False, True, 16, 12)
-  out_h, out_v, twice = _jit(
-      lambda x: tuple(augment.warp(x, m) for m in (h, v, h @ h)), x)
+  out_h, out_v, twice = _jit(lambda x: tuple(augment.warp(x, m) for m in (h, v, h @ h)), x)
   np.testing.assert_array_equal(out_h, np.flip(x, 1))
   np.testing.assert_array_equal(out_v, np.flip(x, 0))
   np.testing.assert_array_equal(twice, x)
@@ -65,12 +62,10 @@ def test_flip_matrix_warp_is_exact_flip():
 
 def test_full_crop_is_identity():
   x = _image((16, 16, 1))
-  out = _jit(augment.random_resized_crop, jax.random.key(3), x,
-             scale=(1.0, 1.0), ratio=(1.0, 1.0))
+  out = _jit(augment.random_resized_crop, jax.random.key(3), x, scale=(1.0, 1.0), ratio=(1.0, 1.0))
   np.testing.assert_allclose(out, x, atol=1e-6)
   y = _image((12, 20, 3))
-  np.testing.assert_allclose(
-      _jit(augment.crop_and_resize, y, (0.0, 0.0, 12.0, 20.0)), y, atol=1e-6)
+  np.testing.assert_allclose(_jit(augment.crop_and_resize, y, (0.0, 0.0, 12.0, 20.0)), y, atol=1e-6)
 
 
 def test_crop_matches_scipy_map_coordinates():
@@ -80,9 +75,7 @@ def test_crop_matches_scipy_map_coordinates():
   rows = y0 + (np.arange(16) + 0.5) * h / 16 - 0.5
   cols = x0 + (np.arange(20) + 0.5) * w / 20 - 0.5
   rr, cc = np.meshgrid(rows, cols, indexing='ij')
-  ref = np.stack([sp_ndimage.map_coordinates(x[..., c], [rr, cc], order=1,
-                                             mode='nearest')
-                  for c in range(3)], axis=-1)
+  ref = np.stack([sp_ndimage.map_coordinates(x[..., c], [rr, cc], order=1, mode='nearest') for c in range(3)], axis=-1)
   np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
@@ -98,8 +91,7 @@ def test_crop_2x_upscale_of_linear_image_by_hand():
 
 
 def test_sampled_crop_boxes_respect_scale_and_bounds():
-  boxes = _jit(jax.vmap(lambda k: augment.sample_crop_box(k, 32, 48)),
-               _keys(256))
+  boxes = _jit(jax.vmap(lambda k: augment.sample_crop_box(k, 32, 48)), _keys(256))
   y0, x0, h, w = np.asarray(boxes).T
   assert (y0 >= 0).all() and (x0 >= 0).all()
   assert (y0 + h <= 32 + 1e-4).all() and (x0 + w <= 48 + 1e-4).all()
@@ -113,13 +105,11 @@ def test_sampled_crop_boxes_respect_scale_and_bounds():
 
 def test_photometric_cores_match_numpy():
   x = _image((16, 16, 3), seed=2)
-  np.testing.assert_allclose(augment_intensity.adjust_brightness(x, 1.3),
-                             np.clip(x * 1.3, 0, 1), atol=1e-6)
+  np.testing.assert_allclose(augment_intensity.adjust_brightness(x, 1.3), np.clip(x * 1.3, 0, 1), atol=1e-6)
   mean = x.mean(axis=(0, 1), keepdims=True)
-  np.testing.assert_allclose(augment_intensity.adjust_contrast(x, 0.7),
-                             np.clip((x - mean) * 0.7 + mean, 0, 1), atol=1e-6)
-  np.testing.assert_allclose(augment_intensity.adjust_gamma(x, 1.7), x ** 1.7,
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(augment_intensity.adjust_contrast(x, 0.7), np.clip((x - mean) * 0.7 + mean, 0, 1),
+                             atol=1e-6)
+  np.testing.assert_allclose(augment_intensity.adjust_gamma(x, 1.7), x**1.7, rtol=1e-5, atol=1e-6)
 
 
 def test_random_photometric_factors_stay_in_range():
@@ -136,12 +126,10 @@ def test_random_photometric_factors_stay_in_range():
 def test_gaussian_blur_matches_scipy():
   x = _image((20, 16, 2), seed=5)
   sigma, radius = 1.3, 4
-  out, off, on = _jit(lambda k: (
-      augment_intensity.apply_gaussian_blur(x, sigma, radius),
-      augment_intensity.gaussian_blur(k, x, p=0.0), augment_intensity.gaussian_blur(k, x, p=1.0)),
-                      jax.random.key(0))
-  ref = sp_ndimage.gaussian_filter(x, sigma=(sigma, sigma, 0), mode='reflect',
-                                   truncate=radius / sigma)
+  out, off, on = _jit(
+      lambda k: (augment_intensity.apply_gaussian_blur(x, sigma, radius), augment_intensity.gaussian_blur(k, x, p=0.0),
+                 augment_intensity.gaussian_blur(k, x, p=1.0)), jax.random.key(0))
+  ref = sp_ndimage.gaussian_filter(x, sigma=(sigma, sigma, 0), mode='reflect', truncate=radius / sigma)
   np.testing.assert_allclose(out, ref, atol=1e-5)
   np.testing.assert_array_equal(off, x)
   assert not np.allclose(on, x)
@@ -154,8 +142,7 @@ def test_speckle_preserves_mean_and_variance_grows_with_strength():
   x = jnp.full((32, 32, 1), 0.4)
   keys = _keys(16)
   strengths = (0.1, 0.3, 0.6)
-  outs = _jit(jax.vmap(lambda k: jnp.stack(
-      [augment_intensity.speckle(k, x, s) for s in strengths])), keys)
+  outs = _jit(jax.vmap(lambda k: jnp.stack([augment_intensity.speckle(k, x, s) for s in strengths])), keys)
   stds = []
   for out in np.moveaxis(np.asarray(outs), 1, 0):
     np.testing.assert_allclose(out.mean(), 0.4, rtol=0.03)
@@ -168,22 +155,18 @@ def test_speckle_preserves_mean_and_variance_grows_with_strength():
 
 def test_depth_gain_depends_on_depth_only():
   x = 0.4 * _image((24, 16, 3), seed=6) + 0.05
-  outs = _jit(jax.vmap(lambda k: augment_intensity.depth_gain(k, x, max_db=6.0)),
-              _keys(4, seed=1))
+  outs = _jit(jax.vmap(lambda k: augment_intensity.depth_gain(k, x, max_db=6.0)), _keys(4, seed=1))
   for out in np.asarray(outs):
     ratio = out / x
-    np.testing.assert_allclose(ratio, ratio[:, :1, :1] * np.ones_like(ratio),
-                               rtol=1e-5)
-    assert 10 ** (-6 / 20) - 1e-5 <= ratio.min()
-    assert ratio.max() <= 10 ** (6 / 20) + 1e-5
+    np.testing.assert_allclose(ratio, ratio[:, :1, :1] * np.ones_like(ratio), rtol=1e-5)
+    assert 10**(-6 / 20) - 1e-5 <= ratio.min()
+    assert ratio.max() <= 10**(6 / 20) + 1e-5
     assert np.ptp(ratio[:, 0, 0]) > 1e-3
 
 
 def test_fan_mask_zeroes_top_corners():
   x = jnp.ones((32, 32, 1))
-  out, off = _jit(jax.vmap(lambda k: (augment.fan_mask(k, x, p=1.0),
-                                      augment.fan_mask(k, x, p=0.0))),
-                  _keys(64))
+  out, off = _jit(jax.vmap(lambda k: (augment.fan_mask(k, x, p=1.0), augment.fan_mask(k, x, p=0.0))), _keys(64))
   out = np.asarray(out)
   assert (out[:, 0, 0] == 0).all() and (out[:, 0, -1] == 0).all()
   assert (out[:, 16, 15:17] == 1).all()  # the beam axis stays
@@ -192,9 +175,10 @@ def test_fan_mask_zeroes_top_corners():
 
 def test_shadow_darkens_downwards_from_a_depth():
   x = jnp.ones((32, 32, 1))
-  out, off = _jit(jax.vmap(lambda k: (augment_intensity.shadow_dropout(k, x, p=1.0),
-                                      augment_intensity.shadow_dropout(k, x, p=0.0))),
-                  _keys(32))
+  out, off = _jit(
+      jax.vmap(
+          lambda k: (augment_intensity.shadow_dropout(k, x, p=1.0), augment_intensity.shadow_dropout(k, x, p=0.0))),
+      _keys(32))
   out = np.asarray(out)
   assert (out <= 1.0).all() and (out[:, 0] > 0.99).all()
   assert (np.diff(out, axis=1) <= 1e-6).all()  # never lighter deeper down
@@ -210,8 +194,7 @@ def test_mask_moves_with_image():
   cfg = augment.AugmentConfig(crop_scale=(0.3, 1.0), vflip=True, **OFF)
   fn = jax.jit(augment.augment_batch_pairs, static_argnames='cfg')
   images, out_masks = fn(jax.random.key(7), masks, masks, cfg=cfg)
-  np.testing.assert_array_equal(out_masks,
-                                (np.asarray(images) >= 0.5).astype(np.float32))
+  np.testing.assert_array_equal(out_masks, (np.asarray(images) >= 0.5).astype(np.float32))
   assert not np.array_equal(out_masks, masks)  # the geometry did something
   assert set(np.unique(out_masks)) <= {0.0, 1.0}
 
@@ -220,8 +203,7 @@ def test_segmentation_pairs_jit_rgb_and_keep_binary_masks():
   masks = _disks(4, 32, seed=1)
   images = np.clip(_image((4, 32, 32, 3)) * 0.5 + 0.4 * masks, 0, 1)
   fn = jax.jit(augment.augment_batch_pairs, static_argnames='cfg')
-  out_images, out_masks = fn(jax.random.key(1), images, masks,
-                             cfg=augment.AugmentConfig.segmentation())
+  out_images, out_masks = fn(jax.random.key(1), images, masks, cfg=augment.AugmentConfig.segmentation())
   assert out_images.shape == images.shape and out_images.dtype == jnp.float32
   assert out_masks.shape == masks.shape and out_masks.dtype == jnp.float32
   assert set(np.unique(out_masks)) <= {0.0, 1.0}
@@ -254,8 +236,7 @@ def test_two_views_jit_shapes_determinism_and_independence():
 def test_config_is_hashable_and_from_dict_validates():
   cfg = augment.AugmentConfig()
   assert hash(cfg) == hash(augment.AugmentConfig())
-  d = ml_collections.ConfigDict({'crop_scale': [0.3, 0.9], 'speckle': 0,
-                                 'hflip': False})
+  d = ml_collections.ConfigDict({'crop_scale': [0.3, 0.9], 'speckle': 0, 'hflip': False})
   got = augment.AugmentConfig.from_dict(d)
   assert got.crop_scale == (0.3, 0.9) and got.speckle == 0.0
   assert not got.hflip and got.brightness == cfg.brightness
@@ -276,14 +257,14 @@ def test_config_is_hashable_and_from_dict_validates():
 def test_rotation_by_90_degrees_is_a_quarter_turn():
   img = _image((6, 6, 1), seed=3)
   out = augment.warp(jnp.asarray(img), augment.rotation_matrix(90.0, 6, 6))
-  np.testing.assert_allclose(out, np.rot90(img, -1), atol=1e-5)   # clockwise: out[r, c] = in[n-1-c, r]
+  np.testing.assert_allclose(out, np.rot90(img, -1), atol=1e-5)  # clockwise: out[r, c] = in[n-1-c, r]
   np.testing.assert_allclose(augment.warp(jnp.asarray(img), augment.rotation_matrix(0.0, 6, 6)), img, atol=1e-6)
 
 
 def test_rotated_mask_moves_with_image():
   masks = _disks(4, 32, seed=2)
   cfg = augment.AugmentConfig(crop_scale=(1.0, 1.0), hflip=False, rotate=40.0, **OFF)
-  images, out_masks = jax.jit(augment.augment_batch_pairs, static_argnames='cfg')(
-      jax.random.key(3), masks, masks, cfg=cfg)
+  images, out_masks = jax.jit(augment.augment_batch_pairs, static_argnames='cfg')(jax.random.key(3), masks, masks,
+                                                                                  cfg=cfg)
   np.testing.assert_array_equal(out_masks, (np.asarray(images) >= 0.5).astype(np.float32))
-  assert not np.array_equal(out_masks, masks)   # the rotation did something
+  assert not np.array_equal(out_masks, masks)  # the rotation did something

@@ -40,7 +40,7 @@ def make_source(root: Path) -> Path:
       png(busi / cls / f'{cls} ({i}).png', image)
       png(busi / cls / f'{cls} ({i})_mask.png', lesion if i % 3 else np.stack([lesion * 255] * 3, -1).astype(np.uint8))
   png(busi / 'benign' / 'benign (1)_mask_1.png', np.pad(np.ones((4, 4), bool), ((20, 6), (30, 16))))
-  png(busi / 'benign' / 'benign (11).png', noise((10, 12), 99))           # already small: keeps its size
+  png(busi / 'benign' / 'benign (11).png', noise((10, 12), 99))  # already small: keeps its size
   png(busi / 'benign' / 'benign (11)_mask.png', np.eye(10, 12, dtype=bool))
   pocus = root / 'pocus'
   for cls, videos in (('covid', 4), ('pneumonia', 2), ('regular', 6)):
@@ -50,8 +50,8 @@ def make_source(root: Path) -> Path:
   png(pocus / 'image_dataset' / 'covid' / 'Cov_paper_Fig1.png', noise((36, 24, 4), 1))
   png(pocus / 'pocus_images' / 'convex' / 'Cov_paper_Fig1.png', noise((36, 24, 4), 1))
   png(pocus / 'pocus_images' / 'linear' / 'Pneu_site_2.png', noise((20, 20), 2))
-  (pocus / 'dataset_metadata.csv').write_text(
-      'Filename,Label,Patient ID / Name\nCov_vid0,COVID-19,7\nCov_vid1,COVID-19,7\nReg_vid0,regular,\n')
+  (pocus / 'dataset_metadata.csv'
+  ).write_text('Filename,Label,Patient ID / Name\nCov_vid0,COVID-19,7\nCov_vid1,COVID-19,7\nReg_vid0,regular,\n')
   (pocus / 'frame_licenses.csv').write_text('path,license\nimage_dataset/covid/Cov_vid0.mp4_frame0.jpg,CC BY 4.0\n')
   for cls in ('cat', 'dog', 'ship'):
     for i in range(12):
@@ -70,7 +70,7 @@ def test_copy_keeps_names_downscales_and_builders_give_the_same_splits(tmp_path,
   kept = {f for f in files(src) if not (f.startswith('cifar10_test/') and f.endswith(('0010.jpg', '0011.jpg')))}
   assert files(out) == kept | {'compact.json'}
   assert sizes['cifar10_test']['files'] == 30 and sizes['pocus']['files'] == 65
-  assert sorted(os.listdir(out.parent)) == ['compact']   # no temporary folder left
+  assert sorted(os.listdir(out.parent)) == ['compact']  # no temporary folder left
   for rel in files(src):
     if rel.startswith(('busi/', 'pocus/')) and imageio.is_image_file(rel):
       with Image.open(src / rel) as a, Image.open(out / rel) as b:
@@ -83,11 +83,11 @@ def test_copy_keeps_names_downscales_and_builders_give_the_same_splits(tmp_path,
           assert np.array_equal(arr, np.asarray(want)), rel
   busi = 'busi/Dataset_BUSI_with_GT/benign/'
   assert Image.open(out / f'{busi}benign (11).png').size == (12, 10)
-  assert Image.open(out / f'{busi}benign (1).png').size == (16, 10)   # 50x30 -> 16x10
+  assert Image.open(out / f'{busi}benign (1).png').size == (16, 10)  # 50x30 -> 16x10
   for rel in ('pocus/dataset_metadata.csv', 'pocus/frame_licenses.csv', 'cifar10_test/cat/0003.jpg', 'README.md'):
     assert (out / rel).read_bytes() == (src / rel).read_bytes(), rel
   capsys.readouterr()
-  assert compact_data.check(src, out)   # BUSI and POCUS: the same ids in each split as from the source
+  assert compact_data.check(src, out)  # BUSI and POCUS: the same ids in each split as from the source
   lines = capsys.readouterr().out.splitlines()
   assert sum('same ids as the source' in line for line in lines) == 6 and not any('DIFFERENT' in l for l in lines)
   assert sum(line.startswith('check natural') for line in lines) == 3
@@ -124,7 +124,7 @@ def test_wrong_layout_fails_in_one_line_and_writes_nothing(tmp_path, case):
 def test_bad_image_while_writing_leaves_nothing_and_out_is_kept_unless_forced(tmp_path):
   src, out = make_source(tmp_path / 'src'), tmp_path / 'cache' / 'compact'
   bad = src / 'pocus' / 'image_dataset' / 'regular' / 'Reg_vid5.mp4_frame28.jpg'
-  truncate(bad)   # its header passes the scan; the full decode while writing fails
+  truncate(bad)  # its header passes the scan; the full decode while writing fails
   raises(lambda: compact_data.compact(src, out, max_side=MAX_SIDE), bad)
   assert not os.listdir(out.parent)
   png(bad, noise((40, 60, 3), 5))

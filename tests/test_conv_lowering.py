@@ -53,14 +53,14 @@ def test_conv_module_matches_flax_conv(hw, stride):
 
 # (x shape, kernel shape, stride) reaching every (fwd, dx, dw) path of `cpu_conv_paths`
 PATH_CASES = [
-    ((2, 16, 18, 1), (7, 7, 1, 8), 2),      # stem: lax forward, matmul weight gradient
-    ((2, 9, 9, 8), (3, 3, 8, 4), 1),        # mid-sized map: lax forward, per-tap weight gradient
-    ((1, 65, 66, 5), (3, 3, 5, 2), 1),      # large map (> 64x64): lax everywhere
-    ((2, 9, 8, 8), (3, 3, 8, 16), 2),       # strided 3x3: matmul everywhere
-    ((2, 12, 12, 8), (1, 1, 8, 16), 2),     # strided 1x1 projection: per-tap weight gradient
-    ((2, 3, 3, 16), (3, 3, 16, 8), 1),      # tiny map: matmul everywhere
-    ((1, 16, 18, 64), (3, 3, 64, 64), 1),   # 3x3 stride 1, >= 64 channels: Winograd in all three passes
-    ((16, 4, 4, 64), (3, 3, 64, 64), 1),    # a 4x4 map whose Winograd matmuls have 64 rows: Winograd too
+    ((2, 16, 18, 1), (7, 7, 1, 8), 2),  # stem: lax forward, matmul weight gradient
+    ((2, 9, 9, 8), (3, 3, 8, 4), 1),  # mid-sized map: lax forward, per-tap weight gradient
+    ((1, 65, 66, 5), (3, 3, 5, 2), 1),  # large map (> 64x64): lax everywhere
+    ((2, 9, 8, 8), (3, 3, 8, 16), 2),  # strided 3x3: matmul everywhere
+    ((2, 12, 12, 8), (1, 1, 8, 16), 2),  # strided 1x1 projection: per-tap weight gradient
+    ((2, 3, 3, 16), (3, 3, 16, 8), 1),  # tiny map: matmul everywhere
+    ((1, 16, 18, 64), (3, 3, 64, 64), 1),  # 3x3 stride 1, >= 64 channels: Winograd in all three passes
+    ((16, 4, 4, 64), (3, 3, 64, 64), 1),  # a 4x4 map whose Winograd matmuls have 64 rows: Winograd too
 ]
 
 
@@ -68,7 +68,7 @@ def test_path_cases_cover_every_lowering():
   paths = {cpu_ops.cpu_conv_paths(x, k, s) for x, k, s in PATH_CASES}
   assert {p[0] for p in paths} == {p[1] for p in paths} == {"lax", "matmul", "winograd"}
   assert {p[2] for p in paths} == {"lax", "matmul", "taps", "winograd"}
-  assert cpu_ops.cpu_conv_paths(*PATH_CASES[-1]) == ("winograd",) * 3   # the 4x4 map is checked below
+  assert cpu_ops.cpu_conv_paths(*PATH_CASES[-1]) == ("winograd",) * 3  # the 4x4 map is checked below
   # Winograd once its 16 matmuls have >= 64 rows (tiles): on 2x2 maps (a tile per image) 32 images lost to
   # im2col, 256 won 1.65x (`--what=conv`-style timing of the three passes)
   assert cpu_ops.cpu_conv_paths((32, 2, 2, 512), (3, 3, 512, 512), 1) == ("matmul", "matmul", "matmul")
@@ -109,7 +109,7 @@ def test_winograd_matches_numpy_correlation():
   xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   ref = sum(np.einsum("nhwc,co->nhwo", xp[:, i:i + 6, j:j + 10], k[i, j]) for i in range(3) for j in range(3))
   np.testing.assert_allclose(cpu_ops.conv3x3_winograd(jnp.asarray(x), jnp.asarray(k)), ref, rtol=1e-5, atol=1e-5)
-  assert not cpu_ops.winograd_fits((2, 7, 10, 3), k.shape, 1)   # odd maps and strides keep another lowering
+  assert not cpu_ops.winograd_fits((2, 7, 10, 3), k.shape, 1)  # odd maps and strides keep another lowering
   assert not cpu_ops.winograd_fits(x.shape, k.shape, 2)
 
 
@@ -120,8 +120,8 @@ def test_winograd_weight_grad_matches_numpy_correlation():
   x = rng.normal(size=(2, 6, 10, 3)).astype(np.float32)
   dy = rng.normal(size=(2, 6, 10, 5)).astype(np.float32)
   xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  ref = np.stack([np.stack([np.einsum("nhwc,nhwd->cd", xp[:, i:i + 6, j:j + 10], dy) for j in range(3)])
-                  for i in range(3)])
+  ref = np.stack(
+      [np.stack([np.einsum("nhwc,nhwd->cd", xp[:, i:i + 6, j:j + 10], dy) for j in range(3)]) for i in range(3)])
   got = cpu_ops.conv3x3_winograd_weight_grad(jnp.asarray(x), jnp.asarray(dy))
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
@@ -183,8 +183,8 @@ def test_cpu_upsampling_conv_takes_a_bias_like_nn_conv():
 
 
 # Compile time dominates on CPU; the least-optimising XLA backend halves it
-fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
-                                                        "xla_llvm_disable_expensive_passes": True})
+fast_jit = functools.partial(
+    jax.jit, compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
 
 
 @pytest.mark.parametrize("encoder", ["resnet18", "plain"])
@@ -202,14 +202,15 @@ def test_cpu_layers_make_the_same_unet_as_flax_layers(encoder):
   def loss(model, params):
     y, new = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
     return jnp.sum(y * jnp.linspace(-1.0, 1.0, y.size).reshape(y.shape)), (y, new["batch_stats"])
+
   (_, (y, stats)), grads = fast_jit(jax.value_and_grad(functools.partial(loss, cpu), has_aux=True))(variables["params"])
-  (_, (y_ref, stats_ref)), grads_ref = fast_jit(jax.value_and_grad(functools.partial(loss, xla), has_aux=True))(
-      variables["params"])
+  (_, (y_ref, stats_ref)), grads_ref = fast_jit(jax.value_and_grad(functools.partial(loss, xla),
+                                                                   has_aux=True))(variables["params"])
   np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
   for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(stats_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads_ref)):
-    scale = float(jnp.max(jnp.abs(b))) + 1e-6   # each leaf against its largest gradient
+    scale = float(jnp.max(jnp.abs(b))) + 1e-6  # each leaf against its largest gradient
     np.testing.assert_allclose(a / scale, b / scale, rtol=0, atol=1e-4, err_msg=jax.tree_util.keystr(path))
 
 
@@ -224,4 +225,4 @@ def test_max_pool_matches_flax_with_the_first_maximum_taking_the_gradient(shape)
   np.testing.assert_array_equal(y, y_ref)
   g = jax.random.normal(jax.random.key(8), y.shape)
   np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(vjp(g)[0].sum(), g.sum(), rtol=1e-5)   # each window's gradient lands once
+  np.testing.assert_allclose(vjp(g)[0].sum(), g.sum(), rtol=1e-5)  # each window's gradient lands once

@@ -16,7 +16,6 @@ from usjax.data import staging
 
 from data_helpers import assert_clean, labels_of, png, raises, raw, shared, truncate
 
-
 # ---------------------------------------------------------------------------
 # imageio
 
@@ -109,8 +108,8 @@ class NumpyImages(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-        {'image': tfds.features.Image(shape=(4, 4, 3))}))
+    return tfds.core.DatasetInfo(builder=self,
+                                 features=tfds.features.FeaturesDict({'image': tfds.features.Image(shape=(4, 4, 3))}))
 
   def _split_generators(self, dl_manager):
     return {'train': self._generate_examples()}

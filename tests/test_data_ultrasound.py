@@ -18,7 +18,6 @@ from usjax.data import pocus
 
 from data_helpers import assert_clean, labels_of, png, raises, raw, shared, truncate
 
-
 # ---------------------------------------------------------------------------
 # BUSI, synthetic
 
@@ -51,8 +50,10 @@ def test_busi_synthetic_build_reuse_and_merge(tmp_path):
   assert sorted(os.listdir(tmp_path / 'out')) == ['busi']
 
 
-@pytest.mark.parametrize('case', ['missing', 'layout', 'no_class', 'empty_class', 'no_mask', 'orphan_mask',
-                                  'mask_size', 'corrupt', 'truncated', 'sixteen_bit'])
+@pytest.mark.parametrize('case', [
+    'missing', 'layout', 'no_class', 'empty_class', 'no_mask', 'orphan_mask', 'mask_size', 'corrupt', 'truncated',
+    'sixteen_bit'
+])
 def test_busi_bad_input(tmp_path, case):
   inner = make_busi(tmp_path / 'busi')
   benign = inner / 'benign'
@@ -103,8 +104,8 @@ def make_pocus(root):
   png(root / 'image_dataset' / 'covid' / 'Cov_paper_Fig1.png')
   png(root / 'pocus_images' / 'convex' / 'Cov_paper_Fig1.png')
   png(root / 'pocus_images' / 'linear' / 'Pneu_site_2.png')
-  (root / 'dataset_metadata.csv').write_text(
-      'Filename,Label,Patient ID / Name\nCov_vid0,COVID-19,7\nCov_vid1,COVID-19,7\nReg_vid0,regular,\n')
+  (root / 'dataset_metadata.csv'
+  ).write_text('Filename,Label,Patient ID / Name\nCov_vid0,COVID-19,7\nCov_vid1,COVID-19,7\nReg_vid0,regular,\n')
 
 
 def test_pocus_synthetic_groups(tmp_path):

@@ -13,7 +13,7 @@ from configs import finetune_busi, pretrain_multiorgan
 from usjax import UsjaxError, checkpoint, train
 from usjax.checkpoint import CheckpointError
 
-pytestmark = pytest.mark.slow   # pre-trains and fine-tunes small networks end to end
+pytestmark = pytest.mark.slow  # pre-trains and fine-tunes small networks end to end
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +42,7 @@ def test_pretrain_writes_checkpoint_summary_and_events(pretrained):
   assert saved.keys() == summary.keys()
   scalars = {k for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
   assert {k: saved[k] for k in scalars} == pytest.approx({k: summary[k] for k in scalars})
-  assert saved["probe_history"] == [] and saved["collapsed"] is False   # no probe set on synthetic data
+  assert saved["probe_history"] == [] and saved["collapsed"] is False  # no probe set on synthetic data
   assert summary["steps"] == 4 and np.isfinite(summary["final_loss"])
   assert summary["images_per_sec"] > 0
   assert sorted(n for n in os.listdir(root / "pre" / "checkpoints") if n.isdigit()) == ["2", "4"]
@@ -57,7 +57,7 @@ def test_finetune_from_pretrained_restores_encoder_and_scores(pretrained):
   assert summary["transfer"]["loaded"] == ["encoder"]
   assert summary["transfer"]["init"] == ["decoder", "seg_head"]
   assert 0.0 <= summary["dice"] <= 1.0 and 0.0 <= summary["iou"] <= summary["dice"] + 1e-6
-  assert summary["eval_split"] == "val" and summary["num_images"] == 4   # 10% of 40 synthetic breast images
+  assert summary["eval_split"] == "val" and summary["num_images"] == 4  # 10% of 40 synthetic breast images
 
   # The encoder loaded into a fresh U-Net equals the one saved by pre-training.
   saved = ocp.CheckpointManager(str(root / "pre" / "checkpoints"),
@@ -101,9 +101,10 @@ def test_unwritable_workdir_is_rejected(tmp_path):
 
 
 def test_unknown_config_key_fails_in_one_line(tmp_path):
-  out = subprocess.run([sys.executable, "launch/main.py", "--config=configs/pretrain_multiorgan.py",
-                        f"--workdir={tmp_path / 'w'}", "--config.num_stepz=3"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+  out = subprocess.run([
+      sys.executable, "launch/main.py", "--config=configs/pretrain_multiorgan.py", f"--workdir={tmp_path / 'w'}",
+      "--config.num_stepz=3"
+  ], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode != 0
   assert "num_stepz" in out.stderr
   assert not (tmp_path / "w").exists()

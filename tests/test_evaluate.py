@@ -13,16 +13,20 @@ def masks(*cells, shape=(4, 4)):
 
 
 def test_dice_iou_hand_cases():
-  true = np.stack([masks((0, 0), (0, 1), (1, 0), (1, 1)),     # 4 pixels
-                   masks((0, 0), (0, 1)),                      # 2 pixels
-                   masks(),                                    # empty truth
-                   masks(),                                    # empty truth
-                   masks((3, 3))])
-  pred = np.stack([masks((0, 0), (0, 1)),                      # 2 of 4: dice 2*2/6, iou 2/4
-                   masks((2, 2), (2, 3)),                      # disjoint: 0, 0
-                   masks(),                                    # empty on empty: perfect
-                   masks((1, 1)),                              # false positive on empty: 0
-                   masks()])                                   # missed lesion: 0
+  true = np.stack([
+      masks((0, 0), (0, 1), (1, 0), (1, 1)),  # 4 pixels
+      masks((0, 0), (0, 1)),  # 2 pixels
+      masks(),  # empty truth
+      masks(),  # empty truth
+      masks((3, 3))
+  ])
+  pred = np.stack([
+      masks((0, 0), (0, 1)),  # 2 of 4: dice 2*2/6, iou 2/4
+      masks((2, 2), (2, 3)),  # disjoint: 0, 0
+      masks(),  # empty on empty: perfect
+      masks((1, 1)),  # false positive on empty: 0
+      masks()
+  ])  # missed lesion: 0
   dice, iou = evaluate.dice_iou(pred, true)
   np.testing.assert_allclose(dice, [4 / 6, 0, 1, 0, 0], rtol=1e-6)
   np.testing.assert_allclose(iou, [0.5, 0, 1, 0, 0], rtol=1e-6)
@@ -40,8 +44,10 @@ def test_lesion_only_dice_leaves_out_empty_ground_truth():
   true = np.stack([masks((0, 0), (0, 1), (1, 0), (1, 1)), masks((0, 0)), masks(), masks()])
   pred = np.stack([masks((0, 0), (0, 1)), masks((3, 3)), masks(), masks((2, 2))])
   dice, iou = evaluate.dice_iou(pred, true)
-  per_image = {"dice": np.asarray(dice), "iou": np.asarray(iou),
-               "empty_true": ~true.reshape(4, -1).any(1), "empty_pred": ~pred.reshape(4, -1).any(1)}
+  per_image = {
+      "dice": np.asarray(dice), "iou": np.asarray(iou), "empty_true": ~true.reshape(4, -1).any(1),
+      "empty_pred": ~pred.reshape(4, -1).any(1)
+  }
   s = evaluate.summarize(per_image)
   assert s["dice"] == pytest.approx((4 / 6 + 0 + 1 + 0) / 4)
   assert s["dice_lesion"] == pytest.approx((4 / 6 + 0) / 2)

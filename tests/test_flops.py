@@ -21,9 +21,9 @@ def test_convolution_strided_and_grouped():
   k = jnp.ones((3, 3, 6, 4))
   # SAME, stride 2: 8x8 outputs of 4 features, each a 3x3x6 window
   assert flops.step_flops(lambda x, k: cpu_ops.lax_conv(x, k, 2), x, k) == 2 * 2 * 8 * 8 * 4 * (3 * 3 * 6)
-  kg = jnp.ones((3, 3, 2, 6))   # 3 groups of 2 input features
-  grouped = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", feature_group_count=3,
-                                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  kg = jnp.ones((3, 3, 2, 6))  # 3 groups of 2 input features
+  grouped = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", feature_group_count=3, dimension_numbers=(
+      "NHWC", "HWIO", "NHWC"))
   assert flops.step_flops(grouped, x, kg) == 2 * 2 * 16 * 16 * 6 * (3 * 3 * 2)
 
 
@@ -33,6 +33,7 @@ def test_nested_jit_scan_and_cond():
 
   def body(c, _):
     return jax.jit(lambda c: c @ w)(c), None
+
   scanned = lambda c: jax.lax.scan(body, c, None, length=5)[0]
   assert flops.step_flops(scanned, jnp.ones((4, 4))) == 5 * mm
   branchy = lambda p, c: jax.lax.cond(p, lambda c: c @ w @ w, lambda c: c, c)
@@ -43,7 +44,7 @@ def test_resnet18_forward_matches_the_known_count():
   """ResNet-18 on a 3-channel 224x224 image: 1.8 G multiply-adds (He et al. 2016, Table 1), all but 0.5 M of
   them (the classifier, absent here) in the convolutions. Counted with the plain Flax layers (XLA's convolution in
   every pass, as an accelerator runs it; the CPU lowerings turn some into Winograd convolutions, which do fewer)."""
-  enc = models.ResNetEncoder(depth=18, norm="batch")   # the default layers: plain Flax
+  enc = models.ResNetEncoder(depth=18, norm="batch")  # the default layers: plain Flax
   x = jnp.zeros((1, 224, 224, 3))
   variables = jax.eval_shape(lambda: enc.init(jax.random.key(0), x, False))
   params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables)
@@ -57,9 +58,8 @@ def test_winograd_counts_the_multiplies_it_does():
   x, k = jnp.ones((2, 16, 16, 64)), jnp.ones((3, 3, 64, 64))
   direct = 2 * 2 * 16 * 16 * 64 * (3 * 3 * 64)
   np.testing.assert_allclose(flops.step_flops(cpu_ops.conv3x3_winograd, x, k), direct * 16 / 36, rtol=1e-9)
-  dy = jnp.ones((2, 16, 16, 64))   # the weight gradient: 16 (C, tiles) @ (tiles, D) matmuls, as many multiplies
-  np.testing.assert_allclose(flops.step_flops(cpu_ops.conv3x3_winograd_weight_grad, x, dy), direct * 16 / 36,
-                             rtol=1e-9)
+  dy = jnp.ones((2, 16, 16, 64))  # the weight gradient: 16 (C, tiles) @ (tiles, D) matmuls, as many multiplies
+  np.testing.assert_allclose(flops.step_flops(cpu_ops.conv3x3_winograd_weight_grad, x, dy), direct * 16 / 36, rtol=1e-9)
 
 
 def test_dead_code_is_not_counted():

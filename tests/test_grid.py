@@ -10,10 +10,10 @@ from usjax import grid
 def test_grids_plan_the_arms_fractions_and_seeds_their_docstrings_state():
   pre, fine = grid.plan(grid_cpu.get_config())
   assert [f["pretrain"] for f, _, _ in pre] == ["breast", "multiorgan"]
-  assert len(fine) == 3 * 2 * 3   # scratch/breast/multi-organ x 100/50% x 3 seeds
+  assert len(fine) == 3 * 2 * 3  # scratch/breast/multi-organ x 100/50% x 3 seeds
   assert all(c.eval_split == "test" and c.data.image_size == 64 for _, _, c in fine)
-  assert {c.init_from for f, _, c in fine if f["pretrain"] == "breast"} == {r for f, r, _ in pre
-                                                                            if f["pretrain"] == "breast"}
+  assert {c.init_from for f, _, c in fine if f["pretrain"] == "breast"
+         } == {r for f, r, _ in pre if f["pretrain"] == "breast"}
   pre, fine = grid.plan(grid_gpu.get_config())
   assert len(pre) == 3 and len(fine) == 4 * 4 * 3
   assert {f["label_fraction"] for f, _, _ in fine} == {100, 50, 25, 10}
@@ -39,7 +39,7 @@ def _fake_train(trained):
   """Stands in for `train.run`: records the run and writes what a finished run leaves (pre-training: weights)."""
   def run(cfg, workdir):
     trained.append(os.path.basename(workdir))
-    if cfg.task == "finetune" and cfg.init_from:   # the grid hands over the weights' absolute path
+    if cfg.task == "finetune" and cfg.init_from:  # the grid hands over the weights' absolute path
       assert grid.has_weights(cfg.init_from), cfg.init_from
     os.makedirs(os.path.join(workdir, "checkpoints", "7"), exist_ok=True)
     os.makedirs(os.path.join(workdir, "best"), exist_ok=True)
@@ -48,6 +48,7 @@ def _fake_train(trained):
         f.write("[]")
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       f.write('{"task": "%s", "dice": 0.5}' % cfg.task)
+
   return run
 
 
@@ -58,11 +59,11 @@ def test_a_grid_goes_on_from_the_results_another_machine_recorded(tmp_path, monk
   monkeypatch.setattr(grid.train, "run", _fake_train(trained))
   monkeypatch.setattr(grid, "write_report", lambda *a, **k: {})
   grid.run(g, str(tmp_path / "first"))
-  assert trained == [r for _, r, _ in pre + fine]   # one seed: plan order
+  assert trained == [r for _, r, _ in pre + fine]  # one seed: plan order
   results = tmp_path / "results"
-  timing = json.loads((results / "timing.json").read_text())   # the grid's clock travels with the results
+  timing = json.loads((results / "timing.json").read_text())  # the grid's clock travels with the results
   assert [t["runs"] for t in timing] == [[r] for r in trained] and all(t["seconds"] >= 0 for t in timing)
-  for _, run, _ in pre + fine:   # the small outputs are recorded; the checkpoints stay behind
+  for _, run, _ in pre + fine:  # the small outputs are recorded; the checkpoints stay behind
     assert (results / run / "summary.json").is_file() and (results / run / "best" / "selection.json").is_file()
     assert not (results / run / "checkpoints").exists()
 
@@ -93,11 +94,13 @@ def test_a_cell_already_in_the_workdir_is_kept_over_the_recorded_one(tmp_path, m
 
 
 def test_the_time_table_counts_a_stacked_group_once():
-  timing = [{"runs": ["pre"], "task": "pretrain", "seconds": 600.0, "device": "cpu"},
-            {"runs": ["a", "b"], "task": "finetune", "seconds": 300.0, "device": "cpu"},
+  timing = [{"runs": ["pre"], "task": "pretrain", "seconds": 600.0,
+             "device": "cpu"}, {"runs": ["a", "b"], "task": "finetune", "seconds": 300.0, "device": "cpu"},
             {"runs": ["c"], "task": "finetune", "seconds": 120.0, "device": "cpu"}]
-  summaries = {"pre": {"compile_s": 60.0, "wall_s": 480.0}, "a": {"compile_s": 30.0, "wall_s": 240.0},
-               "b": {"compile_s": 30.0, "wall_s": 240.0}, "c": {"compile_s": 6.0, "wall_s": 66.0}}
+  summaries = {
+      "pre": {"compile_s": 60.0, "wall_s": 480.0}, "a": {"compile_s": 30.0, "wall_s": 240.0},
+      "b": {"compile_s": 30.0, "wall_s": 240.0}, "c": {"compile_s": 6.0, "wall_s": 66.0}
+  }
   rows = [line.split(" | ") for line in grid.time_table(timing, summaries).splitlines() if line.startswith("| cpu")]
   # device, phase, runs, programs, total, compiling, train loop (compile excluded), rest (total - loop), in minutes
   assert [r[1:] for r in rows] == [["fine-tuning", "3", "2", "7.0", "0.6", "4.5", "1.9 |"],
@@ -116,5 +119,5 @@ def test_cells_train_seed_by_seed_so_a_grid_cut_short_stays_balanced(tmp_path, m
   fields = {r: f for f, r, _ in fine}
   cells = [fields[r] for r in trained if r in fields]
   assert [c["seed"] for c in cells] == [0] * 6 + [1] * 6 + [2] * 6
-  assert {(c["pretrain"], c["label_fraction"]) for c in cells[:6]} == {
-      (a, f) for a in ("none", "breast", "multiorgan") for f in (100, 50)}
+  assert {(c["pretrain"], c["label_fraction"]) for c in cells[:6]
+         } == {(a, f) for a in ("none", "breast", "multiorgan") for f in (100, 50)}

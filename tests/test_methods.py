@@ -11,10 +11,10 @@ from ml_collections import ConfigDict
 from configs import default
 from usjax import UsjaxError, methods, objectives
 
-N, S = 8, 16   # batch, image side: resnet18 reaches 1x1 at stride 32
+N, S = 8, 16  # batch, image side: resnet18 reaches 1x1 at stride 32
 # Compile time dominates on CPU; the least-optimising XLA backend halves it and the steps stay sub-second.
-jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
-                                                   "xla_llvm_disable_expensive_passes": True})
+jit = functools.partial(
+    jax.jit, compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
 
 
 def small_config(method: str) -> ConfigDict:
@@ -90,8 +90,7 @@ def test_cosine_losses_match_numpy_and_stop_gradient(fn, formula):
 
 def test_ema_and_byol_momentum():
   t, o = {"a": jnp.array([1.0, 2.0])}, {"a": jnp.array([3.0, -2.0])}
-  np.testing.assert_allclose(methods.ema(t, o, 0.9)["a"], 0.9 * np.array([1, 2]) + 0.1 * np.array([3, -2]),
-                             rtol=1e-6)
+  np.testing.assert_allclose(methods.ema(t, o, 0.9)["a"], 0.9 * np.array([1, 2]) + 0.1 * np.array([3, -2]), rtol=1e-6)
   np.testing.assert_allclose(methods.byol_momentum(0, 100, 0.996), 0.996, rtol=1e-7)
   np.testing.assert_allclose(methods.byol_momentum(100, 100, 0.996), 1.0, rtol=1e-7)
   assert 0.996 < methods.byol_momentum(50, 100, 0.996) < 1.0
@@ -117,27 +116,29 @@ def trainer(name):
 
   @jit
   def step(params, batch_stats, opt_state, extra, i):
-    (loss, (batch_stats, extra, metrics)), grads = jax.value_and_grad(method.loss, has_aux=True)(
-        params, batch_stats, extra, v1, v2, i)
+    grad_fn = jax.value_and_grad(method.loss, has_aux=True)
+    (loss, (batch_stats, extra, metrics)), grads = grad_fn(params, batch_stats, extra, v1, v2, i)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, batch_stats, opt_state, method.after_step(extra, params, i), loss, metrics
+
   return method, tx, step
 
 
-@pytest.mark.slow   # compiles a MoCo train step
+@pytest.mark.slow  # compiles a MoCo train step
 def test_moco_enqueues_normalised_keys_at_the_pointer():
   method, tx, step = trainer("moco")
   params, batch_stats, extra = init(method)
   v1, v2 = views()
 
   @jit
-  def keys(extra):   # the key encoder without the shuffle: global BatchNorm makes the shuffle a no-op
+  def keys(extra):  # the key encoder without the shuffle: global BatchNorm makes the shuffle a no-op
     variables = {"params": extra["target_params"], "batch_stats": extra["target_batch_stats"]}
     (k, _), _ = method.target_model.apply(variables, jnp.concatenate([v1, v2]), train=True, mutable=["batch_stats"])
     return objectives.l2_normalize(k)
+
   expected, k_size = keys(extra), extra["queue"].shape[0]
-  for ptr in (0, k_size - 2 * N):   # a plain advance and a wrap-around
+  for ptr in (0, k_size - 2 * N):  # a plain advance and a wrap-around
     before = {**extra, "queue_ptr": jnp.asarray(ptr, jnp.int32)}
     after = step(params, batch_stats, tx.init(params), before, 3)[3]
     np.testing.assert_allclose(after["queue"][ptr:ptr + 2 * N], expected, atol=1e-5)
@@ -148,7 +149,7 @@ def test_moco_enqueues_normalised_keys_at_the_pointer():
     assert int(after["queue_ptr"]) == (ptr + 2 * N) % k_size
 
 
-@pytest.mark.slow   # compiles and runs each method's train step
+@pytest.mark.slow  # compiles and runs each method's train step
 @pytest.mark.parametrize("name", methods.METHODS)
 def test_method_trains_a_few_steps(name):
   method, tx, step = trainer(name)
@@ -157,7 +158,7 @@ def test_method_trains_a_few_steps(name):
   opt_state, extra0, losses = tx.init(params), extra, []
   for i in range(6):
     params, batch_stats, opt_state, extra, loss, metrics = step(params, batch_stats, opt_state, extra, i)
-    if name == "moco":   # a fixed batch would fill the queue with its own positives: keep the negatives fixed
+    if name == "moco":  # a fixed batch would fill the queue with its own positives: keep the negatives fixed
       extra = {**extra, "queue": extra0["queue"]}
     losses.append(float(loss))
     assert all(np.isfinite(float(v)) for v in metrics.values())
@@ -166,8 +167,8 @@ def test_method_trains_a_few_steps(name):
     target, online = extra["target_params"], {k: params[k] for k in extra["target_params"]}
     assert "predictor" not in target
     assert jax.tree.map(jnp.shape, target) == jax.tree.map(jnp.shape, extra0["target_params"])
-    assert max_abs_diff(target, extra0["target_params"]) > 0   # the target moved...
-    assert max_abs_diff(target, online) > 0                    # ...but lags the online network
+    assert max_abs_diff(target, extra0["target_params"]) > 0  # the target moved...
+    assert max_abs_diff(target, online) > 0  # ...but lags the online network
     assert max_abs_diff(extra["target_batch_stats"], extra0["target_batch_stats"]) > 0
   else:
     assert extra == {}

@@ -81,8 +81,8 @@ def test_conv_impl_chooses_the_layers_in_one_place():
   cfg = default.get_config()
   assert jax.default_backend() != "cpu" or models.layers("auto") == models.layers("cpu")
   assert models.layers("xla") == {"conv": nn.Conv, "up_conv": models.UpsampleConv, "pool": models.max_pool}
-  assert models.layers("cpu") == {"conv": cpu_ops.Conv, "up_conv": cpu_ops.UpsampleConv,
-                                  "pool": cpu_ops.max_pool_3x3_s2}
+  assert models.layers(
+      "cpu") == {"conv": cpu_ops.Conv, "up_conv": cpu_ops.UpsampleConv, "pool": cpu_ops.max_pool_3x3_s2}
   for impl in ("xla", "cpu"):
     cfg.model.conv_impl = impl
     want = models.layers(impl)
@@ -90,7 +90,7 @@ def test_conv_impl_chooses_the_layers_in_one_place():
     assert (unet.conv, unet.up_conv, unet.pool) == (net.conv, net.up_conv, net.pool) == tuple(want.values())
     assert predict.build_unet(cfg.model.to_dict()) == unet
     assert probe_data.build_encoder(cfg.model).conv == want["conv"]
-  old_meta = {"encoder": "resnet18", "decoder_widths": [256, 128, 64, 32, 16], "norm": "batch"}   # no conv_impl
+  old_meta = {"encoder": "resnet18", "decoder_widths": [256, 128, 64, 32, 16], "norm": "batch"}  # no conv_impl
   assert predict.build_unet(old_meta).conv == models.layers("auto")["conv"]
   cfg.model.conv_impl = "fast"
   with pytest.raises(ValueError, match="conv_impl"):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.slow   # runs the Colab notebook's training cells
+pytestmark = pytest.mark.slow  # runs the Colab notebook's training cells
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "launch", "colab.ipynb")
@@ -48,8 +48,10 @@ def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
   monkeypatch.setenv("USJAX_DEMO_DIR", str(tmp_path / "runs"))
   monkeypatch.chdir(ROOT)
   # `python` is this interpreter; XLA's cheapest CPU compilation, as compiling dominates these 2-step runs.
-  env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
-         "XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"}
+  env = {
+      **os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+      "XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+  }
 
   def sh(cmd):
     subprocess.run(cmd, shell=True, check=True, cwd=ROOT, env=env, timeout=300)
@@ -59,7 +61,7 @@ def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
   namespace = {"_sh": sh, "__name__": "__main__"}
   for cell in cells:
     if "install" in cell["metadata"].get("tags", []):
-      continue   # this environment is the installed one
+      continue  # this environment is the installed one
     exec(compile(to_python("".join(cell["source"])), NOTEBOOK, "exec"), namespace)
   plt.close("all")
   runs = tmp_path / "runs"

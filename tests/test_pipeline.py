@@ -32,10 +32,10 @@ def test_to_square_aspect_modes():
   img[:, :20] = 200
   pad = pipeline.to_square(img, 40, "pad", Image.NEAREST)
   assert pad.shape == (40, 40, 1)
-  assert pad[:10].max() == 0 and pad[30:].max() == 0          # black bands above and below
-  np.testing.assert_array_equal(pad[10:30], img)               # the original, unscaled
+  assert pad[:10].max() == 0 and pad[30:].max() == 0  # black bands above and below
+  np.testing.assert_array_equal(pad[10:30], img)  # the original, unscaled
   crop = pipeline.to_square(img, 20, "crop", Image.NEAREST)
-  np.testing.assert_array_equal(crop, img[:, 10:30])           # the centred square
+  np.testing.assert_array_equal(crop, img[:, 10:30])  # the centred square
   assert pipeline.to_square(img, 16, "stretch", Image.BILINEAR).shape == (16, 16, 1)
   with pytest.raises(DataError, match="aspect"):
     pipeline.to_square(img, 16, "squash", Image.BILINEAR)
@@ -56,7 +56,7 @@ def test_pretrain_batches_exact_and_mixture_follows_weights(synth):
   # heart images are black outside the fan: count them by their top-left corner
   imgs = np.concatenate([b["image"] for b in batches])
   heart = np.mean(imgs[:, :3, :3].max(axis=(1, 2, 3)) == 0)
-  assert 0.15 <= heart <= 0.35                                  # weight 1 of 4
+  assert 0.15 <= heart <= 0.35  # weight 1 of 4
 
 
 def test_iterator_state_restores_the_stream(synth):
@@ -80,7 +80,7 @@ def test_processes_read_disjoint_shards(synth, monkeypatch):
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(jax, "device_count", lambda: 2)
     b = next(iter(pipeline.pretrain_dataset(cfg, global_batch=4, seed=0)))
-    assert b["image"].shape[0] == 2                              # the local half of the global batch
+    assert b["image"].shape[0] == 2  # the local half of the global batch
     seen.append(b["image"])
   assert not np.array_equal(seen[0], seen[1])
 
@@ -113,7 +113,7 @@ def test_bad_source_names_and_weights(synth):
     pipeline.pretrain_dataset(data_cfg(synth, pretrain_sources="busi"), 4, 0)
 
 
-@pytest.mark.slow   # prepares and streams the shared real data
+@pytest.mark.slow  # prepares and streams the shared real data
 @pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "busi")), reason="../shared/data is absent")
 def test_real_multi_source_mixture_streams(tmp_path_factory):
   d = tmp_path_factory.mktemp("real")

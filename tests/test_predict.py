@@ -12,7 +12,7 @@ from configs import finetune_busi
 from usjax import predict, train
 from usjax.data import DataError, phantoms, pipeline
 
-pytestmark = pytest.mark.slow   # fine-tunes a model to predict with
+pytestmark = pytest.mark.slow  # fine-tunes a model to predict with
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,12 +35,14 @@ def rectangle(h, w, rows, cols):
   return m
 
 
-@pytest.mark.parametrize("aspect,size,rows,cols", [
-    ("pad", 80, (5, 25), (10, 50)),      # same scale: cut back out of the padded square
-    ("pad", 40, (5, 25), (10, 50)),      # half scale: edges on the even grid of the padded square survive
-    ("stretch", 80, (6, 30), (11, 57)),  # 40x80 -> 80x80 doubles rows only
-    ("crop", 40, (4, 36), (10, 50)),     # the centred 40x40 window; the margins are background
-])
+@pytest.mark.parametrize(
+    "aspect,size,rows,cols",
+    [
+        ("pad", 80, (5, 25), (10, 50)),  # same scale: cut back out of the padded square
+        ("pad", 40, (5, 25), (10, 50)),  # half scale: edges on the even grid of the padded square survive
+        ("stretch", 80, (6, 30), (11, 57)),  # 40x80 -> 80x80 doubles rows only
+        ("crop", 40, (4, 36), (10, 50)),  # the centred 40x40 window; the margins are background
+    ])
 def test_from_square_exactly_inverts_to_square(aspect, size, rows, cols):
   h, w = (50 if aspect == "pad" else 40), 80
   mask = rectangle(h, w, rows, cols)
@@ -69,8 +71,8 @@ def test_settings_come_from_meta_then_overrides_then_fallback():
 
 
 def test_score_at_original_resolution():
-  true = rectangle(30, 50, (5, 15), (10, 30)).astype(bool)     # 200 pixels
-  pred = rectangle(30, 50, (5, 15), (20, 40)).astype(bool)     # 200, 100 shared
+  true = rectangle(30, 50, (5, 15), (10, 30)).astype(bool)  # 200 pixels
+  pred = rectangle(30, 50, (5, 15), (20, 40)).astype(bool)  # 200, 100 shared
   s = predict.score(pred, true)
   assert s["dice"] == pytest.approx(0.5) and s["iou"] == pytest.approx(1 / 3)
   assert s["hd95"] == pytest.approx(10.0)
@@ -85,7 +87,7 @@ def test_predict_folder_writes_masks_at_original_sizes(finetuned, tmp_path):
   Image.fromarray(rng.integers(0, 256, (50, 80), np.uint8)).save(tmp_path / "in" / "a.png")
   Image.fromarray(rng.integers(0, 256, (64, 40, 3), np.uint8)).save(tmp_path / "in" / "sub" / "b.jpg")
   Image.fromarray(rng.integers(0, 256, (33, 47), np.uint8)).save(tmp_path / "in" / "sub" / "c.png")
-  Image.fromarray(np.zeros((50, 80), np.uint8)).save(tmp_path / "in" / "a_mask.png")   # ground truth: skipped
+  Image.fromarray(np.zeros((50, 80), np.uint8)).save(tmp_path / "in" / "a_mask.png")  # ground truth: skipped
   rows = predict.predict_folder(p, str(tmp_path / "in"), str(tmp_path / "out"))
   assert [r["image"] for r in rows] == ["a.png", "sub/b.jpg", "sub/c.png"]
   for rel, (h, w) in [("a", (50, 80)), ("sub/b", (64, 40)), ("sub/c", (33, 47))]:
@@ -93,7 +95,7 @@ def test_predict_folder_writes_masks_at_original_sizes(finetuned, tmp_path):
     assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 255}
     assert np.asarray(Image.open(tmp_path / "out" / f"{rel}_overlay.png")).shape == (h, w, 3)
   assert json.loads((tmp_path / "out" / "predictions.json").read_text()) == rows
-  assert p._forward._cache_size() == 1   # three sizes, a part-filled batch: one compiled forward pass
+  assert p._forward._cache_size() == 1  # three sizes, a part-filled batch: one compiled forward pass
 
 
 def write_busi(folder, size=48):
@@ -150,8 +152,9 @@ def test_missing_workdir_or_folder_is_one_line_naming_it(finetuned, tmp_path):
   (tmp_path / "flat").mkdir()
   with pytest.raises(DataError, match="flat: not the BUSI layout"):
     predict.evaluate_folder(p, str(tmp_path / "flat"), str(tmp_path / "out"))
-  out = subprocess.run([sys.executable, "launch/predict.py", f"--workdir={tmp_path / 'gone'}",
-                        f"--input={tmp_path}", f"--output={tmp_path / 'o'}"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+  out = subprocess.run([
+      sys.executable, "launch/predict.py", f"--workdir={tmp_path / 'gone'}", f"--input={tmp_path}",
+      f"--output={tmp_path / 'o'}"
+  ], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode == 1
   assert out.stderr.strip().splitlines()[-1].startswith("error: ") and "gone" in out.stderr

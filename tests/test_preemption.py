@@ -21,9 +21,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cfg(tmp_path, num_steps=30):
-  c = ml_collections.ConfigDict({"num_steps": num_steps, "log_every": 1, "checkpoint_every": 5,
-                                 "keep_checkpoints": 2, "batch_size": 1,
-                                 "guard": {"loss_spike_factor": 10.0, "window": 5}})
+  c = ml_collections.ConfigDict({
+      "num_steps": num_steps, "log_every": 1, "checkpoint_every": 5, "keep_checkpoints": 2, "batch_size": 1,
+      "guard": {"loss_spike_factor": 10.0, "window": 5}
+  })
   return c
 
 
@@ -33,6 +34,7 @@ def test_finite_divergence_stops_before_saving_and_keeps_the_last_good_checkpoin
     s = state["step"] + 1
     loss = jnp.where(s >= 13, 1e3, 1.0).astype(jnp.float32)
     return {"w": state["w"] + 1.0, "step": s}, {"loss": loss, "finite": jnp.bool_(True), "grad_norm": loss}
+
   state = {"w": jnp.zeros(3), "step": jnp.zeros((), jnp.int32)}
   it = iter(grain.MapDataset.range(1000).to_iter_dataset())
   mesh = train.make_mesh()
@@ -45,14 +47,17 @@ def test_finite_divergence_stops_before_saving_and_keeps_the_last_good_checkpoin
 
 
 def _main(workdir, data_dir, steps):
-  return [sys.executable, "launch/main.py", "--config=configs/pretrain_multiorgan.py", f"--workdir={workdir}",
-          f"--config.data.data_dir={data_dir}", "--config.data.image_size=32", "--config.data.synthetic_size=32",
-          "--config.data.synthetic_num_images=40", "--config.batch_size=8", "--config.model.proj_dims=(64,32)",
-          f"--config.num_steps={steps}", "--config.log_every=1", "--config.checkpoint_every=1000"]
+  return [
+      sys.executable, "launch/main.py", "--config=configs/pretrain_multiorgan.py", f"--workdir={workdir}",
+      f"--config.data.data_dir={data_dir}", "--config.data.image_size=32", "--config.data.synthetic_size=32",
+      "--config.data.synthetic_num_images=40", "--config.batch_size=8", "--config.model.proj_dims=(64,32)",
+      f"--config.num_steps={steps}", "--config.log_every=1", "--config.checkpoint_every=1000"
+  ]
 
 
 def _final_state(workdir, step):
-  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                               item_handlers={"state": ocp.PyTreeCheckpointHandler()})
   out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
   mngr.close()
   return out
@@ -80,8 +85,8 @@ def test_sigterm_saves_at_a_step_boundary_and_the_resumed_run_equals_an_unbroken
   saved = [int(n) for n in os.listdir(tmp_path / "broken" / "checkpoints") if n.isdigit()]
   assert len(saved) == 1 and 5 <= saved[0] < steps
 
-  resumed = subprocess.run(_main(tmp_path / "broken", data, steps), cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=600)
+  resumed = subprocess.run(_main(tmp_path / "broken", data, steps), cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert "resuming from" in resumed.stderr
   a, b = _final_state(tmp_path / "whole", steps), _final_state(tmp_path / "broken", steps)
@@ -89,7 +94,7 @@ def test_sigterm_saves_at_a_step_boundary_and_the_resumed_run_equals_an_unbroken
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   with open(tmp_path / "broken" / "history.json") as f:
     history = json.load(f)
-  assert [r["step"] for r in history] == list(range(1, steps + 1))   # spans the run across the resume
+  assert [r["step"] for r in history] == list(range(1, steps + 1))  # spans the run across the resume
 
 
 @pytest.mark.parametrize("key,value,match", [

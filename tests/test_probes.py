@@ -46,7 +46,7 @@ def test_accuracy_and_balanced_accuracy():
   labels = np.array([0] * 8 + [1] * 2)
   majority = np.zeros(10, int)
   assert probes.accuracy(majority, labels) == 0.8
-  assert probes.balanced_accuracy(majority, labels) == 0.5   # recall 1 on class 0, 0 on class 1
+  assert probes.balanced_accuracy(majority, labels) == 0.5  # recall 1 on class 0, 0 on class 1
   assert probes.balanced_accuracy(labels, labels) == 1.0
 
 
@@ -59,7 +59,7 @@ def test_linear_probe_separable_and_shuffled():
   got = probes.linear_accuracy(x, y, x_test, y_test, 3)
   assert got == {"acc": 1.0, "bacc": 1.0}
   again = probes.linear_probe(x, y, x_test, 3)
-  np.testing.assert_array_equal(again, probes.linear_probe(x, y, x_test, 3))   # deterministic
+  np.testing.assert_array_equal(again, probes.linear_probe(x, y, x_test, 3))  # deterministic
   # Labels that carry no information: the fit memorises the training set, the held-out set stays at chance.
   noise = probes.linear_accuracy(x, rng.permutation(y), x_test, rng.permutation(y_test), 3, balanced=True)
   assert 0.2 < noise["acc"] < 0.47 and 0.2 < noise["bacc"] < 0.47
@@ -84,10 +84,10 @@ def test_alignment_and_uniformity_match_numpy():
   n1 = z1 / np.linalg.norm(z1, axis=1, keepdims=True)
   n2 = z2 / np.linalg.norm(z2, axis=1, keepdims=True)
   for alpha in (1.0, 2.0):
-    want = np.mean(np.linalg.norm(n1 - n2, axis=1) ** alpha)
+    want = np.mean(np.linalg.norm(n1 - n2, axis=1)**alpha)
     assert float(probes.alignment(z1, z2, alpha)) == pytest.approx(want, rel=1e-5)
   for t in (1.0, 2.0):
-    pairs = [np.exp(-t * np.sum((n1[i] - n1[j]) ** 2)) for i in range(24) for j in range(i + 1, 24)]
+    pairs = [np.exp(-t * np.sum((n1[i] - n1[j])**2)) for i in range(24) for j in range(i + 1, 24)]
     assert float(probes.uniformity(z1, t)) == pytest.approx(np.log(np.mean(pairs)), rel=1e-4)
   assert float(probes.alignment(z1, 3 * z1)) == pytest.approx(0.0, abs=1e-6)
   assert float(probes.uniformity(np.ones((10, 8)))) == pytest.approx(0.0, abs=1e-6)
@@ -105,6 +105,7 @@ def random_variables(tree, seed=0):
     if a.ndim > 1:
       return (rng.normal(size=a.shape) * np.sqrt(2.0 / np.prod(a.shape[:-1]))).astype(a.dtype)
     return np.full(a.shape, 1.0 if name in ("scale", "var") else 0.0, a.dtype)
+
   return jax.tree_util.tree_map_with_path(leaf, tree)
 
 
@@ -131,13 +132,13 @@ def test_encoder_variables_from_unet_and_pretrain_trees():
 
 def test_encoder_features_padded_batches_and_deterministic(synthetic_probe):
   _, probe, variables = synthetic_probe
-  images = probe.sets["synthetic_breast"].train_images[:21]      # 16 + a last batch of 5 padded to 16
+  images = probe.sets["synthetic_breast"].train_images[:21]  # 16 + a last batch of 5 padded to 16
   a = probe_data.encoder_features(probe.forward, variables, images, batch_size=16)
   b = probe_data.encoder_features(probe.forward, variables, images[16:], batch_size=16)
   assert a.shape == (21, 512) and a.dtype == np.float32 and np.isfinite(a).all()
-  np.testing.assert_allclose(a[16:], b, rtol=1e-5, atol=1e-6)   # padding and batch neighbours change nothing
+  np.testing.assert_allclose(a[16:], b, rtol=1e-5, atol=1e-6)  # padding and batch neighbours change nothing
   np.testing.assert_array_equal(a, probe_data.encoder_features(probe.forward, variables, images, batch_size=16))
-  assert probe.forward._cache_size() == 1                         # one compile for every batch
+  assert probe.forward._cache_size() == 1  # one compile for every batch
 
 
 def test_probe_data_run(synthetic_probe):
@@ -147,9 +148,9 @@ def test_probe_data_run(synthetic_probe):
   assert s.train_images.shape == (42, 32, 32, 1) and s.train_images.dtype == np.uint8 and len(s.eval_labels) == 6
   unet = models.UNet()
   tree = jax.eval_shape(lambda: unet.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)), train=False))
-  full = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), tree)                 # a whole U-Net tree ...
+  full = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), tree)  # a whole U-Net tree ...
   full["params"]["encoder"], full["batch_stats"]["encoder"] = variables["params"], variables["batch_stats"]
-  metrics = probe.run(full)                                                         # ... reads its encoder
+  metrics = probe.run(full)  # ... reads its encoder
   assert metrics == pytest.approx({**probe.run(variables), "probe/seconds": metrics["probe/seconds"]})
   for key in ("knn_acc", "knn_bacc", "linear_acc", "linear_bacc"):
     assert 0 <= metrics[f"probe/synthetic_breast_{key}"] <= 1
@@ -188,7 +189,8 @@ def test_load_encoder_reads_a_pretraining_checkpoint(tmp_path):
 
 
 def test_launch_reports_bad_input_in_one_line(tmp_path):
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "probe.py"), f"--workdir={tmp_path / 'nope'}"],
+  out = subprocess.run([sys.executable,
+                        os.path.join(ROOT, "launch", "probe.py"), f"--workdir={tmp_path / 'nope'}"],
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 1
   assert out.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope'}: workdir not found"
@@ -207,7 +209,7 @@ def test_real_busi_and_pocus(tmp_path_factory):
   cfg.data.image_size = 32
   probe = probe_data.ProbeData(cfg.data, cfg.model)
   assert probe.sets["busi"].class_names == ("benign", "malignant", "normal")
-  assert probe.sets["pocus"].class_names == ("covid", "regular")   # 2 pneumonia images: left out
+  assert probe.sets["pocus"].class_names == ("covid", "regular")  # 2 pneumonia images: left out
   shapes = jax.eval_shape(lambda: probe.encoder.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)), train=False))
   metrics = probe.run(random_variables(shapes))
   described = probe.describe()

@@ -21,8 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_state(value: int) -> dict:
   """A small state whose arrays do not compress (random), so the array data is the largest file of a step."""
   rng = np.random.default_rng(value)
-  return {"params": {"w": jnp.asarray(rng.normal(size=(64, 64)).astype(np.float32))},
-          "step": jnp.asarray(value, jnp.int32)}
+  return {
+      "params": {"w": jnp.asarray(rng.normal(size=(64, 64)).astype(np.float32))}, "step": jnp.asarray(value, jnp.int32)
+  }
 
 
 def abstract(state: dict):
@@ -96,7 +97,7 @@ def test_resume_with_no_readable_checkpoint_fails_in_one_line(tmp_path):
   with pytest.raises(CheckpointError) as e:
     checkpoint.restore_latest(mngr, abstract(tiny_state(0)))
   assert "\n" not in str(e.value) and ckdir in str(e.value) and "steps 2, 1" in str(e.value)
-  assert sorted(os.listdir(ckdir)) == ["1", "2"]   # nothing moved when nothing is readable
+  assert sorted(os.listdir(ckdir)) == ["1", "2"]  # nothing moved when nothing is readable
   mngr.close()
 
 
@@ -109,8 +110,8 @@ def test_resume_of_an_empty_directory_is_none(tmp_path):
 # ---------------------------------------------------------------------------------------------------- transfer
 def unet_variables(encoder: str, seed: int) -> dict:
   """Random numpy variables of a U-Net (shapes from eval_shape: nothing is compiled)."""
-  shapes = jax.eval_shape(lambda: models.UNet(encoder=encoder).init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)),
-                                                                    train=False))
+  shapes = jax.eval_shape(lambda: models.UNet(encoder=encoder).init(jax.random.key(0), jnp.zeros(
+      (1, 32, 32, 1)), train=False))
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
 
@@ -182,7 +183,7 @@ def noisy_decreasing(n: int, seed: int, start: float = 4.0, end: float = 0.3, no
   base = end + (start - end) * np.exp(-t / (n / 5))
   loss = base * np.exp(rng.normal(0, noise, n))
   hard = rng.random(n) < 0.02
-  loss[hard] *= 3.0   # a hard batch: 3x the loss of its neighbours
+  loss[hard] *= 3.0  # a hard batch: 3x the loss of its neighbours
   return loss.tolist()
 
 
@@ -214,7 +215,7 @@ def test_spike_fires_on_a_jump_and_on_non_finite():
   assert guard.spike(losses[200] * 1e6, history)
   assert guard.spike(float("nan"), history) and guard.spike(math.inf, history)
   assert not guard.spike(losses[200], history)
-  assert not guard.spike(1e6, history[:5])   # too little history for a verdict
+  assert not guard.spike(1e6, history[:5])  # too little history for a verdict
   assert run_spike(losses[:200] + [1e6] + losses[200:]) == [200]
 
 
@@ -223,7 +224,7 @@ def test_rotation_keeps_the_last_checkpoint_before_the_first_bad_step(tmp_path):
   mngr = checkpoint.manager(ckdir, keep=2)
   tracker = guard.GoodStepTracker(mngr, start_step=0, window=10)
   losses = noisy_decreasing(60, 1)
-  losses[35] = 1e6   # the spike; training goes on after it
+  losses[35] = 1e6  # the spike; training goes on after it
   for step, loss in enumerate(losses, start=1):
     tracker.observe(step, loss)
     if step % 10 == 0:
@@ -231,7 +232,7 @@ def test_rotation_keeps_the_last_checkpoint_before_the_first_bad_step(tmp_path):
       tracker.saved(step)
   mngr.wait_until_finished()
   assert tracker.first_bad == 36 and tracker.good_step == 30
-  assert mngr.all_steps() == [30, 50, 60]   # the two newest, and the pinned one
+  assert mngr.all_steps() == [30, 50, 60]  # the two newest, and the pinned one
   mngr.close()
 
   # A resumed run (from step 60, after the spike) keeps honouring the pin: 30 survives further rotation.

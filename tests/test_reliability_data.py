@@ -32,17 +32,17 @@ def test_a_killed_preparation_is_cleaned_up_by_the_next(tmp_path):
   data_dir = tmp_path / "data"
   script = ("import sys; from usjax.data import synthetic; "
             "synthetic.prepare('lung', sys.argv[1], image_size=32, num_images=50000)")
-  proc = subprocess.Popen([sys.executable, "-c", script, str(data_dir)], cwd=ROOT, env={**os.environ,
-                          "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen([sys.executable, "-c", script, str(data_dir)], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 60
     while time.time() < deadline and not (data_dir.is_dir() and leftovers(data_dir)):
       time.sleep(0.1)
-    time.sleep(1.0)   # well into writing examples
+    time.sleep(1.0)  # well into writing examples
   finally:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-  assert leftovers(data_dir)   # what a killed preparation leaves, for good until now
+  assert leftovers(data_dir)  # what a killed preparation leaves, for good until now
   builder = synthetic.prepare("lung", str(data_dir), image_size=32, num_images=10)
   assert leftovers(data_dir) == []
   assert sum(len(s) for s in builder.as_data_source().values()) == 10
@@ -67,9 +67,9 @@ def test_only_staging_of_dead_owners_is_removed(tmp_path):
   make_staging(tmp_path, "dead", {"pid": dead.pid, "host": host, "start": None})
   make_staging(tmp_path, "live", live)
   make_staging(tmp_path, "other", {"pid": dead.pid, "host": "elsewhere.example", "start": None})
-  make_staging(tmp_path, "old", None, age_s=2 * 3600)    # an earlier version's, long abandoned
-  make_staging(tmp_path, "young", None)                   # an owner record not written yet
-  make_staging(tmp_path, "half", '{"pid": 12')            # ... or half written
+  make_staging(tmp_path, "old", None, age_s=2 * 3600)  # an earlier version's, long abandoned
+  make_staging(tmp_path, "young", None)  # an owner record not written yet
+  make_staging(tmp_path, "half", '{"pid": 12')  # ... or half written
   make_staging(tmp_path, "half-old", '{"pid": 12', age_s=2 * 3600)
   (tmp_path / "data_set").mkdir()
   removed = staging.remove_stale_staging(str(tmp_path))
@@ -98,6 +98,7 @@ def test_a_live_preparation_records_its_owner(tmp_path, monkeypatch):
       [name] = staging_dirs(tmp_path)
       seen.update(json.loads((tmp_path / name / "owner.json").read_text()))
     return real(*args, **kwargs)
+
   monkeypatch.setattr(phantoms, "generate", spy)
   synthetic.prepare("lung", str(tmp_path), image_size=32, num_images=10)
   assert seen["pid"] == os.getpid() and seen["host"] == socket.gethostname()
@@ -117,7 +118,7 @@ def image_folder(root, n_good: int, bad: str | None) -> str:
   rng = np.random.default_rng(0)
   for i in range(n_good):
     Image.fromarray(rng.integers(0, 255, (20, 30), np.uint8)).save(root / f"a{i}.png")
-  if bad == "truncated":   # a valid header, then cut: found only by the full decode, after outputs were written
+  if bad == "truncated":  # a valid header, then cut: found only by the full decode, after outputs were written
     Image.fromarray(rng.integers(0, 255, (20, 30), np.uint8)).save(root / "z.png")
     data = (root / "z.png").read_bytes()
     (root / "z.png").write_bytes(data[:len(data) // 2])

@@ -45,7 +45,7 @@ def test_lock_of_a_live_process_is_refused_in_one_line(tmp_path, sleeper):
     runtime.lock_workdir(str(tmp_path), main=True)
   msg = str(e.value)
   assert "\n" not in msg and f"pid {sleeper.pid}" in msg and socket.gethostname() in msg and str(tmp_path) in msg
-  assert json.loads((tmp_path / ".lock").read_text())["pid"] == sleeper.pid   # left alone
+  assert json.loads((tmp_path / ".lock").read_text())["pid"] == sleeper.pid  # left alone
 
 
 def test_lock_of_an_exited_process_is_taken_over_with_a_warning(tmp_path, caplog):
@@ -66,7 +66,7 @@ def test_lock_of_a_killed_but_unreaped_process_is_stale(tmp_path):
   try:
     deadline = time.time() + 10
     while (runtime._proc_stat(proc.pid) or ["Z"])[0] != "Z" and time.time() < deadline:
-      time.sleep(0.05)   # a zombie until we reap it
+      time.sleep(0.05)  # a zombie until we reap it
     write_lock(tmp_path, pid=proc.pid, start=start)
     runtime.lock_workdir(str(tmp_path), main=True).release()
   finally:
@@ -92,20 +92,20 @@ def test_lock_of_another_host_is_held_and_says_how_to_remove_it(tmp_path):
 
 
 def test_lock_is_exclusive_in_a_process_and_released_once(tmp_path):
-  lock = runtime.lock_workdir(str(tmp_path / "run"), main=True)   # creates the workdir
+  lock = runtime.lock_workdir(str(tmp_path / "run"), main=True)  # creates the workdir
   record = json.loads((tmp_path / "run" / ".lock").read_text())
   assert record["pid"] == os.getpid() and record["host"] == socket.gethostname()
   with pytest.raises(UsjaxError, match="already runs in it"):
     runtime.lock_workdir(str(tmp_path / "run"), main=True)
   lock()
-  lock()   # idempotent
+  lock()  # idempotent
   assert not (tmp_path / "run" / ".lock").exists()
   runtime.lock_workdir(str(tmp_path / "run"), main=True).release()
 
 
 def test_release_leaves_a_lock_that_is_no_longer_ours(tmp_path, sleeper):
   lock = runtime.lock_workdir(str(tmp_path), main=True)
-  write_lock(tmp_path, pid=sleeper.pid, start=runtime._start_ticks(sleeper.pid))   # someone forced it meanwhile
+  write_lock(tmp_path, pid=sleeper.pid, start=runtime._start_ticks(sleeper.pid))  # someone forced it meanwhile
   lock()
   assert json.loads((tmp_path / ".lock").read_text())["pid"] == sleeper.pid
 
@@ -133,7 +133,7 @@ def test_second_run_in_a_workdir_is_refused_while_the_first_runs(tmp_path):
 
 def test_error_line_starts_on_its_own_line_after_a_progress_bar():
   out = io.StringIO()
-  out.write(" 40%|####      | 4/10 [00:01<00:02]\r\x1b[A")   # a tqdm bar, cut off by the error
+  out.write(" 40%|####      | 4/10 [00:01<00:02]\r\x1b[A")  # a tqdm bar, cut off by the error
   runtime.print_error(UsjaxError("data/x.png: not a readable \x1b[1mPNG\x1b[0m\r image\nsecond line"), file=out)
   lines = out.getvalue().split("\n")
   assert lines[-2] == "error: data/x.png: not a readable PNG image second line" and lines[-1] == ""
@@ -142,9 +142,10 @@ def test_error_line_starts_on_its_own_line_after_a_progress_bar():
 
 def test_predict_cli_error_is_one_fresh_line_and_leaves_no_output(tmp_path):
   (tmp_path / "in").mkdir()
-  out = subprocess.run([sys.executable, "launch/predict.py", f"--workdir={tmp_path / 'nowhere'}",
-                        f"--input={tmp_path / 'in'}", f"--output={tmp_path / 'out'}"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+  out = subprocess.run([
+      sys.executable, "launch/predict.py", f"--workdir={tmp_path / 'nowhere'}", f"--input={tmp_path / 'in'}",
+      f"--output={tmp_path / 'out'}"
+  ], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode == 1
   last = out.stderr.rstrip("\n").split("\n")
   assert last[-1].startswith("error: ") and "nowhere" in last[-1] and last[-2] == ""

@@ -11,7 +11,7 @@ import pytest
 from configs import pretrain_multiorgan
 from usjax import checkpoint, train
 
-pytestmark = pytest.mark.slow   # starts multi-device and multi-process subprocesses
+pytestmark = pytest.mark.slow  # starts multi-device and multi-process subprocesses
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEP = os.path.join(HERE, "step_check.py")
@@ -23,8 +23,9 @@ def run_step(out, env=None, n_proc=1):
     e = {**os.environ, **(env or {})}
     if n_proc > 1:
       e.update(JAX_COORDINATOR_ADDRESS="localhost:12357", JAX_NUM_PROCESSES=str(n_proc), JAX_PROCESS_ID=str(i))
-    procs.append(subprocess.Popen([sys.executable, STEP, str(out)], env=e, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
+    procs.append(
+        subprocess.Popen([sys.executable, STEP, str(out)], env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True))
   for p in procs:
     log = p.communicate(timeout=900)[0]
     assert p.returncode == 0, log[-3000:]
@@ -89,6 +90,7 @@ def test_interrupted_run_resumes_bitwise(tmp_path, monkeypatch):
     if step == 2:
       mngr.wait_until_finished()
       raise Preempted()
+
   monkeypatch.setattr(checkpoint, "save", save_then_preempt)
   with pytest.raises(Preempted):
     train.run(tiny(tmp_path, 6), str(tmp_path / "broken"))
@@ -107,16 +109,19 @@ def test_non_finite_step_keeps_state_and_run_stops_before_saving(tmp_path):
   def nan_loss(params, batch_stats, extra, batch, key, step):
     loss = jnp.sum(params["w"] * batch) * jnp.nan
     return loss, (batch_stats, extra, {})
+
   import optax
   tx = optax.sgd(0.1)
-  state = {"params": {"w": jnp.ones(3)}, "batch_stats": {}, "opt_state": tx.init({"w": jnp.ones(3)}),
-           "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(0))}
+  state = {
+      "params": {"w": jnp.ones(3)}, "batch_stats": {}, "opt_state": tx.init({"w": jnp.ones(3)}), "step": jnp.zeros(
+          (), jnp.int32), "rng": jax.random.key_data(jax.random.key(0))
+  }
   new, metrics = train.train_step(state, jnp.ones(3), loss_fn=nan_loss, tx=tx)
   assert not bool(metrics["finite"])
   np.testing.assert_array_equal(new["params"]["w"], state["params"]["w"])
 
   cfg = tiny(tmp_path, 6)
-  cfg.optim.learning_rate = 1e30          # diverges within a few steps
+  cfg.optim.learning_rate = 1e30  # diverges within a few steps
   cfg.checkpoint_every = 1
   with pytest.raises(train.DivergedError, match="non-finite"):
     train.run(cfg, str(tmp_path / "div"))

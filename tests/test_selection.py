@@ -23,8 +23,8 @@ def test_eval_split_defaults_to_val_and_only_studies_score_test():
 
 
 def _fake_batches():
-  return [{"image": np.zeros((2, 4, 4, 1), np.uint8), "mask": np.ones((2, 4, 4, 1), np.uint8),
-           "index": np.array([0, 1], np.int32)}]
+  index = np.array([0, 1], np.int32)
+  return [{"image": np.zeros((2, 4, 4, 1), np.uint8), "mask": np.ones((2, 4, 4, 1), np.uint8), "index": index}]
 
 
 def test_selector_keeps_a_copy_of_the_best_candidate():
@@ -32,6 +32,7 @@ def test_selector_keeps_a_copy_of_the_best_candidate():
   def score(variables, images, masks):
     d = jnp.full((images.shape[0],), variables["q"])
     return d, d, jnp.zeros(images.shape, bool)
+
   raw, ema = [0.2, 0.7, 0.5], [0.1, 0.6, 0.8]
   sel = evaluate.Selector(1, score, _fake_batches(), lambda a: a, ["a", "b"], ["x", "y"],
                           lambda s: {"raw": {"q": jnp.float32(raw[s])}, "ema": {"q": jnp.float32(ema[s])}})
@@ -61,13 +62,14 @@ def test_finetune_scores_the_best_on_validation_and_reads_test_only_after_traini
     out = real_fit(*args, **kw)
     trained.append(True)
     return out
+
   monkeypatch.setattr(sources, "open_split", open_split)
   monkeypatch.setattr(train, "fit", fit)
   cfg = tiny(finetune_busi.get_config(), tmp_path / "data")
   cfg.num_steps, cfg.val_every, cfg.ema_decay, cfg.eval_split, cfg.tta = 6, 2, 0.5, "test", "auto"
   summary = train.run(cfg, str(tmp_path / "fine"))
 
-  assert ("test", False) not in opened and ("test", True) in opened   # test only once training is over
+  assert ("test", False) not in opened and ("test", True) in opened  # test only once training is over
   assert ("val", False) in opened
   # The chosen (step, weights) is the best validation Dice of the history.
   hist = summary["val_history"]
@@ -77,8 +79,8 @@ def test_finetune_scores_the_best_on_validation_and_reads_test_only_after_traini
   assert (sel["dice"], sel["step"], sel["weights"]) == (pytest.approx(best[0]), -best[1], best[2])
   # <workdir>/best holds that step, and its weights reproduce the reported test score.
   best_dir = tmp_path / "fine" / "best"
-  assert os.listdir(best_dir / "checkpoints" if (best_dir / "checkpoints").exists() else best_dir).count(
-      str(sel["step"])) == 1
+  assert os.listdir(best_dir / "checkpoints" if (best_dir /
+                                                 "checkpoints").exists() else best_dir).count(str(sel["step"])) == 1
   from usjax import checkpoint
   mngr = checkpoint.manager(str(best_dir), create=False)
   model = train.build_model(cfg)
@@ -89,15 +91,14 @@ def test_finetune_scores_the_best_on_validation_and_reads_test_only_after_traini
   from usjax.data import pipeline
   ids, labels = pipeline.split_labels(cfg.data, "test")
   scores, _ = evaluate.score_split(evaluate.make_scorer(model, tta=sel["tta"]), variables,
-                                   list(pipeline.eval_batches(cfg.data, "test", cfg.batch_size)),
-                                   jnp.asarray, ids, labels)
+                                   list(pipeline.eval_batches(cfg.data, "test", cfg.batch_size)), jnp.asarray, ids,
+                                   labels)
   assert float(np.mean(scores["dice"])) == pytest.approx(summary["dice"], abs=1e-6)
   assert set(summary["last_step"]) >= {"dice", "iou"}
 
 
 class Ramp(nn.Module):
   """A left-right asymmetric 'segmenter': logit = 4 * (x - 0.5) + column ramp."""
-
   @nn.compact
   def __call__(self, x, train=False):
     ramp = jnp.linspace(-1.0, 1.0, x.shape[2])[None, None, :, None]

@@ -16,7 +16,7 @@ from usjax import UsjaxError, augment, finetune, grid, stacked, torch_weights, t
 from test_end_to_end import tiny
 from test_torch_weights import random_value, torchvision_state_dict
 
-RTOL, ATOL = 1e-5, 1e-6   # vmapped convolutions may round differently from unbatched ones
+RTOL, ATOL = 1e-5, 1e-6  # vmapped convolutions may round differently from unbatched ones
 FILES = ["best", "examples.npz", "history.json", "per_image.json", "summary.json", "tb"]
 
 
@@ -76,7 +76,7 @@ def test_configs_that_differ_in_a_shape_cannot_stack(tmp_path, data_dir):
     stacked.check_stackable([a, b], ["a", "b"])
   b = small(data_dir, seed=1, fraction=10)
   b.init_from, b.transfer = "somewhere", "encoder+decoder"
-  stacked.check_stackable([a, b], ["a", "b"])   # what a study grid varies may differ
+  stacked.check_stackable([a, b], ["a", "b"])  # what a study grid varies may differ
 
 
 @pytest.mark.slow
@@ -103,12 +103,16 @@ def test_stacked_step_equals_each_run_stepped_alone():
 
   def state(seed):
     st = train.init_state(model, tx, seed, (2, 32, 32, 1), mesh)
-    st["extra"] = {"ema_params": jax.tree.map(jnp.copy, st["params"]),
-                   "ema_batch_stats": jax.tree.map(jnp.copy, st["batch_stats"])}
+    st["extra"] = {
+        "ema_params": jax.tree.map(jnp.copy, st["params"]),
+        "ema_batch_stats": jax.tree.map(jnp.copy, st["batch_stats"])
+    }
     return st
+
   rng = np.random.default_rng(0)
   batches = [[(rng.integers(0, 256, (8, 32, 32, 1), np.uint8), rng.integers(0, 2, (8, 32, 32, 1), np.uint8))
-              for _ in range(2)] for _ in range(2)]   # [step][run]
+              for _ in range(2)]
+             for _ in range(2)]  # [step][run]
   single, alone = train.compile_step(loss_fn, tx, mesh, after), []
   for run in range(2):
     st = state(run)
@@ -128,7 +132,7 @@ def test_stacked_step_equals_each_run_stepped_alone():
     close(m1_a, m1_t)
     close(second_a["batch_stats"], second_t["batch_stats"])
     close({k: m2_a[k] for k in ("loss", "train_dice")}, {k: m2_t[k] for k in ("loss", "train_dice")})
-  assert not np.allclose(together[0][0][1]["loss"], together[0][1][1]["loss"])   # two different runs
+  assert not np.allclose(together[0][0][1]["loss"], together[0][1][1]["loss"])  # two different runs
 
 
 @pytest.fixture
@@ -141,6 +145,7 @@ def validated(monkeypatch):
     workdir = os.path.dirname(str(self.mngr.directory))
     seen[(os.path.basename(workdir), step)] = jax.device_get({k: state[k] for k in ("params", "batch_stats")})
     return real(self, step, state, rep)
+
   monkeypatch.setattr(finetune.Validation, "__call__", call)
   return seen
 
@@ -154,7 +159,7 @@ def test_stacked_runs_equal_runs_trained_alone(tmp_path, data_dir, validated):
   max-pool amplify the convolutions' rounding (see the step test above), and two runs drift apart by more than
   any rounding tolerance whether or not one of them is stacked. The optimiser step itself is checked there.
   """
-  weights = str(tmp_path / "resnet18.safetensors")   # run 1 starts from (fake) ImageNet weights, run 0 from scratch
+  weights = str(tmp_path / "resnet18.safetensors")  # run 1 starts from (fake) ImageNet weights, run 0 from scratch
   torch_weights.write_safetensors(weights, torchvision_state_dict(18, random_value(0)))
 
   def cfgs():
@@ -163,18 +168,19 @@ def test_stacked_runs_equal_runs_trained_alone(tmp_path, data_dir, validated):
     for c in (a, b):
       c.eval_split, c.optim.learning_rate = "test", 0.0
     return [a, b]
+
   alone = [train.run(c, str(tmp_path / f"alone{i}")) for i, c in enumerate(cfgs())]
   together = stacked.finetune_stacked(cfgs(), [str(tmp_path / f"stacked{i}") for i in range(2)])
 
   for i, (a, t) in enumerate(zip(alone, together)):
     assert t["stacked_runs"] == 2 and t["steps"] == 4
-    for step in (2, 4):   # the weights each validation scored: the run's parameters and BatchNorm statistics
+    for step in (2, 4):  # the weights each validation scored: the run's parameters and BatchNorm statistics
       close(validated[(f"alone{i}", step)], validated[(f"stacked{i}", step)])
     assert [h["step"] for h in t["val_history"]] == [2, 4]
     same(a["val_history"], t["val_history"])
     same(a["selected"], t["selected"])
-    for key in ("dice", "iou", "dice_lesion", "last_step", "final_loss", "train_images", "label_fraction",
-                "init_from", "transfer", "eval_split"):
+    for key in ("dice", "iou", "dice_lesion", "last_step", "final_loss", "train_images", "label_fraction", "init_from",
+                "transfer", "eval_split"):
       same(a[key], t[key])
     read = lambda run, name: json.loads((tmp_path / run / name).read_text())
     hist_a, hist_t = read(f"alone{i}", "history.json"), read(f"stacked{i}", "history.json")
@@ -201,7 +207,7 @@ def test_grid_stacks_cells_that_differ_in_seed_fraction_and_arm(tmp_path):
   assert [len(x) for x in grid.schedule(todo, 1, str(tmp_path))] == [1] * len(todo)
   g.stack_runs = 6
   groups = grid.schedule(todo, g.stack_runs, str(tmp_path))
-  assert [x for grp in groups for x in grp][:len(pre)] == pre   # pre-training first, alone
+  assert [x for grp in groups for x in grp][:len(pre)] == pre  # pre-training first, alone
   stacks = groups[len(pre):]
   assert sorted(r for grp in stacks for _, r, _ in grp) == sorted(r for _, r, _ in fine)
   # grid_cpu: 3 arms x 2 fractions x 3 seeds, in plan order: each stack of 6 is one arm's cells.
@@ -224,7 +230,7 @@ def test_grid_with_stack_runs_trains_its_cells_together(tmp_path, data_dir):
   _, fine = grid.plan(g)
   grid.run(g, str(tmp_path / "grid"))
   for _, run, _ in fine:
-    assert sorted(os.listdir(tmp_path / "grid" / run)) == FILES   # what an unstacked cell writes, less checkpoints
+    assert sorted(os.listdir(tmp_path / "grid" / run)) == FILES  # what an unstacked cell writes, less checkpoints
     summary = json.loads((tmp_path / "grid" / run / "summary.json").read_text())
     assert summary["stacked_runs"] == 2 and 0.0 <= summary["dice"] <= 1.0
   assert (tmp_path / "grid" / "report" / "results.csv").is_file()

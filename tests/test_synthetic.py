@@ -105,8 +105,7 @@ def test_unknown_organ():
     synthetic.prepare('kidney', '/nonexistent')
 
 
-@pytest.mark.parametrize('kwargs,name', [({'image_size': 16}, 'image_size'),
-                                         ({'num_images': 5}, 'num_images')])
+@pytest.mark.parametrize('kwargs,name', [({'image_size': 16}, 'image_size'), ({'num_images': 5}, 'num_images')])
 def test_prepare_validates_arguments(tmp_path, kwargs, name):
   with pytest.raises(DataError, match=name):
     synthetic.prepare('breast', str(tmp_path), **kwargs)
@@ -134,8 +133,7 @@ def test_prepare_reuses_a_prepared_data_set(breast_dir, monkeypatch):
   builder = synthetic.prepare('breast', str(breast_dir), image_size=SIZE, num_images=N)
   assert _files(breast_dir) == before
   assert builder.info.splits['train'].num_examples == 28
-  assert sorted(p.name for p in (breast_dir / 'synthetic_ultrasound').iterdir()) == [
-      f'breast-s{SIZE}-n{N}-seed0']
+  assert sorted(p.name for p in (breast_dir / 'synthetic_ultrasound').iterdir()) == [f'breast-s{SIZE}-n{N}-seed0']
 
 
 def test_builder_splits_and_pixels(breast_dir):

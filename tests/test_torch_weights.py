@@ -62,18 +62,19 @@ def random_value(seed):
     if len(shape) == 4:
       return (rng.normal(size=shape) * np.sqrt(2.0 / (shape[0] * shape[2] * shape[3]))).astype(np.float32)
     return rng.normal(size=shape).astype(np.float32)
+
   return value
 
 
 def model_variables(encoder, channels):
   """A U-Net's variables as numpy arrays from shapes alone (nothing is compiled); random, so copies are visible
   (variances positive, so the decoder left at these values still runs)."""
-  shapes = jax.eval_shape(lambda: models.UNet(encoder=encoder).init(
-      jax.random.key(0), jnp.zeros((2, 32, 32, channels)), train=False))
+  shapes = jax.eval_shape(lambda: models.UNet(encoder=encoder).init(jax.random.key(0), jnp.zeros(
+      (2, 32, 32, channels)), train=False))
   rng = np.random.default_rng(1)
   return jax.tree_util.tree_map_with_path(
-      lambda p, s: (rng.uniform(0.5, 2.0, s.shape) if p[-1].key == "var" else rng.normal(size=s.shape)
-                    ).astype(np.float32), shapes)
+      lambda p, s: (rng.uniform(0.5, 2.0, s.shape)
+                    if p[-1].key == "var" else rng.normal(size=s.shape)).astype(np.float32), shapes)
 
 
 def hwio(w):
@@ -124,8 +125,8 @@ def test_resnet18_tensors_land_where_they_belong(resnet18_file, channels):
   expect = folded.sum(2, keepdims=True) if channels == 1 else folded
   np.testing.assert_allclose(enc["stem"]["kernel"], expect, rtol=1e-6, atol=1e-7)
   # a BatchNorm in a block, and the projection shortcut's conv and BatchNorm
-  for torch_bn, mod, sub in [("layer2.0.bn1", "layer2_0", "BatchNorm_0"), ("layer2.0.downsample.1", "layer2_0",
-                                                                           "proj_norm"), ("bn1", None, "stem_norm")]:
+  for torch_bn, mod, sub in [("layer2.0.bn1", "layer2_0", "BatchNorm_0"),
+                             ("layer2.0.downsample.1", "layer2_0", "proj_norm"), ("bn1", None, "stem_norm")]:
     p, s = (enc[mod][sub], enc_stats[mod][sub]) if mod else (enc[sub], enc_stats[sub])
     np.testing.assert_array_equal(p["scale"], sd[f"{torch_bn}.weight"])
     np.testing.assert_array_equal(p["bias"], sd[f"{torch_bn}.bias"])
@@ -138,7 +139,7 @@ def test_resnet18_tensors_land_where_they_belong(resnet18_file, channels):
                                 fresh["params"]["decoder"]["up0"]["Conv_0"]["kernel"])
   np.testing.assert_array_equal(params["seg_head"]["kernel"], fresh["params"]["seg_head"]["kernel"])
   assert not np.array_equal(fresh["params"]["encoder"]["stem"]["kernel"], enc["stem"]["kernel"])
-  assert report["loaded"] == 20 + 20 * 4        # 20 convolutions, 20 BatchNorms of 4 tensors each
+  assert report["loaded"] == 20 + 20 * 4  # 20 convolutions, 20 BatchNorms of 4 tensors each
   assert report["init"] == ["decoder", "seg_head"]
   assert "fc.weight" in report["ignored"] and "fc.bias" in report["ignored"] and len(report["ignored"]) == 2 + 20
   assert report["input_std"] == list(torch_weights.IMAGENET_STD)
@@ -146,8 +147,8 @@ def test_resnet18_tensors_land_where_they_belong(resnet18_file, channels):
   unscaled, _, report = torch_weights.load_resnet(path, fresh["params"], fresh["batch_stats"], "resnet18",
                                                   fold_std=False)
   plain = hwio(sd["conv1.weight"])
-  np.testing.assert_allclose(unscaled["encoder"]["stem"]["kernel"], plain.sum(2, keepdims=True) if channels == 1
-                             else plain, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(unscaled["encoder"]["stem"]["kernel"],
+                             plain.sum(2, keepdims=True) if channels == 1 else plain, rtol=1e-6, atol=1e-7)
   assert report["input_std"] is None
 
 
@@ -159,13 +160,14 @@ def test_every_tensor_has_its_place(tmp_path, depth):
 
   def value(key, shape):
     index[key] = len(index) + 1
-    return np.full(shape, index[key], np.float16)    # exact in float16 up to 2048
+    return np.full(shape, index[key], np.float16)  # exact in float16 up to 2048
+
   sd = torchvision_state_dict(depth, value)
-  assert len(sd) == {18: 122, 34: 218, 50: 320}[depth]   # as torchvision's state_dict()
+  assert len(sd) == {18: 122, 34: 218, 50: 320}[depth]  # as torchvision's state_dict()
   path = str(tmp_path / "w.safetensors")
   torch_weights.write_safetensors(path, sd)
-  shapes = jax.eval_shape(lambda: models.UNet(encoder=f"resnet{depth}").init(
-      jax.random.key(0), jnp.zeros((2, 32, 32, 3)), train=False))
+  shapes = jax.eval_shape(lambda: models.UNet(encoder=f"resnet{depth}").init(jax.random.key(0), jnp.zeros(
+      (2, 32, 32, 3)), train=False))
   zeros = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)
   params, stats, report = torch_weights.load_resnet(path, zeros["params"], zeros["batch_stats"], f"resnet{depth}",
                                                     fold_std=False)
@@ -182,19 +184,20 @@ def test_every_tensor_has_its_place(tmp_path, depth):
 
 def test_read_write_round_trip(tmp_path):
   rng = np.random.default_rng(0)
-  tensors = {"w32": rng.normal(size=(3, 4, 2)).astype(np.float32),
-             "w16": rng.normal(size=(5,)).astype(np.float16),
-             "wbf16": rng.normal(size=(2, 3)).astype(ml_dtypes.bfloat16),
-             "count": np.array(7, np.int64),
-             "empty": np.zeros((0, 3), np.float32)}
+  tensors = {
+      "w32": rng.normal(size=(3, 4, 2)).astype(np.float32), "w16": rng.normal(size=(5,)).astype(np.float16),
+      "wbf16": rng.normal(size=(2, 3)).astype(ml_dtypes.bfloat16), "count": np.array(7, np.int64), "empty": np.zeros(
+          (0, 3), np.float32)
+  }
   path = str(tmp_path / "t.safetensors")
   torch_weights.write_safetensors(path, tensors, metadata={"std": "[0.5, 0.5, 0.5]"})
   raw = open(path, "rb").read()
   n = int.from_bytes(raw[:8], "little")
   header = json.loads(raw[8:8 + n])
   assert n % 8 == 0 and header["__metadata__"] == {"std": "[0.5, 0.5, 0.5]"}
-  assert header["wbf16"]["dtype"] == "BF16" and header["count"] == {"dtype": "I64", "shape": [],
-                                                                    "data_offsets": header["count"]["data_offsets"]}
+  assert header["wbf16"]["dtype"] == "BF16" and header["count"] == {
+      "dtype": "I64", "shape": [], "data_offsets": header["count"]["data_offsets"]
+  }
   got = torch_weights.read_safetensors(path)
   assert sorted(got) == sorted(tensors)
   for k, v in tensors.items():
@@ -206,11 +209,14 @@ def test_read_write_round_trip(tmp_path):
 def test_reads_a_file_written_to_the_spec(tmp_path):
   """Bytes laid out by hand from the format's description (unpadded header, tensors out of order), so the reader
   is not only checked against its own writer."""
-  data = (np.array([1.0, -2.0], "<f4").tobytes() + np.array([0x3F80, 0xC040], "<u2").tobytes()   # bf16 1.0, -3.0
-          + np.array([5], "<i8").tobytes())
-  header = {"b": {"dtype": "BF16", "shape": [2], "data_offsets": [8, 12]},
-            "a": {"dtype": "F32", "shape": [2, 1], "data_offsets": [0, 8]},
-            "n": {"dtype": "I64", "shape": [], "data_offsets": [12, 20]}, "__metadata__": {"format": "pt"}}
+  data = (
+      np.array([1.0, -2.0], "<f4").tobytes() + np.array([0x3F80, 0xC040], "<u2").tobytes()  # bf16 1.0, -3.0
+      + np.array([5], "<i8").tobytes())
+  header = {
+      "b": {"dtype": "BF16", "shape": [2],
+            "data_offsets": [8, 12]}, "a": {"dtype": "F32", "shape": [2, 1], "data_offsets": [0, 8]},
+      "n": {"dtype": "I64", "shape": [], "data_offsets": [12, 20]}, "__metadata__": {"format": "pt"}
+  }
   head = json.dumps(header).encode()
   path = tmp_path / "spec.safetensors"
   path.write_bytes(len(head).to_bytes(8, "little") + head + data)
@@ -230,12 +236,14 @@ def one_line_error(fn, *args, **kw) -> str:
 
 def test_bad_files_fail_in_one_line_naming_the_file(tmp_path):
   head = json.dumps({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
-  cases = {"short": b"\x01\x02\x03",
-           "past_end": (10 ** 6).to_bytes(8, "little") + b"{}",
-           "not_json": (4).to_bytes(8, "little") + b"nope",
-           "offsets": len(head).to_bytes(8, "little") + head + b"\0" * 8,     # 16 bytes claimed, 8 present
-           "dtype": (lambda h: len(h).to_bytes(8, "little") + h + b"\0" * 4)(
-               json.dumps({"a": {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [0, 4]}}).encode())}
+  cases = {
+      "short": b"\x01\x02\x03",
+      "past_end": (10**6).to_bytes(8, "little") + b"{}",
+      "not_json": (4).to_bytes(8, "little") + b"nope",
+      "offsets": len(head).to_bytes(8, "little") + head + b"\0" * 8,  # 16 bytes claimed, 8 present
+      "dtype": (lambda h: len(h).to_bytes(8, "little") + h + b"\0" * 4
+               )(json.dumps({"a": {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [0, 4]}}).encode())
+  }
   for name, raw in cases.items():
     path = tmp_path / f"{name}.safetensors"
     path.write_bytes(raw)
@@ -289,6 +297,7 @@ def test_loaded_unet_runs_and_its_stem_matches_a_reference(resnet18_file):
   def forward(params, stats, x):
     return model.apply({"params": params, "batch_stats": stats}, x, train=False,
                        capture_intermediates=lambda mdl, _: mdl.name == "stem_norm")
+
   logits, inter = forward(params, stats, x)
   assert logits.shape == (2, 32, 32, 1) and np.isfinite(np.asarray(logits)).all()
   stem = np.maximum(np.asarray(inter["intermediates"]["encoder"]["stem_norm"]["__call__"][0]), 0)
@@ -297,7 +306,7 @@ def test_loaded_unet_runs_and_its_stem_matches_a_reference(resnet18_file):
   y = jax.lax.conv_general_dilated(rgb.astype(np.float32), sd["conv1.weight"], (2, 2), "SAME",
                                    dimension_numbers=("NCHW", "OIHW", "NCHW"), precision="highest")
   y = np.asarray(y).astype(np.float64)
-  c = lambda v: v[None, :, None, None]   # noqa: E731
+  c = lambda v: v[None, :, None, None]  # noqa: E731
   y = (y - c(sd["bn1.running_mean"])) / np.sqrt(c(sd["bn1.running_var"]) + 1e-5) * c(sd["bn1.weight"]) \
       + c(sd["bn1.bias"])
   ref = np.maximum(y, 0).transpose(0, 2, 3, 1)
@@ -322,7 +331,7 @@ def test_input_std_from_the_file_metadata(tmp_path, resnet18_file):
 def test_a_model_without_a_batchnorm_resnet_encoder_is_refused(resnet18_file):
   path = resnet18_file[0]
   for encoder, norm in [("resnet18", "group"), ("plain", "batch")]:
-    shapes = jax.eval_shape(lambda: models.UNet(encoder=encoder, norm=norm).init(
-        jax.random.key(0), jnp.zeros((2, 32, 32, 1)), train=False))
+    shapes = jax.eval_shape(
+        lambda: models.UNet(encoder=encoder, norm=norm).init(jax.random.key(0), jnp.zeros((2, 32, 32, 1)), train=False))
     msg = one_line_error(torch_weights.load_resnet, path, shapes["params"], shapes.get("batch_stats", {}), encoder)
     assert path in msg and ("model.norm" in msg if norm == "group" else "model.encoder" in msg), msg

@@ -19,9 +19,9 @@ import numpy as np
 from usjax import bootstrap
 from usjax import plots
 
-METRICS = ("dice", "dice_lesion", "iou", "iou_lesion", "hd95", "hd95_undefined", "dice_benign", "dice_malignant", "dice_normal", "iou_benign",
-           "iou_malignant", "iou_normal", "false_positive_rate", "num_images", "train_images", "steps",
-           "images_per_sec")
+METRICS = ("dice", "dice_lesion", "iou", "iou_lesion", "hd95", "hd95_undefined", "dice_benign", "dice_malignant",
+           "dice_normal", "iou_benign", "iou_malignant", "iou_normal", "false_positive_rate", "num_images",
+           "train_images", "steps", "images_per_sec")
 PRETRAIN_ONLY = ("method", "transfer", "init_from")  # describe a pre-training: a scratch arm matches any value
 STATEMENTS = {
     "C1": "pre-training beats training from scratch at the same label fraction",
@@ -88,8 +88,12 @@ def _h(v):
 
 def _sort_key(key: tuple) -> tuple:
   """Numbers descending (100% labels first), strings ascending, missing last."""
-  return tuple((0, -float(v), "") if isinstance(v, _NUM) and not isinstance(v, bool) else
-               (2, 0.0, "") if v is None else (1, 0.0, str(v)) for v in key)
+  def one(v):
+    if isinstance(v, _NUM) and not isinstance(v, bool):
+      return (0, -float(v), "")
+    return (2, 0.0, "") if v is None else (1, 0.0, str(v))
+
+  return tuple(one(v) for v in key)
 
 
 def default_by(rows: list[dict]) -> tuple[str, ...]:
@@ -114,8 +118,14 @@ def _scores(runs: list[dict], per_image: Mapping | None, key: str = "dice",
     return None
   if lesion_only and any("lesion" not in p for r in runs for p in per_image[r["workdir"]]):
     return None
-  return [np.array([np.nan if p.get(key) is None else p[key] for p in per_image[r["workdir"]]
-                    if p.get("lesion", True) or not lesion_only], float) for r in runs]
+  return [
+      np.array([
+          np.nan if p.get(key) is None else p[key]
+          for p in per_image[r["workdir"]]
+          if p.get("lesion", True) or not lesion_only
+      ], float)
+      for r in runs
+  ]
 
 
 def _nanmean(values) -> float:
@@ -132,13 +142,18 @@ def group_stats(rows: list[dict], per_image: Mapping | None = None, by: tuple[st
     scores = _scores(runs, per_image)
     values = scores or [np.array([r.get("dice", np.nan) for r in runs], float)]
     mean, lo, hi = bootstrap.bootstrap_ci(values, n_boot, seed)
-    stat = {**desc, "n_runs": len(runs), "dice": mean, "dice_lo": lo, "dice_hi": hi,
-            "ci_over": "images+seeds" if scores else "runs"}
-    lesion = _scores(runs, per_image, lesion_only=True) or [np.array([r.get("dice_lesion", np.nan) for r in runs],
-                                                                     float)]
+    stat = {
+        **desc, "n_runs": len(runs), "dice": mean, "dice_lo": lo, "dice_hi": hi,
+        "ci_over": "images+seeds" if scores else "runs"
+    }
+    lesion = _scores(runs, per_image,
+                     lesion_only=True) or [np.array([r.get("dice_lesion", np.nan) for r in runs], float)]
     stat["dice_lesion"], stat["dice_lesion_lo"], stat["dice_lesion_hi"] = bootstrap.bootstrap_ci(lesion, n_boot, seed)
-    stat.update({k: _nanmean(r.get(k) for r in runs) for k in
-                 ("iou", "hd95", "dice_benign", "dice_malignant", "false_positive_rate")})
+    stat.update({
+        k: _nanmean(r.get(k)
+                    for r in runs)
+        for k in ("iou", "hd95", "dice_benign", "dice_malignant", "false_positive_rate")
+    })
     out.append(stat)
   return out
 
@@ -165,12 +180,19 @@ def group_table(rows: list[dict], per_image: Mapping | None = None, by: tuple[st
   """Markdown table of the group means; HD95 in pixels, FPR = share of normal images with any predicted pixel."""
   by = tuple(by) if by is not None else default_by(rows)
   stats = group_stats(rows, per_image, by, n_boot, seed)
-  header = [*by, "n runs", "Dice mean [95% CI]", "Dice lesion images [95% CI]", "IoU", "HD95 (px)", "Dice benign",
-            "Dice malignant", "FPR on normal"]
-  lines = [[*(s[k] for k in by), s["n_runs"], f"{_fmt(s['dice'])} [{_fmt(s['dice_lo'])}, {_fmt(s['dice_hi'])}]",
-            f"{_fmt(s['dice_lesion'])} [{_fmt(s['dice_lesion_lo'])}, {_fmt(s['dice_lesion_hi'])}]",
-            _fmt(s["iou"]), _fmt(s["hd95"], 1), _fmt(s["dice_benign"]), _fmt(s["dice_malignant"]),
-            _fmt(s["false_positive_rate"])] for s in stats]
+  header = [
+      *by, "n runs", "Dice mean [95% CI]", "Dice lesion images [95% CI]", "IoU", "HD95 (px)", "Dice benign",
+      "Dice malignant", "FPR on normal"
+  ]
+  lines = [[
+      *(s[k] for k in by), s["n_runs"], f"{_fmt(s['dice'])} [{_fmt(s['dice_lo'])}, {_fmt(s['dice_hi'])}]",
+      f"{_fmt(s['dice_lesion'])} [{_fmt(s['dice_lesion_lo'])}, {_fmt(s['dice_lesion_hi'])}]",
+      _fmt(s["iou"]),
+      _fmt(s["hd95"], 1),
+      _fmt(s["dice_benign"]),
+      _fmt(s["dice_malignant"]),
+      _fmt(s["false_positive_rate"])
+  ] for s in stats]
   return _md(header, lines)
 
 
@@ -202,14 +224,13 @@ def _verdict(claim: str, lo: float, hi: float, margin: float) -> tuple[str, str]
   if lo > 0:
     return "supported", "CI above 0"
   if within:
-    return ("supported", f"comparable: CI within ±{margin}") if claim == "C2" else (
-        "not supported", f"no gain: CI within ±{margin}")
+    return ("supported", f"comparable: CI within ±{margin}") if claim == "C2" else ("not supported",
+                                                                                    f"no gain: CI within ±{margin}")
   return ("not supported", "CI below 0: worse") if hi < 0 else ("inconclusive", "CI includes 0")
 
 
 def _not_run(claim: str, comparison: str, note: str) -> dict:
-  return {"claim": claim, "statement": STATEMENTS[claim], "comparison": comparison, "verdict": "not run",
-          "note": note}
+  return {"claim": claim, "statement": STATEMENTS[claim], "comparison": comparison, "verdict": "not run", "note": note}
 
 
 def _compare(claim, ref, treat, per_image, margin, n_boot, seed) -> dict:
@@ -224,13 +245,15 @@ def _compare(claim, ref, treat, per_image, margin, n_boot, seed) -> dict:
   diff, lo, hi, p = bootstrap.paired_difference_ci(a, b, n_boot, seed)
   verdict, note = _verdict(claim, lo, hi, margin)
   n_images = min(len(set(r["id"] for r in x) & set(r["id"] for r in y)) for x, y in zip(a, b))
-  return {**row, "n_seeds": len(pairs), "n_images": n_images, "diff": diff, "lo": lo, "hi": hi, "p": p,
-          "verdict": verdict, "note": note}
+  return {
+      **row, "n_seeds": len(pairs), "n_images": n_images, "diff": diff, "lo": lo, "hi": hi, "p": p, "verdict": verdict,
+      "note": note
+  }
 
 
-def claims(rows: list[dict], per_image: Mapping | None = None, *, scratch: str = "none",
-           multi: str = "multiorgan", breast: str = "breast", full=100, half=50, margin: float = 0.02,
-           n_boot: int = 2000, seed: int = 0) -> list[dict]:
+def claims(rows: list[dict], per_image: Mapping | None = None, *, scratch: str = "none", multi: str = "multiorgan",
+           breast: str = "breast", full=100, half=50, margin: float = 0.02, n_boot: int = 2000,
+           seed: int = 0) -> list[dict]:
   """The paper's claims as rows: paired Dice difference (claimed-better arm minus reference) with CI and verdict.
 
   C1/C3 are supported when the CI lies above 0, not supported when it lies below 0 or within ±margin (no gain
@@ -238,20 +261,23 @@ def claims(rows: list[dict], per_image: Mapping | None = None, *, scratch: str =
   """
   arms = _groups(rows, default_by(rows) if rows else ("pretrain", "label_fraction"))
   lf = lambda arm: arm[0].get("label_fraction")
-  cmp = lambda c, ref, arm, what: (_compare(c, ref, arm, per_image, margin, n_boot, seed) if ref else
-                                   _not_run(c, f"{_arm_name(arm[0])} vs {what}", f"no {what} run"))
+  cmp = lambda c, ref, arm, what: (_compare(c, ref, arm, per_image, margin, n_boot, seed)
+                                   if ref else _not_run(c, f"{_arm_name(arm[0])} vs {what}", f"no {what} run"))
   scratch_at = lambda arm, f: _find(arms, arm[0], ("pretrain", *PRETRAIN_ONLY), pretrain=scratch, label_fraction=f)
   other = lambda arm, name: _find(arms, arm[0], ("pretrain",), pretrain=name)
   pre = [a for a in arms if a[0].get("pretrain") != scratch]
   out = [cmp("C1", scratch_at(a, lf(a)), a, f"{scratch} @ {lf(a)}%") for a in pre]
   out += [cmp("C2", scratch_at(a, full), a, f"{scratch} @ {full}%") for a in pre if lf(a) == half]
   out += [cmp("C3", other(a, breast), a, f"{breast} @ {lf(a)}%") for a in arms if a[0].get("pretrain") == multi]
-  out += [_not_run("C3", f"{multi} vs {_arm_name(a[0])}", f"no {multi} @ {lf(a)}% run") for a in arms
-          if a[0].get("pretrain") == breast and not other(a, multi)]
-  for claim, comparison, note in (
-      ("C1", f"pre-trained vs {scratch}", "no pre-trained runs"),
-      ("C2", f"pre-trained @ {half}% vs {scratch} @ {full}%", f"no pre-trained @ {half}% run"),
-      ("C3", f"{multi} vs {breast}", f"no {multi} or {breast} runs")):
+  out += [
+      _not_run("C3", f"{multi} vs {_arm_name(a[0])}", f"no {multi} @ {lf(a)}% run")
+      for a in arms
+      if a[0].get("pretrain") == breast and not other(a, multi)
+  ]
+  for claim, comparison, note in (("C1", f"pre-trained vs {scratch}", "no pre-trained runs"),
+                                  ("C2", f"pre-trained @ {half}% vs {scratch} @ {full}%",
+                                   f"no pre-trained @ {half}% run"), ("C3", f"{multi} vs {breast}",
+                                                                      f"no {multi} or {breast} runs")):
     if not any(r["claim"] == claim for r in out):
       out.append(_not_run(claim, comparison, note))
   return sorted(out, key=lambda r: r["claim"])
@@ -260,10 +286,11 @@ def claims(rows: list[dict], per_image: Mapping | None = None, *, scratch: str =
 def claims_markdown(rows: list[dict]) -> str:
   statements = "".join(f"- **{c}**: {s}\n" for c, s in STATEMENTS.items())
   header = ["Claim", "Comparison", "Δ Dice [95% CI]", "p", "seeds × images", "Verdict", "Note"]
-  lines = [[r["claim"], r["comparison"],
-            f"{r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]" if "diff" in r else "–",
-            _fmt(r.get("p")), f"{r['n_seeds']} × {r['n_images']}" if "n_seeds" in r else "–",
-            r["verdict"], r.get("note", "")] for r in rows]
+  lines = [[
+      r["claim"], r["comparison"], f"{r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]" if "diff" in r else "–",
+      _fmt(r.get("p")), f"{r['n_seeds']} × {r['n_images']}" if "n_seeds" in r else "–", r["verdict"],
+      r.get("note", "")
+  ] for r in rows]
   return statements + "\n" + _md(header, lines)
 
 
@@ -309,8 +336,11 @@ def pretrain_table(pretrain_runs: Mapping[str, str], stats: list[dict], floor: M
     lines.append(["random init (floor)", "–", *(_fmt(floor.get(k)) for k in probes), "–", *("0" for _ in fractions)])
   for name, s in summaries.items():
     gains = [dice.get((name, f), math.nan) - dice.get(("none", f), math.nan) for f in fractions]
-    lines.append([name, _fmt(s.get("final_loss")), *(_fmt((s.get("probe") or {}).get(k)) for k in probes),
-                  "yes" if s.get("collapsed") else "no", *(f"{g:+.3f}" if not math.isnan(g) else "–" for g in gains)])
+    lines.append([
+        name,
+        _fmt(s.get("final_loss")), *(_fmt((s.get("probe") or {}).get(k)) for k in probes),
+        "yes" if s.get("collapsed") else "no", *(f"{g:+.3f}" if not math.isnan(g) else "–" for g in gains)
+    ])
   return _md(header, lines)
 
 
@@ -329,12 +359,16 @@ def write_report(cells: list[tuple[dict, str]], out_dir: str, pretrain_runs: dic
   stats = group_stats(rows, per_image, by, n_boot, seed)
   found = claims(rows, per_image, n_boot=n_boot, seed=seed)
   paths = {"csv": write_csv(rows, path("results.csv")), "json": path("results.json"), "md": path("report.md")}
-  _write_text(paths["json"], json.dumps(_clean({"cells": len(cells), "finished": len(rows), "rows": rows,
-                                                "groups": stats, "claims": found}), indent=2) + "\n")
+  _write_text(
+      paths["json"],
+      json.dumps(_clean({"cells": len(cells), "finished": len(rows), "rows": rows, "groups": stats, "claims": found}),
+                 indent=2) + "\n")
   paths["label_curves"] = plots.plot_label_curves(_label_curves(stats, by), path("label_curves.png"))
   finished = {r["workdir"] for r in rows}
-  ft = {" ".join(f"{k}={_h(v)}" for k, v in f.items()): _read_json(os.path.join(wd, "history.json"))
-        for f, wd in cells if wd in finished}
+  ft = {
+      " ".join(f"{k}={_h(v)}" for k, v in f.items()): _read_json(os.path.join(wd, "history.json")) for f, wd in cells if
+      wd in finished
+  }
   paths["finetune_loss"] = plots.plot_loss_curves(ft, path("finetune_loss.png"), "fine-tuning loss")
   if pretrain_runs:
     pt = {name: _read_json(os.path.join(wd, "history.json")) for name, wd in pretrain_runs.items()}
@@ -348,10 +382,10 @@ def write_report(cells: list[tuple[dict, str]], out_dir: str, pretrain_runs: dic
         f"per_image.json). HD95 in pixels, images with exactly one empty mask left out.\n\n"
         f"{group_table(rows, per_image, by, n_boot, seed)}\n"
         f"## Claims\n\nΔ Dice = claimed-better arm minus reference, paired by seed and test image.\n\n"
-        f"{claims_markdown(found)}\n"
-        + (f"## What pre-training learned\n\nLast frozen-feature probe of each pre-training (balanced accuracy; "
-           f"k-NN and linear on pooled encoder features, train -> validation) beside its fine-tuning gain over "
-           f"scratch.\n\n{pretrain_table(pretrain_runs, stats, probe_floor)}\n" if pretrain_runs else "")
-        + f"## Figures\n\n{figures}")
+        f"{claims_markdown(found)}\n" +
+        (f"## What pre-training learned\n\nLast frozen-feature probe of each pre-training (balanced accuracy; "
+         f"k-NN and linear on pooled encoder features, train -> validation) beside its fine-tuning gain over "
+         f"scratch.\n\n{pretrain_table(pretrain_runs, stats, probe_floor)}\n" if pretrain_runs else "") +
+        f"## Figures\n\n{figures}")
   _write_text(paths["md"], md)
   return paths

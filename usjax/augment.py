@@ -40,43 +40,36 @@ def crop_matrix(box, height: int, width: int) -> Array:
   y0, x0, h, w = (jnp.asarray(v, jnp.float32) for v in box)
   sy, sx = h / height, w / width
   # Output pixel centre r + 0.5 lands on y0 + (r + 0.5) * sy.
-  return jnp.array([[sy, 0.0, y0 + 0.5 * sy - 0.5],
-                    [0.0, sx, x0 + 0.5 * sx - 0.5],
-                    [0.0, 0.0, 1.0]], jnp.float32)
+  return jnp.array([[sy, 0.0, y0 + 0.5 * sy - 0.5], [0.0, sx, x0 + 0.5 * sx - 0.5], [0.0, 0.0, 1.0]], jnp.float32)
 
 
 def flip_matrix(hflip, vflip, height: int, width: int) -> Array:
   """Affine matrix of optional flips; the flags may be traced booleans."""
   fh, fv = jnp.asarray(hflip, jnp.float32), jnp.asarray(vflip, jnp.float32)
-  return jnp.array([[1.0 - 2.0 * fv, 0.0, fv * (height - 1)],
-                    [0.0, 1.0 - 2.0 * fh, fh * (width - 1)],
-                    [0.0, 0.0, 1.0]], jnp.float32)
+  return jnp.array([[1.0 - 2.0 * fv, 0.0, fv * (height - 1)], [0.0, 1.0 - 2.0 * fh, fh * (width - 1)], [0.0, 0.0, 1.0]],
+                   jnp.float32)
 
 
 def warp(image: Array, matrix: Array, order: int = 1) -> Array:
   """Resamples [H, W, C] at `matrix @ (row, col, 1)`, clamping at edges."""
   height, width = image.shape[:2]
-  rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32),
-                            jnp.arange(width, dtype=jnp.float32), indexing='ij')
+  rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32), indexing='ij')
   src_r = matrix[0, 0] * rows + matrix[0, 1] * cols + matrix[0, 2]
   src_c = matrix[1, 0] * rows + matrix[1, 1] * cols + matrix[1, 2]
   # Per-channel 2-D interpolation: a third (channel) coordinate doubles gathers.
-  sample = lambda ch: ndimage.map_coordinates(
-      ch, [src_r, src_c], order=order, mode='nearest')
+  sample = lambda ch: ndimage.map_coordinates(ch, [src_r, src_c], order=order, mode='nearest')
   return jax.vmap(sample, in_axes=2, out_axes=2)(image)
 
 
 def _crop_box(u, height, width, scale, ratio) -> Array:
-  frac, log_r, u_y, u_x = _scale(
-      u, scale, (math.log(ratio[0]), math.log(ratio[1])), (0, 1), (0, 1))
+  frac, log_r, u_y, u_x = _scale(u, scale, (math.log(ratio[0]), math.log(ratio[1])), (0, 1), (0, 1))
   area, aspect = height * width * frac, jnp.exp(log_r)  # aspect = w / h
   w = jnp.clip(jnp.sqrt(area * aspect), 1.0, width)
   h = jnp.clip(jnp.sqrt(area / aspect), 1.0, height)
   return jnp.stack([u_y * (height - h), u_x * (width - w), h, w])
 
 
-def sample_crop_box(key, height: int, width: int,
-                    scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)) -> Array:
+def sample_crop_box(key, height: int, width: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)) -> Array:
   """Random (y0, x0, h, w): area fraction ~ U(scale), aspect log-uniform.
 
   An oversized side is clipped to the image instead of rejection sampling (a
@@ -90,8 +83,7 @@ def crop_and_resize(image: Array, box) -> Array:
   return warp(image, crop_matrix(box, *image.shape[:2]), order=1)
 
 
-def random_resized_crop(key, image: Array, scale=(0.2, 1.0),
-                        ratio=(3 / 4, 4 / 3)) -> Array:
+def random_resized_crop(key, image: Array, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)) -> Array:
   """SimCLR's random resized crop; the output keeps the input size."""
   box = sample_crop_box(key, *image.shape[:2], scale, ratio)
   return crop_and_resize(image, box)
@@ -120,9 +112,7 @@ def rotation_matrix(degrees, height: int, width: int) -> Array:
   t = jnp.deg2rad(jnp.asarray(degrees, jnp.float32))
   c, s = jnp.cos(t), jnp.sin(t)
   cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
-  return jnp.array([[c, -s, cy - c * cy + s * cx],
-                    [s, c, cx - s * cy - c * cx],
-                    [0.0, 0.0, 1.0]], jnp.float32)
+  return jnp.array([[c, -s, cy - c * cy + s * cx], [s, c, cx - s * cy - c * cx], [0.0, 0.0, 1.0]], jnp.float32)
 
 
 def sample_geometry(key, height: int, width: int, cfg: AugmentConfig):
@@ -130,14 +120,11 @@ def sample_geometry(key, height: int, width: int, cfg: AugmentConfig):
   return _geometry(_draw(key, _GEOMETRY_DRAWS), height, width, cfg)
 
 
-def fan_field(height: int, width: int, apex_row, apex_col, half_angle,
-              radius) -> Array:
+def fan_field(height: int, width: int, apex_row, apex_col, half_angle, radius) -> Array:
   """[H, W, 1] indicator of a sector (apex, half angle, outer radius)."""
-  rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32),
-                            jnp.arange(width, dtype=jnp.float32), indexing='ij')
+  rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32), indexing='ij')
   dy, dx = rows - apex_row, cols - apex_col
-  inside = ((jnp.arctan2(jnp.abs(dx), dy) <= half_angle)
-            & (jnp.hypot(dx, dy) <= radius))
+  inside = ((jnp.arctan2(jnp.abs(dx), dy) <= half_angle) & (jnp.hypot(dx, dy) <= radius))
   return inside.astype(jnp.float32)[..., None]
 
 
@@ -147,12 +134,11 @@ def _fan(u, height, width, p):
   Apex at most 0.3 H above the top and half angle at most 40 degrees keep
   both top corners outside for square-ish images.
   """
-  u_on, depth, shift, degrees, reach = _scale(
-      u, (0, 1), (0.05, 0.3), (-0.05, 0.05), (25.0, 40.0), (0.9, 1.2))
+  u_on, depth, shift, degrees, reach = _scale(u, (0, 1), (0.05, 0.3), (-0.05, 0.05), (25.0, 40.0), (0.9, 1.2))
   apex_row = -height * depth
   # A reach below 1 cuts the bottom with the sector's curved far edge.
-  field = fan_field(height, width, apex_row, (width - 1) / 2 + width * shift,
-                    jnp.deg2rad(degrees), (height - apex_row) * reach)
+  field = fan_field(height, width, apex_row, (width - 1) / 2 + width * shift, jnp.deg2rad(degrees),
+                    (height - apex_row) * reach)
   return jnp.where(u_on < p, field, 1.0)
 
 
@@ -186,10 +172,8 @@ class AugmentConfig:
   def __post_init__(self):
     for f in dataclasses.fields(self):
       value = getattr(self, f.name)
-      top = (1 if f.name.endswith('prob') or f.name == 'crop_scale' else
-             180 if f.name == 'rotate' else math.inf)
-      if isinstance(f.default, tuple) and not (
-          len(value) == 2 and 0 < value[0] <= value[1] <= top):
+      top = (1 if f.name.endswith('prob') or f.name == 'crop_scale' else 180 if f.name == 'rotate' else math.inf)
+      if isinstance(f.default, tuple) and not (len(value) == 2 and 0 < value[0] <= value[1] <= top):
         raise ValueError(f'{f.name} needs (low, high), 0 < low <= high <= '
                          f'{top}; got {value}')
       if isinstance(f.default, float) and not 0 <= value <= top:
@@ -198,13 +182,11 @@ class AugmentConfig:
   @classmethod
   def segmentation(cls) -> AugmentConfig:
     """Milder recipe for fine-tuning, where labels must stay plausible."""
-    return cls(crop_scale=(0.5, 1.0), brightness=0.2, contrast=0.2, gamma=0.15,
-               blur_prob=0.2, speckle=0.15, depth_gain_db=3.0, fan_prob=0.0,
-               shadow_prob=0.0, rotate=15.0)
+    return cls(crop_scale=(0.5, 1.0), brightness=0.2, contrast=0.2, gamma=0.15, blur_prob=0.2, speckle=0.15,
+               depth_gain_db=3.0, fan_prob=0.0, shadow_prob=0.0, rotate=15.0)
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any] | Any,
-                base: AugmentConfig | None = None) -> AugmentConfig:
+  def from_dict(cls, d: Mapping[str, Any] | Any, base: AugmentConfig | None = None) -> AugmentConfig:
     """Overrides `base` (default: the defaults) from a dict or ConfigDict.
 
     Unknown keys raise, so a typo cannot silently fall back to a default.
@@ -216,10 +198,8 @@ class AugmentConfig:
       if key not in defaults:
         raise ValueError(f'unknown augmentation key {key!r}; expected one of '
                          f'{sorted(defaults)}')
-    cast = lambda k, v: (tuple(map(float, v)) if isinstance(defaults[k], tuple)
-                         else type(defaults[k])(v))
-    return dataclasses.replace(base or cls(),
-                               **{k: cast(k, v) for k, v in dict(d).items()})
+    cast = lambda k, v: (tuple(map(float, v)) if isinstance(defaults[k], tuple) else type(defaults[k])(v))
+    return dataclasses.replace(base or cls(), **{k: cast(k, v) for k, v in dict(d).items()})
 
 
 # Uniform draws per view beyond the geometry: intensity transforms, fan.
@@ -236,17 +216,14 @@ def _sample_view(key, height, width, cfg):
   n_noise = height * width if cfg.speckle > 0 else 0
   n_rot = 1 if cfg.rotate > 0 else 0  # drawn only when on: views without it are unchanged
   u = jax.random.uniform(key, (_VIEW_DRAWS + n_noise + n_rot,))
-  u_geo, u_photo, u_fan, u_noise, u_rot = _split(
-      u, _GEOMETRY_DRAWS, PHOTO_DRAWS, _FAN_DRAWS, n_noise, n_rot)
+  u_geo, u_photo, u_fan, u_noise, u_rot = _split(u, _GEOMETRY_DRAWS, PHOTO_DRAWS, _FAN_DRAWS, n_noise, n_rot)
   eps = jnp.finfo(jnp.float32).eps
-  z = math.sqrt(2) * jax.scipy.special.erfinv(
-      jnp.clip(2.0 * u_noise - 1.0, -1.0 + eps, 1.0 - eps))
+  z = math.sqrt(2) * jax.scipy.special.erfinv(jnp.clip(2.0 * u_noise - 1.0, -1.0 + eps, 1.0 - eps))
   fan = _fan(u_fan, height, width, cfg.fan_prob) if cfg.fan_prob > 0 else 1.0
   matrix = _geometry(u_geo, height, width, cfg)
   if n_rot:
     matrix = matrix @ rotation_matrix(cfg.rotate * (2.0 * u_rot[0] - 1.0), height, width)
-  return (matrix, u_photo, fan,
-          z.reshape(height, width, 1) if n_noise else None)
+  return (matrix, u_photo, fan, z.reshape(height, width, 1) if n_noise else None)
 
 
 def augment_view(key, image: Array, cfg: AugmentConfig) -> Array:
@@ -261,8 +238,7 @@ def two_views(key, images: Array, cfg: AugmentConfig):
   batch = images.shape[0]
   keys = jax.random.split(key, 2 * batch)  # views 1 and 2: disjoint keys
   # One vmap over 2B examples traces and compiles the pipeline once.
-  views = jax.vmap(lambda k, x: augment_view(k, x, cfg))(
-      keys, jnp.concatenate([images, images]))
+  views = jax.vmap(lambda k, x: augment_view(k, x, cfg))(keys, jnp.concatenate([images, images]))
   return views[:batch], views[batch:]
 
 
@@ -282,5 +258,4 @@ def augment_pair(key, image: Array, mask: Array, cfg: AugmentConfig):
 def augment_batch_pairs(key, images: Array, masks: Array, cfg: AugmentConfig):
   """`augment_pair` over a batch [B, H, W, C] with one key per example."""
   keys = jax.random.split(key, images.shape[0])
-  return jax.vmap(lambda k, x, m: augment_pair(k, x, m, cfg))(
-      keys, images, masks)
+  return jax.vmap(lambda k, x, m: augment_pair(k, x, m, cfg))(keys, images, masks)

@@ -50,7 +50,7 @@ def adjust_contrast(image: Array, factor) -> Array:
 
 
 def adjust_gamma(image: Array, g) -> Array:
-  return jnp.clip(image, 0.0, 1.0) ** g
+  return jnp.clip(image, 0.0, 1.0)**g
 
 
 def brightness(key, image: Array, max_delta: float) -> Array:
@@ -89,14 +89,13 @@ def _separable(image: Array, kernel) -> Array:
   height, width = image.shape[:2]
   rows = _correlation_matrix(kernel, height)
   cols = _correlation_matrix(kernel, width)
-  return jnp.einsum('ij,jwc,kw->ikc', rows, image, cols,
-                    precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum('ij,jwc,kw->ikc', rows, image, cols, precision=jax.lax.Precision.HIGHEST)
 
 
 def apply_gaussian_blur(image: Array, sigma, radius: int) -> Array:
   """Separable Gaussian blur of rows and columns with a static radius."""
   x = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
-  k = jnp.exp(-0.5 * (x / sigma) ** 2)
+  k = jnp.exp(-0.5 * (x / sigma)**2)
   return _separable(image, k / jnp.sum(k))
 
 
@@ -127,7 +126,7 @@ def _gamma_field(z, sigma: float, smooth: bool) -> Array:
   `sigma` keeps its meaning.
   """
   b = sigma / 3.0
-  field = jnp.maximum(1.0 - b * b + b * z, 0.0) ** 3
+  field = jnp.maximum(1.0 - b * b + b * z, 0.0)**3
   if smooth:
     field = 1.0 + (_separable(field, _BINOMIAL) - 1.0) / _BINOMIAL_STD
   return field
@@ -157,7 +156,7 @@ def _depth_gain(u, image, max_db):
   db = -max_db + 2.0 * max_db * u
   rows = jnp.arange(image.shape[0], dtype=jnp.float32)
   db_rows = jnp.interp(rows, jnp.linspace(0.0, image.shape[0] - 1.0, knots), db)
-  gain = 10.0 ** (db_rows / 20.0)
+  gain = 10.0**(db_rows / 20.0)
   return jnp.clip(image * gain[:, None, None], 0.0, 1.0)
 
 
@@ -169,8 +168,8 @@ def depth_gain(key, image: Array, max_db: float, knots: int = 4) -> Array:
   """
   return _depth_gain(_draw(key, knots), image, max_db)
 
-def shadow_field(height: int, width: int, center, half_width, start_row,
-                 strength, softness) -> Array:
+
+def shadow_field(height: int, width: int, center, half_width, start_row, strength, softness) -> Array:
   """[H, W, 1] multiplier: a soft-edged band darkened below `start_row`."""
   rows = jnp.arange(height, dtype=jnp.float32)[:, None]
   cols = jnp.arange(width, dtype=jnp.float32)[None, :]
@@ -181,11 +180,9 @@ def shadow_field(height: int, width: int, center, half_width, start_row,
 
 def _shadow(u, image, p):
   height, width = image.shape[:2]
-  u_on, center, half_width, start_row, strength = _scale(
-      u, (0, 1), (0, width), (0.03 * width, 0.12 * width),
-      (0.2 * height, 0.8 * height), (0.5, 0.95))
-  field = shadow_field(height, width, center, half_width, start_row, strength,
-                       jnp.maximum(1.0, 0.3 * half_width))
+  u_on, center, half_width, start_row, strength = _scale(u, (0, 1), (0, width), (0.03 * width, 0.12 * width),
+                                                         (0.2 * height, 0.8 * height), (0.5, 0.95))
+  field = shadow_field(height, width, center, half_width, start_row, strength, jnp.maximum(1.0, 0.3 * half_width))
   return image * jnp.where(u_on < p, field, 1.0)
 
 

@@ -72,12 +72,13 @@ def _quiet_failed_reads():
   def hook(u):
     if not _abandoned_read(u):
       previous(u)
+
   if not _quiet_hook_installed:
     sys.unraisablehook = hook
   try:
     yield
   except BaseException:
-    gc.collect()   # finalise the abandoned coroutines now, under the filter
+    gc.collect()  # finalise the abandoned coroutines now, under the filter
     _quiet_hook_installed = True
     raise
   finally:
@@ -86,6 +87,7 @@ def _quiet_failed_reads():
 
 
 # ---------------------------------------------------------------------------------------------------- rotation
+
 
 def manager(directory: str, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
   """Async checkpoint manager that keeps the newest `keep` steps and the steps the divergence guard pins."""
@@ -158,17 +160,17 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter=None):
       with _quiet_failed_reads():
         out = _restore(mngr, step, abstract_state, data_iter)
       error = None
-    except Exception as e:   # noqa: BLE001 (orbax and TensorStore raise plain Exception on damaged files)
+    except Exception as e:  # noqa: BLE001 (orbax and TensorStore raise plain Exception on damaged files)
       error = _first_line(e)
-    if not _everywhere(error is None):   # all processes resume from the same step, or none does
+    if not _everywhere(error is None):  # all processes resume from the same step, or none does
       failed.append((step, error or "unreadable on another process"))
       logging.warning("checkpoint step %d in %s cannot be read (%s); %s", step, path, failed[-1][1],
                       "trying the next older one" if step != steps[-1] else "no older one left")
       continue
     if failed:
       moved = _move_aside(mngr, [s for s, _ in failed])
-      logging.warning("resuming from step %d instead of step %s: moved the unreadable checkpoint(s) aside to %s",
-                      step, ", ".join(str(s) for s, _ in failed), ", ".join(moved) or "(process 0 moves them)")
+      logging.warning("resuming from step %d instead of step %s: moved the unreadable checkpoint(s) aside to %s", step,
+                      ", ".join(str(s) for s, _ in failed), ", ".join(moved) or "(process 0 moves them)")
     return out
   if not failed:
     return None
@@ -207,8 +209,10 @@ def locate(path, step: int | None = None, prefer: Sequence[str] = ("checkpoints"
 
 # ---------------------------------------------------------------------------------------------------- transfer
 def _flat(tree) -> dict[str, tuple]:
-  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(getattr(v, "shape", ()))
-          for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+      "/".join(str(getattr(k, "key", k)) for k in path): tuple(getattr(v, "shape", (
+      ))) for path, v in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def _read_meta(ckdir: str, step: int) -> dict | None:
@@ -218,7 +222,7 @@ def _read_meta(ckdir: str, step: int) -> dict | None:
     return None
   try:
     meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path)
-  except Exception as e:   # noqa: BLE001 (a damaged file: orbax's error types vary)
+  except Exception as e:  # noqa: BLE001 (a damaged file: orbax's error types vary)
     raise CheckpointError(f"config.init_from: {path} cannot be read ({_first_line(e)})") from None
   return meta if isinstance(meta, dict) else None
 
@@ -262,8 +266,12 @@ def _load_pretrained(mngr, ckdir, step, params, batch_stats, parts, encoder):
   for p in parts:
     if p not in params:
       raise CheckpointError(f"config.transfer: the model has no {p!r} to load into")
-  target = jax.tree.map(lambda x: x, {"params": {p: params[p] for p in parts if p in params},   # own containers
-                                      "batch_stats": {p: batch_stats[p] for p in parts if p in batch_stats}})
+  target = jax.tree.map(
+      lambda x: x,
+      {
+          "params": {p: params[p] for p in parts if p in params},  # own containers
+          "batch_stats": {p: batch_stats[p] for p in parts if p in batch_stats}
+      })
   wanted = _flat(target)
   stem = "params/encoder/stem/kernel"
   for name, shape in wanted.items():
@@ -273,8 +281,8 @@ def _load_pretrained(mngr, ckdir, step, params, batch_stats, parts, encoder):
     if stored[name] != shape and not (name == stem and stored[name][:2] + stored[name][3:] == shape[:2] + shape[3:]):
       raise CheckpointError(f"config.init_from: {where}: {name} has shape {stored[name]}, the model "
                             f"expects {shape} (different model.encoder?)")
-  ignored = sorted(n for n in stored if n.split("/")[0] in ("params", "batch_stats") and len(n.split("/")) > 2
-                   and n.split("/")[1] in parts and n not in wanted)
+  ignored = sorted(n for n in stored if n.split("/")[0] in (
+      "params", "batch_stats") and len(n.split("/")) > 2 and n.split("/")[1] in parts and n not in wanted)
   # A stem pre-trained on another number of input channels (RGB natural images -> grayscale ultrasound) is
   # restored as stored and converted: summed over its input channels for 1 channel (a gray image seen as
   # R=G=B gives the same response), or its mean repeated for several.
@@ -285,9 +293,10 @@ def _load_pretrained(mngr, ckdir, step, params, batch_stats, parts, encoder):
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
   try:
     with _quiet_failed_reads():
-      got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=target, partial_restore=True, restore_args=restore_args)))["state"]
-  except Exception as e:   # noqa: BLE001 (orbax and TensorStore raise plain Exception on damaged files)
+      got = mngr.restore(
+          step, args=ocp.args.Composite(
+              state=ocp.args.PyTreeRestore(item=target, partial_restore=True, restore_args=restore_args)))["state"]
+  except Exception as e:  # noqa: BLE001 (orbax and TensorStore raise plain Exception on damaged files)
     older = [s for s in mngr.all_steps() if s != step]
     hint = f"; steps {', '.join(map(str, sorted(older)))} remain: move {where} aside to use step {max(older)}" \
         if older else ""
@@ -301,16 +310,23 @@ def _load_pretrained(mngr, ckdir, step, params, batch_stats, parts, encoder):
   params = {**params, **got["params"]}
   batch_stats = {**batch_stats, **got.get("batch_stats", {})}
   init = sorted(k for k in params if k not in parts)
-  init_tensors = len(_flat({"params": {k: params[k] for k in init},
-                            "batch_stats": {k: v for k, v in batch_stats.items() if k not in parts}}))
-  report = {"checkpoint": where, "encoder": stored_encoder, "loaded": sorted(target["params"]), "init": init,
-            "loaded_tensors": len(wanted), "init_tensors": init_tensors, "ignored_tensors": len(ignored)}
-  logging.info("transfer from %s%s: loaded %s (%d tensors: params and batch statistics); left at init: %s "
-               "(%d tensors); ignored: %d tensors of the checkpoint", where,
-               f" (model.encoder={stored_encoder})" if stored_encoder else "", ", ".join(report["loaded"]),
-               len(wanted), ", ".join(init) or "nothing", init_tensors, len(ignored))
+  init_tensors = len(
+      _flat({
+          "params": {k: params[k] for k in init},
+          "batch_stats": {k: v for k, v in batch_stats.items() if k not in parts}
+      }))
+  report = {
+      "checkpoint": where, "encoder": stored_encoder, "loaded": sorted(target["params"]), "init": init,
+      "loaded_tensors": len(wanted), "init_tensors": init_tensors, "ignored_tensors": len(ignored)
+  }
+  logging.info(
+      "transfer from %s%s: loaded %s (%d tensors: params and batch statistics); left at init: %s "
+      "(%d tensors); ignored: %d tensors of the checkpoint", where,
+      f" (model.encoder={stored_encoder})" if stored_encoder else "", ", ".join(report["loaded"]), len(wanted),
+      ", ".join(init) or "nothing", init_tensors, len(ignored))
   if ignored:
-    logging.warning("transfer: %d tensors of %s's %s have no place in this model and were ignored (first: %s); "
-                    "was it pre-trained with another model.encoder or model.norm?", len(ignored), where,
-                    "+".join(parts), ignored[0])
+    logging.warning(
+        "transfer: %d tensors of %s's %s have no place in this model and were ignored (first: %s); "
+        "was it pre-trained with another model.encoder or model.norm?", len(ignored), where, "+".join(parts),
+        ignored[0])
   return params, batch_stats, report

@@ -118,7 +118,7 @@ def conv3x3_winograd_weight_grad(x, dy):
   The input is transformed channels-first, so that the matmuls need no transposed operand."""
   c, d = x.shape[-1], dy.shape[-1]
   v = [t.reshape(c, -1) for t in _winograd_input(jnp.transpose(x, (3, 0, 1, 2)), 2)]
-  a_cols = [(_WINO_AT[0][i], _WINO_AT[1][i]) for i in range(4)]   # row i of A = AT^T
+  a_cols = [(_WINO_AT[0][i], _WINO_AT[1][i]) for i in range(4)]  # row i of A = AT^T
   dy_ab = [[dy[:, a::2, b::2].reshape(-1, d) for b in range(2)] for a in range(2)]
   dy_aj = [[_signed_sum(a_cols[j], dy_ab[a]) for j in range(4)] for a in range(2)]
   dm = [_signed_sum(a_cols[i], [dy_aj[0][j], dy_aj[1][j]]) for i in range(4) for j in range(4)]
@@ -163,7 +163,7 @@ def conv_weight_grad_by_taps(x, dy, kernel_shape, stride: int):
   kh, kw, c, d = kernel_shape
   dy2 = dy.reshape(-1, d)
   wins = _tap_windows(jnp.transpose(x, (3, 0, 1, 2)), kh, kw, stride, axis=2, barrier=True)
-  if c <= 4:   # the stem: one (taps x C) row per tap and channel in a single matmul, not kh matmuls of kw*C rows
+  if c <= 4:  # the stem: one (taps x C) row per tap and channel in a single matmul, not kh matmuls of kw*C rows
     return jnp.einsum("tck,kd->tcd", jnp.stack([w.reshape(c, -1) for w in wins]), dy2).reshape(kh, kw, c, d)
   rows = [jnp.concatenate(wins[i * kw:(i + 1) * kw], axis=0).reshape(kw * c, -1) @ dy2 for i in range(kh)]
   return jnp.stack(rows).reshape(kh, kw, c, d)
@@ -188,7 +188,7 @@ def cpu_conv_paths(x_shape, kernel_shape, stride: int) -> tuple[str, str, str]:
     dw = "matmul"
   else:
     dw = "taps" if out_hw <= 64 * 64 or cin <= 4 else "lax"
-  tiles = x_shape[0] * out_hw // 4   # rows of each of Winograd's 16 matmuls
+  tiles = x_shape[0] * out_hw // 4  # rows of each of Winograd's 16 matmuls
   if winograd_fits(x_shape, kernel_shape, stride) and min(cin, cout) >= 64 and tiles >= 64:
     fwd = dx = dw = "winograd"
   return fwd, dx, dw
@@ -243,12 +243,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   """`jax.lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`: the convolutions the models make
   (SAME, NHWC/HWIO, equal strides, no dilation or groups) go to `cpu_conv`, any other to XLA's."""
   nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-  if (isinstance(padding, str) and padding == "SAME" and lhs.ndim == 4 and len(set(window_strides)) == 1
-      and set(lhs_dilation or (1,)) == set(rhs_dilation or (1,)) == {1} and feature_group_count == 1
-      and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc):
+  if (isinstance(padding, str) and padding == "SAME" and lhs.ndim == 4 and len(set(window_strides)) == 1 and
+      set(lhs_dilation or (1,)) == set(rhs_dilation or (1,)) == {1} and feature_group_count == 1 and
+      jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc):
     return cpu_conv(lhs, rhs, window_strides[0])
-  return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                      dimension_numbers, feature_group_count, precision=precision)
+  return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                                      feature_group_count, precision=precision)
 
 
 # `nn.Conv` with the convolution above: the same module, parameters and auto-names (Conv_0, ...)
@@ -259,7 +259,6 @@ class UpsampleConv(nn.Conv):
   """`models.UpsampleConv` (`nn.Conv` of `concat([upsample2x(x), skip])`, 3x3, SAME, stride 1), with the same
   parameters, computed without building that concatenation: `conv3x3_upsampled` of x with the kernel's first
   input channels, plus `cpu_conv` of the skip with the others."""
-
   @nn.compact
   def __call__(self, x, skip=None):
     if (tuple(self.kernel_size), self.strides, self.padding) not in (((3, 3), 1, "SAME"), ((3, 3), (1, 1), "SAME")):
@@ -282,8 +281,11 @@ def _pool_windows(x) -> list[jax.Array]:
   n, h, w, c = x.shape
   ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-  return [jax.lax.slice(xp, (0, i, j, 0), (n, i + 2 * ho - 1, j + 2 * wo - 1, c), (1, 2, 2, 1))
-          for i in range(3) for j in range(3)]
+  return [
+      jax.lax.slice(xp, (0, i, j, 0), (n, i + 2 * ho - 1, j + 2 * wo - 1, c), (1, 2, 2, 1))
+      for i in range(3)
+      for j in range(3)
+  ]
 
 
 @jax.custom_vjp
@@ -311,7 +313,7 @@ def _max_pool_bwd(res, dy):
   taken, dxp = jnp.zeros(y.shape, bool), jnp.zeros((n, h + 2, w + 2, c), x.dtype)
   for t, win in enumerate(_pool_windows(x)):
     i, j = divmod(t, 3)
-    hit = (win == y) & ~taken   # the first window element equal to the max takes the gradient
+    hit = (win == y) & ~taken  # the first window element equal to the max takes the gradient
     taken = taken | hit
     # back to padded-input positions (i + 2a, j + 2b): a pad with one interior zero between elements
     pads = ((0, 0, 0), (i, h + 3 - i - 2 * ho, 1), (j, w + 3 - j - 2 * wo, 1), (0, 0, 0))

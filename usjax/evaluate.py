@@ -30,8 +30,10 @@ def summarize(per_image: dict[str, np.ndarray]) -> dict[str, float]:
 
   On images whose ground truth is empty (normal), Dice is 1 or 0, so its mean is 1 - false-positive rate.
   """
-  out = {"dice": float(np.mean(per_image["dice"])), "iou": float(np.mean(per_image["iou"])),
-         "num_images": int(len(per_image["dice"]))}
+  out = {
+      "dice": float(np.mean(per_image["dice"])), "iou": float(np.mean(per_image["iou"])),
+      "num_images": int(len(per_image["dice"]))
+  }
   if "empty_true" in per_image:
     lesion = ~np.asarray(per_image["empty_true"], bool)
     if lesion.any():
@@ -40,7 +42,7 @@ def summarize(per_image: dict[str, np.ndarray]) -> dict[str, float]:
       out["num_lesion_images"] = int(lesion.sum())
   if "hd95" in per_image:
     hd = np.asarray(per_image["hd95"], np.float64)
-    if np.any(np.isfinite(hd)):   # undefined (NaN) where exactly one mask is empty
+    if np.any(np.isfinite(hd)):  # undefined (NaN) where exactly one mask is empty
       out["hd95"] = float(np.nanmean(hd))
   if "label" in per_image:
     labels = np.asarray(per_image["label"])
@@ -117,6 +119,7 @@ def make_scorer(model, out_sharding=None, tta: bool = False):
       prob = 0.5 * (prob + jnp.flip(jax.nn.sigmoid(model.apply(variables, jnp.flip(x, 2), train=False)), 2))
     pred = prob > 0.5
     return (*dice_iou(pred, masks > 0), pred)
+
   return jax.jit(score, out_shardings=out_sharding)
 
 
@@ -135,7 +138,7 @@ def per_image_rows(scores: dict[str, np.ndarray]) -> list[dict]:
   if "empty_true" in scores:
     for r, empty in zip(rows, scores["empty_true"]):
       r["lesion"] = not bool(empty)
-  for r in rows:   # JSON has no NaN: HD95 is undefined when exactly one of the masks is empty
+  for r in rows:  # JSON has no NaN: HD95 is undefined when exactly one of the masks is empty
     if "hd95" in r and not np.isfinite(r["hd95"]):
       r["hd95"] = None
   return rows
@@ -146,20 +149,18 @@ class Selector:
   (`candidates(state) -> {'raw': variables, 'ema': variables}`) and keeps a copy of the best by validation Dice
   over all images. Only the validation split is read; `history` and `best` go to the summary and checkpoints.
   """
-
   def __init__(self, every: int, score_fn, batches, to_global, ids, labels, candidates):
     self.every, self.score_fn, self.batches, self.to_global = every, score_fn, batches, to_global
     self.ids, self.labels, self.candidates = ids, labels, candidates
     self.history: list[dict] = []
-    self.best: dict | None = None            # {'step', 'weights', 'dice', 'dice_lesion'}
+    self.best: dict | None = None  # {'step', 'weights', 'dice', 'dice_lesion'}
     self.best_variables = None
 
   def due(self, step: int, last_step: int) -> bool:
     return step == last_step or (self.every > 0 and step % self.every == 0)
 
   def score(self, variables, score_fn=None) -> dict:
-    scores, _ = score_split(score_fn or self.score_fn, variables, self.batches, self.to_global, self.ids,
-                            self.labels)
+    scores, _ = score_split(score_fn or self.score_fn, variables, self.batches, self.to_global, self.ids, self.labels)
     return summarize(scores)
 
   def __call__(self, step: int, state) -> tuple[dict, bool]:

@@ -43,7 +43,6 @@ def ema_after_step(extra, params, step, *, decay):
 class Validation:
   """The fine-tuning loop's hook: validation scores to the log and TensorBoard, the best weights to
   <workdir>/best (what `launch/predict.py` and the final scoring use)."""
-
   def __init__(self, selector: evaluate.Selector, best_dir: str, meta: dict, abstract_variables):
     self.selector, self.meta = selector, meta
     self.mngr = checkpoint.manager(best_dir, keep=1)
@@ -60,7 +59,7 @@ class Validation:
                  " ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "step"), best["dice"], best["weights"],
                  best["step"])
     if improved:
-      if step in self.mngr.all_steps():   # a resumed run re-validating a step it had saved before
+      if step in self.mngr.all_steps():  # a resumed run re-validating a step it had saved before
         self.mngr.delete(step)
       checkpoint.save(self.mngr, step, self.selector.best_variables, {**self.meta, **self.selector.state_dict()})
 
@@ -88,14 +87,14 @@ def finetune(cfg, workdir: str) -> dict:
     raise UsjaxError(f"config.tta must be 'auto', 'none' or 'hflip', got {cfg.tta!r}")
   transfer = {}
   override = None
-  if cfg.init_from.endswith(".safetensors"):   # ImageNet weights exported from torchvision or timm
+  if cfg.init_from.endswith(".safetensors"):  # ImageNet weights exported from torchvision or timm
     if cfg.transfer != "encoder":
       raise UsjaxError(f"config.transfer must be 'encoder' with a .safetensors config.init_from (the file has no "
                        f"decoder), got {cfg.transfer!r}")
 
     def override(params, batch_stats):
-      params, batch_stats, info = torch_weights.load_resnet(os.path.abspath(os.path.expanduser(cfg.init_from)),
-                                                            params, batch_stats, cfg.model.encoder)
+      params, batch_stats, info = torch_weights.load_resnet(os.path.abspath(os.path.expanduser(cfg.init_from)), params,
+                                                            batch_stats, cfg.model.encoder)
       transfer.update(info)
       return params, batch_stats
   elif cfg.init_from:
@@ -105,9 +104,10 @@ def finetune(cfg, workdir: str) -> dict:
 
     def override(params, batch_stats):
       params, batch_stats, info = checkpoint.load_pretrained(cfg.init_from, params, batch_stats, parts,
-                                                                 encoder=cfg.model.encoder)
+                                                             encoder=cfg.model.encoder)
       transfer.update(info)
       return params, batch_stats
+
   s = cfg.data.image_size
   state = train.init_state(model, tx, cfg.seed, (2, s, s, cfg.data.channels), mesh, override)
   if not cfg.init_from:
@@ -116,32 +116,34 @@ def finetune(cfg, workdir: str) -> dict:
     copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
     state["extra"] = {"ema_params": copy(state["params"]), "ema_batch_stats": copy(state["batch_stats"])}
   train_ds, n_train = pipeline.finetune_dataset(cfg.data, cfg.batch_size, cfg.seed)
-  logging.info("fine-tuning U-Net/%s (%.2fM parameters) on %s, %d%% labels = %d training images",
-               cfg.model.encoder, models.count_params(state["params"]) / 1e6, cfg.data.finetune_source,
-               cfg.data.label_fraction, n_train)
+  logging.info("fine-tuning U-Net/%s (%.2fM parameters) on %s, %d%% labels = %d training images", cfg.model.encoder,
+               models.count_params(state["params"]) / 1e6, cfg.data.finetune_source, cfg.data.label_fraction, n_train)
   aug_cfg = augment.AugmentConfig.from_dict(cfg.augment)
   loss_fn = functools.partial(segmentation_loss, model=model, aug_cfg=aug_cfg, ema_decay=cfg.ema_decay)
   after = functools.partial(ema_after_step, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
   step_fn = train.compile_step(loss_fn, tx, mesh, after)
-  meta = {"task": "finetune", "model": cfg.model.to_dict(), "source": cfg.data.finetune_source,
-          "data": train.data_meta(cfg), "init_from": cfg.init_from, "transfer": cfg.transfer if cfg.init_from else "none"}
+  meta = {
+      "task": "finetune", "model": cfg.model.to_dict(), "source": cfg.data.finetune_source,
+      "data": train.data_meta(cfg), "init_from": cfg.init_from, "transfer": cfg.transfer if cfg.init_from else "none"
+  }
 
   # Validation: the split is small (BUSI: 63 images), so its batches are prepared once and kept.
   to_global = lambda a: train.global_batch(a, mesh)
   scorers = {tta: evaluate.make_scorer(model, NamedSharding(mesh, P("data")), tta) for tta in (False, True)}
   val_ids, val_labels = pipeline.split_labels(cfg.data, "val")
-  selector = evaluate.Selector(cfg.val_every, scorers[False], list(pipeline.eval_batches(cfg.data, "val",
-                               cfg.batch_size)), to_global, val_ids, val_labels, lambda st: candidates(st))
+  selector = evaluate.Selector(cfg.val_every, scorers[False],
+                               list(pipeline.eval_batches(cfg.data, "val", cfg.batch_size)), to_global, val_ids,
+                               val_labels, lambda st: candidates(st))
   abstract_vars = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                {"params": state["params"], "batch_stats": state["batch_stats"]})
   best_dir = os.path.join(workdir, "best")
   ckdir = os.path.join(workdir, "checkpoints")
   if os.path.isdir(best_dir) and not (os.path.isdir(ckdir) and any(n.isdigit() for n in os.listdir(ckdir))):
-    import shutil   # a best model from a run that saved nothing to resume from: this run starts over
+    import shutil  # a best model from a run that saved nothing to resume from: this run starts over
     shutil.rmtree(best_dir)
   hook = Validation(selector, best_dir, meta, abstract_vars)
   state, rep, summary = train.fit(cfg, workdir, "finetune", state, step_fn, iter(train_ds),
-                            lambda b: train.global_batch((b["image"], b["mask"]), mesh), mesh, meta, hook)
+                                  lambda b: train.global_batch((b["image"], b["mask"]), mesh), mesh, meta, hook)
 
   # The chosen model: the best (step, weights) on validation, then flip averaging only if validation says so.
   best_vars, chosen = selector.best_variables, dict(selector.best)
@@ -155,11 +157,12 @@ def finetune(cfg, workdir: str) -> dict:
   val = val_tta if use_tta and cfg.tta == "auto" else selector.score(best_vars, scorers[use_tta])
   chosen.update(val_dice=val["dice"], val_dice_lesion=val.get("dice_lesion"))
   hook.close()
-  if jax.process_index() == 0:   # what launch/predict.py applies with the best weights
+  if jax.process_index() == 0:  # what launch/predict.py applies with the best weights
     report.write_json(os.path.join(workdir, "best", "selection.json"), chosen)
-  logging.info("selected on validation: step %d, %s weights, flip averaging %s: validation Dice %.4f "
-               "(lesion images %.4f)", chosen["step"], chosen["weights"], "on" if use_tta else "off", val["dice"],
-               val.get("dice_lesion", float("nan")))
+  logging.info(
+      "selected on validation: step %d, %s weights, flip averaging %s: validation Dice %.4f "
+      "(lesion images %.4f)", chosen["step"], chosen["weights"], "on" if use_tta else "off", val["dice"],
+      val.get("dice_lesion", float("nan")))
 
   # The one read of the evaluation split (the test split only where the config asks for it).
   if cfg.eval_split == "val":
@@ -171,19 +174,20 @@ def finetune(cfg, workdir: str) -> dict:
     scores, examples = evaluate.score_split(scorers[use_tta], best_vars, batches, to_global, ids, labels)
     last_vars = {"params": state["params"], "batch_stats": state["batch_stats"]}
     last, _ = evaluate.score_split(scorers[False], last_vars, batches, to_global, ids, labels)
-    summary["last_step"] = {k: v for k, v in evaluate.summarize(last).items()
-                            if k in ("dice", "dice_lesion", "iou", "iou_lesion")}
+    summary["last_step"] = {
+        k: v for k, v in evaluate.summarize(last).items() if k in ("dice", "dice_lesion", "iou", "iou_lesion")
+    }
   summary.update(evaluate.summarize(scores), source=cfg.data.finetune_source, label_fraction=cfg.data.label_fraction,
-                 train_images=n_train, eval_split=cfg.eval_split, init_from=cfg.init_from or None,
-                 transfer=transfer or None, selected=chosen, val_history=selector.history)
-  rep.scalars(cfg.num_steps, {k: summary[k] for k in ("dice", "dice_lesion", "iou") if k in summary},
-              cfg.eval_split)
+                 train_images=n_train, eval_split=cfg.eval_split, init_from=cfg.init_from or None, transfer=transfer or
+                 None, selected=chosen, val_history=selector.history)
+  rep.scalars(cfg.num_steps, {k: summary[k] for k in ("dice", "dice_lesion", "iou") if k in summary}, cfg.eval_split)
   if jax.process_index() == 0:
     report.write_json(os.path.join(workdir, "per_image.json"), evaluate.per_image_rows(scores))
     np.savez_compressed(os.path.join(workdir, "examples.npz"), **examples)
-  logging.info("%s split, the validation-chosen model: Dice %.4f over %d images, %.4f over the %d with a lesion; "
-               "IoU %.4f", cfg.eval_split, summary["dice"], summary["num_images"],
-               summary.get("dice_lesion", float("nan")), summary.get("num_lesion_images", 0), summary["iou"])
+  logging.info(
+      "%s split, the validation-chosen model: Dice %.4f over %d images, %.4f over the %d with a lesion; "
+      "IoU %.4f", cfg.eval_split, summary["dice"], summary["num_images"], summary.get("dice_lesion", float("nan")),
+      summary.get("num_lesion_images", 0), summary["iou"])
   rep.close(workdir, summary)
   return summary
 

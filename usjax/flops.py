@@ -46,9 +46,9 @@ def _jaxpr_flops(jaxpr) -> float:
   total = 0.0
   for eqn in _live_eqns(jaxpr):
     subs = [f for v in eqn.params.values() for f in map(_jaxpr_flops, _sub_jaxprs(v))]
-    if eqn.primitive.name == "cond":   # one branch runs
+    if eqn.primitive.name == "cond":  # one branch runs
       total += max(subs, default=0.0)
-    else:   # a scan runs its body `length` times; a while loop's trip count is unknown, counted once
+    else:  # a scan runs its body `length` times; a while loop's trip count is unknown, counted once
       total += _eqn_flops(eqn) + eqn.params.get("length", 1) * sum(subs)
   return total
 

@@ -38,12 +38,13 @@ def _name(**fields) -> str:
   return "_".join(f"{k}-{v}" for k, v in fields.items()).replace("+", "").replace(",", "")
 
 
-def plan(g) -> tuple[list[tuple[dict, str, ml_collections.ConfigDict]], list[tuple[dict, str, ml_collections.ConfigDict]]]:
+def plan(
+    g) -> tuple[list[tuple[dict, str, ml_collections.ConfigDict]], list[tuple[dict, str, ml_collections.ConfigDict]]]:
   """(pre-training runs, fine-tuning cells) as (varying fields, workdir name, full config)."""
   pre, fine = [], []
   sources = dict(g.sources.items()) if g.sources else {}
-  for name, (method, transfer, size) in itertools.product(
-      sources, itertools.product(g.methods, g.transfers, g.image_sizes)):
+  for name, (method, transfer, size) in itertools.product(sources,
+                                                          itertools.product(g.methods, g.transfers, g.image_sizes)):
     cfg = ml_collections.ConfigDict(g.pretrain.to_dict())
     cfg.data.pretrain_sources, cfg.method, cfg.data.image_size = sources[name], method, size
     cfg.model.with_decoder = transfer == "encoder+decoder"
@@ -59,12 +60,12 @@ def plan(g) -> tuple[list[tuple[dict, str, ml_collections.ConfigDict]], list[tup
     for method, transfer in variants:
       cfg = ml_collections.ConfigDict(g.finetune.to_dict())
       cfg.data.label_fraction, cfg.data.image_size, cfg.seed = fraction, size, seed
-      cfg.init_from = "" if arm is None else arm[1]            # a run name; made absolute in `run`
+      cfg.init_from = "" if arm is None else arm[1]  # a run name; made absolute in `run`
       cfg.transfer = transfer
       fields = dict(pretrain=name, method=method if arm else "none", transfer=transfer if arm else "none",
                     label_fraction=fraction, image_size=size, seed=seed)
       fine.append((fields, "ft_" + _name(**fields), cfg))
-  imagenet = g.get("imagenet", "")   # a torchvision/timm ResNet .safetensors file: the field's default start
+  imagenet = g.get("imagenet", "")  # a torchvision/timm ResNet .safetensors file: the field's default start
   for fraction, size, seed in itertools.product(g.label_fractions if imagenet else (), g.image_sizes, g.seeds):
     cfg = ml_collections.ConfigDict(g.finetune.to_dict())
     cfg.data.label_fraction, cfg.data.image_size, cfg.seed = fraction, size, seed
@@ -77,7 +78,7 @@ def plan(g) -> tuple[list[tuple[dict, str, ml_collections.ConfigDict]], list[tup
 
 # A run's small outputs, the ones committed under results/ (paths inside its workdir).
 RESULTS = ("summary.json", "per_image.json", "history.json", os.path.join("best", "selection.json"))
-TIMING = "timing.json"   # the grid's own clock: seconds per trained run or stacked group (`time_table`)
+TIMING = "timing.json"  # the grid's own clock: seconds per trained run or stacked group (`time_table`)
 
 
 def finished(workdir: str) -> bool:
@@ -162,13 +163,15 @@ def time_table(timing: list[dict], summaries: dict[str, dict]) -> str:
     r["runs"] += len(t["runs"])
     r["groups"] += 1
     r["seconds"] += t["seconds"]
-    if runs:   # the members of a stacked group report the group's compile and loop seconds
+    if runs:  # the members of a stacked group report the group's compile and loop seconds
       r["compile"] += max(s.get("compile_s") or 0.0 for s in runs)
       r["loop"] += max(s.get("wall_s") or 0.0 for s in runs)
   if not rows:
     return ""
-  lines = ["| device | phase | runs | programs | total (min) | compiling (min) | train loop (min) | rest (min) |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+  lines = [
+      "| device | phase | runs | programs | total (min) | compiling (min) | train loop (min) | rest (min) |",
+      "| --- | --- | --- | --- | --- | --- | --- | --- |"
+  ]
   for (device, phase), r in sorted(rows.items()):
     lines.append(f"| {device} | {phase} | {r['runs']} | {r['groups']} | {r['seconds'] / 60:.1f} | "
                  f"{r['compile'] / 60:.1f} | {(r['loop'] - r['compile']) / 60:.1f} | "
@@ -181,19 +184,21 @@ def time_table(timing: list[dict], summaries: dict[str, dict]) -> str:
 
 def write_report(g, root: str, pre, fine, results: str = "") -> dict:
   cells = [(fields, os.path.join(root, run)) for fields, run, _ in fine]
-  pre_runs = {}   # the probe table: a pre-training's summary here, else the one recorded in `results`
+  pre_runs = {}  # the probe table: a pre-training's summary here, else the one recorded in `results`
   for _, run, _ in pre:
     where = [d for d in (root, results) if d and finished(os.path.join(d, run))]
     if where:
       pre_runs[run] = os.path.join(where[0], run)
   overlays = None
-  for fields, run, _ in fine:   # overlay panel from the best-labelled pre-trained cell that has finished
+  for fields, run, _ in fine:  # overlay panel from the best-labelled pre-trained cell that has finished
     path = os.path.join(root, run, "examples.npz")
     if os.path.isfile(path) and (overlays is None or fields["pretrain"] != "none"):
       import numpy as np
       ex = np.load(path)
-      overlays = {"images": ex["image"], "masks": ex["mask"], "preds": ex["pred"],
-                  "titles": [f"{fields['pretrain']} {fields['label_fraction']}% #{i}" for i in range(len(ex["image"]))]}
+      overlays = {
+          "images": ex["image"], "masks": ex["mask"], "preds": ex["pred"],
+          "titles": [f"{fields['pretrain']} {fields['label_fraction']}% #{i}" for i in range(len(ex["image"]))]
+      }
   paths = analysis.write_report(cells, os.path.join(root, "report"), pretrain_runs=pre_runs, overlays=overlays)
   summaries = {}
   for _, run, _ in pre + fine:
@@ -209,8 +214,10 @@ def write_report(g, root: str, pre, fine, results: str = "") -> dict:
 
 def _log_time(root: str, results: str, names: list[str], task: str, seconds: float) -> None:
   path = os.path.join(root, TIMING)
-  timing = _read_timing(path) + [{"runs": names, "task": task, "seconds": round(seconds, 1),
-                                  "device": jax.devices()[0].device_kind, "date": time.strftime("%Y-%m-%d")}]
+  timing = _read_timing(path) + [{
+      "runs": names, "task": task, "seconds": round(seconds, 1), "device": jax.devices()[0].device_kind,
+      "date": time.strftime("%Y-%m-%d")
+  }]
   report.write_json(path, timing)
   if results:
     os.makedirs(results, exist_ok=True)
@@ -237,8 +244,7 @@ def run(g, root: str) -> dict:
   record(root, results, [r for _, r, _ in pre + fine])
   # Seed by seed: a grid cut short leaves every arm and label fraction with the same seeds, so its claim rows
   # compare like with like.
-  fine_todo = sorted(((f, r, c) for f, r, c in fine if not finished(os.path.join(root, r))),
-                     key=lambda x: x[0]["seed"])
+  fine_todo = sorted(((f, r, c) for f, r, c in fine if not finished(os.path.join(root, r))), key=lambda x: x[0]["seed"])
   needed = {c.init_from for _, _, c in fine_todo}
   pre_todo = [(f, r, c) for f, r, c in pre if r in needed and not has_weights(os.path.join(root, r))]
   todo = pre_todo + fine_todo

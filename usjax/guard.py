@@ -40,7 +40,7 @@ class Pinned(ocp.checkpoint_managers.PreservationPolicy):
   """
   step: int | None = None
   bad_step: int | None = None
-  path: str | None = None   # where the pin is recorded, so a resumed run keeps honouring it
+  path: str | None = None  # where the pin is recorded, so a resumed run keeps honouring it
 
   def should_preserve(self, checkpoints, *, context) -> list[bool]:
     del context
@@ -56,7 +56,7 @@ class Pinned(ocp.checkpoint_managers.PreservationPolicy):
     tmp = f"{self.path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
       json.dump({"step": self.step, "bad_step": self.bad_step}, f)
-    os.replace(tmp, self.path)   # atomic: a reader never sees half a record
+    os.replace(tmp, self.path)  # atomic: a reader never sees half a record
 
 
 def read_pin(directory: str) -> Pinned:
@@ -66,12 +66,12 @@ def read_pin(directory: str) -> Pinned:
     with open(pin.path) as f:
       rec = json.load(f)
     pin.step, pin.bad_step = rec.get("step"), rec.get("bad_step")
-  except (OSError, ValueError, AttributeError):   # none yet, or damaged: nothing is pinned
+  except (OSError, ValueError, AttributeError):  # none yet, or damaged: nothing is pinned
     pass
   return pin
 
 
-_PINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # manager -> its pin (also in its options)
+_PINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # manager -> its pin (also in its options)
 
 
 def attach(mngr: ocp.CheckpointManager, pin: Pinned) -> None:
@@ -139,7 +139,6 @@ class GoodStepTracker:
   the checkpoints: a run resumed from a checkpoint at or after the bad step (it descends from the spike) keeps
   them; one resumed from before it starts afresh.
   """
-
   def __init__(self, mngr: ocp.CheckpointManager, start_step: int, factor: float = SPIKE_FACTOR,
                window: int = SPIKE_WINDOW):
     if not factor > 0 or int(window) < 1:
@@ -173,9 +172,9 @@ class GoodStepTracker:
       median = float(np.median(recent)) if recent else float("nan")
       before = [s for s in self.mngr.all_steps() if s < step]
       kept = f"checkpoint step {max(before)} is kept" if before else "no checkpoint before it"
-      logging.warning("loss spike at step %d: loss %.4g against a median of %.4g over the last %d steps; %s in %s "
-                      "(no later checkpoint replaces it)", step, loss, median, len(recent), kept,
-                      self.mngr.directory)
+      logging.warning(
+          "loss spike at step %d: loss %.4g against a median of %.4g over the last %d steps; %s in %s "
+          "(no later checkpoint replaces it)", step, loss, median, len(recent), kept, self.mngr.directory)
     return True
 
   def saved(self, step: int) -> None:

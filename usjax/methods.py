@@ -45,8 +45,10 @@ def collapse_metrics(z, n: int) -> dict:
   the l2-normalised embeddings (about 1/sqrt(D) healthy, towards 0 collapsed; SimSiam), and the alignment of
   positive pairs and uniformity over the batch (Wang & Isola 2020)."""
   z = z.astype(jnp.float32)
-  return {"z_std": probes.embedding_stats(z[:n])["z_std"], "align": probes.alignment(z[:n], z[n:]),
-          "uniform": probes.uniformity(z[:n])}
+  return {
+      "z_std": probes.embedding_stats(z[:n])["z_std"], "align": probes.alignment(z[:n], z[n:]),
+      "uniform": probes.uniformity(z[:n])
+  }
 
 
 def _queue_accuracy(q, k, queue):
@@ -59,14 +61,14 @@ def _queue_accuracy(q, k, queue):
 @dataclasses.dataclass(frozen=True)
 class Method:
   """A contrastive method: a `PretrainNet` (with a predictor for SimSiam/BYOL) and its hyper-parameters."""
-  name: str                            # 'simclr' | 'moco' | 'simsiam' | 'byol'
+  name: str  # 'simclr' | 'moco' | 'simsiam' | 'byol'
   model: nn.Module
-  temperature: float = 0.5             # SimCLR, MoCo
-  queue_size: int = 0                  # MoCo: K negatives
-  momentum: float = 0.0                # MoCo: the EMA momentum (base of the cosine if scheduled); BYOL: tau_base
+  temperature: float = 0.5  # SimCLR, MoCo
+  queue_size: int = 0  # MoCo: K negatives
+  momentum: float = 0.0  # MoCo: the EMA momentum (base of the cosine if scheduled); BYOL: tau_base
   momentum_schedule: str = "constant"  # 'constant' | 'cosine' (byol_momentum)
-  num_steps: int = 1                   # schedule length
-  seed: int = 0                        # initial MoCo queue and key-batch shuffles
+  num_steps: int = 1  # schedule length
+  seed: int = 0  # initial MoCo queue and key-batch shuffles
 
   @property
   def target_model(self) -> nn.Module:
@@ -106,15 +108,15 @@ class Method:
 
 def _online(m: Method, params, batch_stats, v1, v2):
   """One online forward pass over both views: (z, p, new_batch_stats), rows [0, N) from v1, [N, 2N) from v2."""
-  (z, p), new = m.model.apply({"params": params, "batch_stats": batch_stats}, jnp.concatenate([v1, v2]),
-                              train=True, mutable=["batch_stats"])
+  (z, p), new = m.model.apply({"params": params, "batch_stats": batch_stats}, jnp.concatenate([v1, v2]), train=True,
+                              mutable=["batch_stats"])
   return z, p, new["batch_stats"]
 
 
 def _target(m: Method, extra, x):
   """Target forward pass in train mode (its BatchNorm uses and updates its own statistics); no gradient."""
-  (z, _), new = m.target_model.apply({"params": extra["target_params"], "batch_stats": extra["target_batch_stats"]},
-                                     x, train=True, mutable=["batch_stats"])
+  (z, _), new = m.target_model.apply({"params": extra["target_params"], "batch_stats": extra["target_batch_stats"]}, x,
+                                     train=True, mutable=["batch_stats"])
   return jax.lax.stop_gradient(z), new["batch_stats"]
 
 
@@ -124,8 +126,8 @@ def simclr_loss(m: Method, params, batch_stats, extra, v1, v2, step):
   z, _, new_bs = _online(m, params, batch_stats, v1, v2)
   n = v1.shape[0]
   loss = objectives.nt_xent(z[:n], z[n:], m.temperature)
-  return loss, (new_bs, extra, {"contrast_acc": objectives.contrastive_accuracy(z[:n], z[n:]),
-                                **collapse_metrics(z, n)})
+  return loss, (new_bs, extra,
+                {"contrast_acc": objectives.contrastive_accuracy(z[:n], z[n:]), **collapse_metrics(z, n)})
 
 
 def moco_loss(m: Method, params, batch_stats, extra, v1, v2, step):
@@ -152,14 +154,14 @@ def moco_loss(m: Method, params, batch_stats, extra, v1, v2, step):
   k_perm, target_bs = _target(m, extra, x[perm])
   k = objectives.l2_normalize(k_perm[jnp.argsort(perm)])
   queue, ptr = extra["queue"], extra["queue_ptr"]
-  loss = 0.5 * (objectives.info_nce(q[:n], k[n:], queue, m.temperature)
-                + objectives.info_nce(q[n:], k[:n], queue, m.temperature))
+  loss = 0.5 * (objectives.info_nce(q[:n], k[n:], queue, m.temperature) +
+                objectives.info_nce(q[n:], k[:n], queue, m.temperature))
   acc = 0.5 * (_queue_accuracy(q[:n], k[n:], queue) + _queue_accuracy(q[n:], k[:n], queue))
-  new_extra = {**extra, "target_batch_stats": target_bs,
-               "queue": jax.lax.dynamic_update_slice(queue, k.astype(queue.dtype), (ptr, 0)),
-               "queue_ptr": (ptr + 2 * n) % k_size}
-  return loss, (new_bs, new_extra, {"contrast_acc": acc, "ema_momentum": m.momentum_at(step),
-                                    **collapse_metrics(q, n)})
+  new_extra = {
+      **extra, "target_batch_stats": target_bs,
+      "queue": jax.lax.dynamic_update_slice(queue, k.astype(queue.dtype), (ptr, 0)), "queue_ptr": (ptr + 2 * n) % k_size
+  }
+  return loss, (new_bs, new_extra, {"contrast_acc": acc, "ema_momentum": m.momentum_at(step), **collapse_metrics(q, n)})
 
 
 def simsiam_loss(m: Method, params, batch_stats, extra, v1, v2, step):
@@ -218,5 +220,4 @@ def make_method(cfg) -> Method:
                   momentum_schedule=cfg.moco.momentum_schedule, **common)
   if cfg.method == "simsiam":
     return Method(model=net(_pred_dims(cfg, "simsiam")), **common)
-  return Method(model=net(_pred_dims(cfg, "byol")), momentum=cfg.byol.momentum, momentum_schedule="cosine",
-                **common)
+  return Method(model=net(_pred_dims(cfg, "byol")), momentum=cfg.byol.momentum, momentum_schedule="cosine", **common)

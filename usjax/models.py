@@ -44,7 +44,6 @@ def max_pool(x):
 
 class UpsampleConv(nn.Conv):
   """`nn.Conv` of `concat([upsample2x(x), skip])`: the U-Net decoder's first convolution at each stride."""
-
   @nn.compact
   def __call__(self, x, skip=None):
     x = upsample2x(x)
@@ -56,8 +55,7 @@ class UpsampleConv(nn.Conv):
 def norm_layer(kind: str, train: bool, dtype) -> Callable[..., nn.Module]:
   """BatchNorm (statistics over the whole global batch: under jit the batch axis is global) or GroupNorm."""
   if kind == "batch":
-    return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                             dtype=dtype)
+    return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype)
   if kind == "group":
     return functools.partial(nn.GroupNorm, num_groups=None, group_size=16, epsilon=1e-5, dtype=dtype)
   raise ValueError(f"model.norm must be 'batch' or 'group', got {kind!r}")
@@ -212,8 +210,7 @@ class UNet(nn.Module):
     encoder = make_encoder(self.encoder, self.norm, self.dtype, self.conv, self.pool)
     feats = encoder(x.astype(self.dtype), train)
     widths = self.decoder_widths if self.encoder != "plain" else self.decoder_widths[1:]
-    y = UNetDecoder(widths, self.norm, self.dtype, self.conv, self.up_conv, name="decoder")(feats, x.shape[1:3],
-                                                                                             train)
+    y = UNetDecoder(widths, self.norm, self.dtype, self.conv, self.up_conv, name="decoder")(feats, x.shape[1:3], train)
     logits = self.conv(self.num_classes, (3, 3), kernel_init=nn.initializers.lecun_normal(), dtype=self.dtype,
                        name="seg_head")(y)
     return logits.astype(jnp.float32)
@@ -243,7 +240,7 @@ class PretrainNet(nn.Module):
   norm: str = "batch"
   with_decoder: bool = False
   proj_dims: Sequence[int] = (512, 128)
-  pred_dims: Sequence[int] = ()   # a predictor head (SimSiam, BYOL) when non-empty
+  pred_dims: Sequence[int] = ()  # a predictor head (SimSiam, BYOL) when non-empty
   dtype: Any = jnp.float32
   conv: ModuleDef = nn.Conv
   up_conv: ModuleDef = UpsampleConv
@@ -256,8 +253,8 @@ class PretrainNet(nn.Module):
     feats = encoder(x.astype(self.dtype), train)
     if self.with_decoder:
       widths = self.decoder_widths if self.encoder != "plain" else self.decoder_widths[1:]
-      y = UNetDecoder(widths, self.norm, self.dtype, self.conv, self.up_conv, name="decoder")(feats, x.shape[1:3],
-                                                                                               train)
+      decoder = UNetDecoder(widths, self.norm, self.dtype, self.conv, self.up_conv, name="decoder")
+      y = decoder(feats, x.shape[1:3], train)
     else:
       y = feats[-1]
     z = MLPHead(self.proj_dims, self.dtype, name="projector")(jnp.mean(y, axis=(1, 2)), train)
@@ -290,8 +287,10 @@ def layers(conv_impl: str = "auto") -> dict[str, Any]:
 def _common(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
   """The arguments every network of a model config shares: norm, dtype and the layers of its conv_impl. Checkpoint
   metas of older runs lack some keys: they get the defaults those runs had."""
-  return {"norm": model_cfg.get("norm", "batch"), "dtype": DTYPES[model_cfg.get("dtype", "float32")],
-          **layers(model_cfg.get("conv_impl", "auto"))}
+  return {
+      "norm": model_cfg.get("norm", "batch"), "dtype": DTYPES[model_cfg.get("dtype", "float32")],
+      **layers(model_cfg.get("conv_impl", "auto"))
+  }
 
 
 def unet_from_config(model_cfg: Mapping[str, Any]) -> UNet:

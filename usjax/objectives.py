@@ -21,7 +21,7 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float = 0.5) -> jax.Array
   """
   z = l2_normalize(jnp.concatenate([z1, z2], axis=0).astype(jnp.float32))
   n = z1.shape[0]
-  logits = z @ z.T / temperature - LARGE_NUM * jnp.eye(2 * n)   # a view is not its own negative
+  logits = z @ z.T / temperature - LARGE_NUM * jnp.eye(2 * n)  # a view is not its own negative
   positives = jnp.concatenate([jnp.arange(n, 2 * n), jnp.arange(n)])
   return optax.softmax_cross_entropy_with_integer_labels(logits, positives).mean()
 

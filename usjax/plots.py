@@ -13,7 +13,7 @@ import numpy as np
 
 
 def _figure(ncols: int = 1, nrows: int = 1, size=(6, 4)):
-  from matplotlib.figure import Figure   # no pyplot: no global backend or state, nothing to close
+  from matplotlib.figure import Figure  # no pyplot: no global backend or state, nothing to close
   fig = Figure(figsize=(size[0] * ncols, size[1] * nrows))
   return fig, fig.subplots(nrows, ncols, squeeze=False)
 
@@ -44,13 +44,17 @@ def plot_label_curves(curves: Mapping[str, list[dict]], path: str) -> str:
   return _save(fig, path, ax, "" if curves else "no finished runs")
 
 
-def plot_loss_curves(histories: dict[str, list[dict]], path: str, title: str = "training loss",
-                     key: str = "loss", ylabel: str = "loss") -> str:
+def plot_loss_curves(histories: dict[str, list[dict]], path: str, title: str = "training loss", key: str = "loss",
+                     ylabel: str = "loss") -> str:
   """One line per run (`key` of each history row against its step); a legend only while it stays readable."""
   fig, axes = _figure()
   ax = axes[0, 0]
-  curves = {n: [(h["step"], h[key]) for h in hist or [] if "step" in h and h.get(key) is not None]
-            for n, hist in histories.items()}
+  curves = {
+      n: [(h["step"], h[key])
+          for h in hist or []
+          if "step" in h and h.get(key) is not None]
+      for n, hist in histories.items()
+  }
   for name, pts in ((n, p) for n, p in curves.items() if p):
     ax.plot(*zip(*pts), label=name, lw=1)
   drawn = sum(bool(p) for p in curves.values())

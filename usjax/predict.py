@@ -29,7 +29,7 @@ from usjax.data import DataError, folders, imageio, pipeline
 # configs/default.py's values, for checkpoints written before `meta["data"]` recorded them.
 FALLBACK_DATA = {"image_size": 64, "channels": 1, "aspect": "pad"}
 ASPECTS = ("pad", "stretch", "crop")
-_SKIP = re.compile(r"_(mask(_\d+)?|overlay)$")   # ground-truth masks beside their images, and our own outputs
+_SKIP = re.compile(r"_(mask(_\d+)?|overlay)$")  # ground-truth masks beside their images, and our own outputs
 
 
 class PredictError(UsjaxError):
@@ -94,8 +94,10 @@ def build_unet(model_meta: dict) -> models.UNet:
 
 
 def _flat_shapes(tree) -> dict[str, tuple]:
-  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(v.shape)
-          for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+      "/".join(str(getattr(k, "key", k)) for k in path): tuple(v.shape) for path, v in
+      jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 @dataclasses.dataclass
@@ -109,17 +111,18 @@ class Predictor:
   batch_size: int = 8
   checkpoint: str = ""
 
-  tta: bool = False   # left-right flip averaging, where the run's model selection kept it
+  tta: bool = False  # left-right flip averaging, where the run's model selection kept it
 
   def __post_init__(self):
-    def forward(v, x):   # logits; with tta, those of the flip-averaged foreground probability
+    def forward(v, x):  # logits; with tta, those of the flip-averaged foreground probability
       x = x.astype(jnp.float32) / 255.0
       logits = self.model.apply(v, x, train=False)[..., 0]
       if not self.tta:
         return logits
-      prob = 0.5 * (jax.nn.sigmoid(logits) + jnp.flip(jax.nn.sigmoid(self.model.apply(
-          v, jnp.flip(x, 2), train=False)[..., 0]), 2))
+      prob = 0.5 * (jax.nn.sigmoid(logits) +
+                    jnp.flip(jax.nn.sigmoid(self.model.apply(v, jnp.flip(x, 2), train=False)[..., 0]), 2))
       return jnp.log(prob) - jnp.log1p(-prob)
+
     self._forward = jax.jit(forward)
 
   def logits(self, squares: np.ndarray) -> np.ndarray:
@@ -136,8 +139,9 @@ class Predictor:
     """[H, W, C] uint8 images (any sizes, 1 or 3 channels) -> [H, W] bool masks at the same sizes."""
     squares = np.stack([to_model_input(im, self.image_size, self.channels, self.aspect) for im in images]) \
         if images else np.zeros((0, self.image_size, self.image_size, self.channels), np.uint8)
-    return [from_square(lg, im.shape[:2], self.aspect, fill=-np.inf) > 0
-            for lg, im in zip(self.logits(squares), images)]
+    return [
+        from_square(lg, im.shape[:2], self.aspect, fill=-np.inf) > 0 for lg, im in zip(self.logits(squares), images)
+    ]
 
 
 def load(workdir: str, *, image_size: int | None = None, channels: int | None = None, aspect: str | None = None,
@@ -195,7 +199,7 @@ def overlay(image: np.ndarray, pred: np.ndarray, true: np.ndarray | None = None,
   rgb = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3]
   out = rgb.astype(np.float32)
   out[pred] = (1 - alpha) * out[pred] + alpha * np.array([255, 0, 0], np.float32)
-  width = max(1, round(min(pred.shape) / 200))   # a contour still visible on a 500-pixel scan
+  width = max(1, round(min(pred.shape) / 200))  # a contour still visible on a 500-pixel scan
   if true is not None:
     out[_edge(true, width)] = (0, 255, 0)
   out[_edge(pred, width)] = (255, 0, 0)
@@ -224,8 +228,10 @@ def score(pred: np.ndarray, true: np.ndarray) -> dict:
   length = 1 << max(n - 1, 0).bit_length()
   flat = lambda m: np.pad(np.asarray(m, bool).ravel(), (0, length - n))[None]
   dice, iou = evaluate.dice_iou(flat(pred), flat(true))
-  return {"dice": float(dice[0]), "iou": float(iou[0]), "hd95": evaluate.hd95(pred, true),
-          "empty_true": not true.any(), "empty_pred": not pred.any()}
+  return {
+      "dice": float(dice[0]), "iou": float(iou[0]), "hd95": evaluate.hd95(pred, true), "empty_true": not true.any(),
+      "empty_pred": not pred.any()
+  }
 
 
 def _predictor(workdir) -> Predictor:
@@ -271,7 +277,7 @@ def _outputs(out_dir: str, folder: str):
             continue
           try:
             os.rmdir(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-          except OSError:   # a sub-folder that still holds older files
+          except OSError:  # a sub-folder that still holds older files
             pass
     raise
 
@@ -291,11 +297,11 @@ def evaluate_folder(workdir, folder: str, out_dir: str, *, save_predictions: boo
   """
   from usjax.data import busi
   root = busi.find_root(folder)
-  items = busi.scan(root)   # header-checks every file: most bad input fails here, before any output
+  items = busi.scan(root)  # header-checks every file: most bad input fails here, before any output
   _check_out_dir(out_dir, root)
   p = _predictor(workdir)
   rows = []
-  with _outputs(out_dir, root):   # a file that fails its full decode later takes the outputs back
+  with _outputs(out_dir, root):  # a file that fails its full decode later takes the outputs back
     for chunk in _chunks(items, p.batch_size):
       images = [imageio.read_image(it.paths[0], 3) for it in chunk]
       for it, image, pred in zip(chunk, images, p.predict(images)):
@@ -304,8 +310,10 @@ def evaluate_folder(workdir, folder: str, out_dir: str, *, save_predictions: boo
         if save_predictions:
           _write_outputs(out_dir, os.path.splitext(it.id)[0], image, pred, true)
     scores = {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
-    summary = {**evaluate.summarize(scores), "folder": os.path.abspath(folder), "checkpoint": p.checkpoint,
-               "image_size": p.image_size, "aspect": p.aspect}
+    summary = {
+        **evaluate.summarize(scores), "folder": os.path.abspath(folder), "checkpoint": p.checkpoint,
+        "image_size": p.image_size, "aspect": p.aspect
+    }
     report.write_json(os.path.join(out_dir, "per_image.json"), evaluate.per_image_rows(scores))
     report.write_json(os.path.join(out_dir, "summary.json"), summary)
   return summary
@@ -327,21 +335,26 @@ def predict_folder(workdir, folder: str, out_dir: str) -> list[dict]:
   """
   folders.require_dir(folder)
   out_abs = os.path.realpath(out_dir)
-  paths = [p for p in folders.list_images(folder, recursive=True)
-           if not _SKIP.search(os.path.splitext(os.path.basename(p))[0])
-           and not os.path.realpath(p).startswith(out_abs + os.sep)]
+  inside_out = lambda p: os.path.realpath(p).startswith(out_abs + os.sep)
+  paths = [
+      p for p in folders.list_images(folder, recursive=True)
+      if not _SKIP.search(os.path.splitext(os.path.basename(p))[0]) and not inside_out(p)
+  ]
   if not paths:
     raise DataError(f"{folder}: no PNG/JPEG images to predict on")
-  for path in paths:   # a header read each: a bad file fails here, before any output is written
+  for path in paths:  # a header read each: a bad file fails here, before any output is written
     imageio.check_image(path)
   _check_out_dir(out_dir, folder)
   p = _predictor(workdir)
   rows = []
-  with _outputs(out_dir, folder):   # a file that fails its full decode later takes the outputs back
+  with _outputs(out_dir, folder):  # a file that fails its full decode later takes the outputs back
     for chunk in _chunks(list(zip(paths, _output_stems(paths, folder))), p.batch_size):
       images = [imageio.read_image(path, 3) for path, _ in chunk]
       for (path, stem), image, pred in zip(chunk, images, p.predict(images)):
-        rows.append({"image": os.path.relpath(path, folder), **_write_outputs(out_dir, stem, image, pred),
-                     "height": pred.shape[0], "width": pred.shape[1], "lesion_pixels": int(pred.sum())})
+        rows.append({
+            "image": os.path.relpath(path,
+                                     folder), **_write_outputs(out_dir, stem, image, pred), "height": pred.shape[0],
+            "width": pred.shape[1], "lesion_pixels": int(pred.sum())
+        })
     report.write_json(os.path.join(out_dir, "predictions.json"), rows)
   return rows

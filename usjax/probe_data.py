@@ -59,6 +59,7 @@ def feature_fn(encoder: nn.Module) -> Callable:
   def forward(variables, images):
     feats = encoder.apply(variables, images.astype(jnp.float32) / 255.0, train=False)
     return jnp.mean(feats[-1].astype(jnp.float32), axis=(1, 2))
+
   return forward
 
 
@@ -68,7 +69,7 @@ def encoder_features(forward: Callable, variables, images: np.ndarray, batch_siz
   if not len(images):
     raise ProbeError("encoder_features: no images")
   out = []
-  for i in range(0, len(images), batch_size):   # dispatched asynchronously; read back once all are queued
+  for i in range(0, len(images), batch_size):  # dispatched asynchronously; read back once all are queued
     chunk = images[i:i + batch_size]
     padded = np.zeros((batch_size, *images.shape[1:]), np.uint8)
     padded[:len(chunk)] = chunk
@@ -126,8 +127,10 @@ def probe_sets(data_cfg, names: Sequence[str] = ("busi", "pocus"), eval_split: s
     eval_x, eval_y = _read_split(name, eval_split, data_cfg)
     train_n, eval_n = (np.bincount(y, minlength=len(all_names)) for y in (train_y, eval_y))
     keep = [c for c in range(len(all_names)) if train_n[c] >= min_train and eval_n[c] >= 1]
-    dropped = [f"{all_names[c]} ({train_n[c]}+{eval_n[c]})" for c in range(len(all_names))
-               if c not in keep and train_n[c] + eval_n[c]]
+    dropped = [
+        f"{all_names[c]} ({train_n[c]}+{eval_n[c]})" for c in range(len(all_names))
+        if c not in keep and train_n[c] + eval_n[c]
+    ]
     if dropped:
       logging.info("probe %s: classes with too few examples (train+%s) left out: %s", name, eval_split,
                    ", ".join(dropped))
@@ -156,10 +159,9 @@ class ProbeData:
                                                     trends only, see `embedding_stats`
   and probe/seconds.
   """
-
   def __init__(self, data_cfg, model_cfg: Mapping[str, Any], names: Sequence[str] = ("busi", "pocus"),
-               eval_split: str = "val", batch_size: int = 64, k: int = 20, temperature: float = 0.07,
-               l2: float = 1e-4, steps: int = 500, balanced: bool = False, min_train: int = MIN_TRAIN_PER_CLASS):
+               eval_split: str = "val", batch_size: int = 64, k: int = 20, temperature: float = 0.07, l2: float = 1e-4,
+               steps: int = 500, balanced: bool = False, min_train: int = MIN_TRAIN_PER_CLASS):
     t0 = time.perf_counter()
     self.sets = probe_sets(data_cfg, names, eval_split, min_train)
     if not self.sets:
@@ -167,13 +169,12 @@ class ProbeData:
                        "data.pocus_dir to the downloaded folders)")
     self.encoder = build_encoder(model_cfg)
     self.forward = feature_fn(self.encoder)
-    self.batch_size, self.k, self.temperature, self.l2, self.steps, self.balanced = (
-        batch_size, k, temperature, l2, steps, balanced)
+    self.batch_size, self.k, self.temperature = batch_size, k, temperature
+    self.l2, self.steps, self.balanced = l2, steps, balanced
     self.build_seconds = time.perf_counter() - t0
     for name, s in self.sets.items():
-      logging.info("probe %s: %d train / %d %s images, classes %s (%.1f s to prepare all)", name,
-                   len(s.train_labels), len(s.eval_labels), eval_split, ", ".join(s.class_names),
-                   self.build_seconds)
+      logging.info("probe %s: %d train / %d %s images, classes %s (%.1f s to prepare all)", name, len(s.train_labels),
+                   len(s.eval_labels), eval_split, ", ".join(s.class_names), self.build_seconds)
 
   def init_variables(self, seed: int = 0) -> dict:
     """A randomly initialised encoder's variables: the floor a pre-trained encoder must beat."""
@@ -185,18 +186,22 @@ class ProbeData:
     out = {}
     for name, s in self.sets.items():
       majority = np.argmax(np.bincount(s.train_labels, minlength=len(s.class_names)))
-      out[name] = {"train": len(s.train_labels), "eval": len(s.eval_labels), "classes": list(s.class_names),
-                   "train_counts": np.bincount(s.train_labels, minlength=len(s.class_names)).tolist(),
-                   "eval_counts": np.bincount(s.eval_labels, minlength=len(s.class_names)).tolist(),
-                   "majority_acc": probes.accuracy(np.full(len(s.eval_labels), majority), s.eval_labels)}
+      out[name] = {
+          "train": len(s.train_labels), "eval": len(s.eval_labels), "classes": list(s.class_names),
+          "train_counts": np.bincount(s.train_labels, minlength=len(s.class_names)).tolist(),
+          "eval_counts": np.bincount(s.eval_labels, minlength=len(s.class_names)).tolist(),
+          "majority_acc": probes.accuracy(np.full(len(s.eval_labels), majority), s.eval_labels)
+      }
     return out
 
   def features(self, variables) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{source: (train features, eval features)} of the encoder in `variables`."""
     v = jax.device_get(encoder_variables(variables))
-    return {name: (encoder_features(self.forward, v, s.train_images, self.batch_size),
-                   encoder_features(self.forward, v, s.eval_images, self.batch_size))
-            for name, s in self.sets.items()}
+    return {
+        name: (encoder_features(self.forward, v, s.train_images,
+                                self.batch_size), encoder_features(self.forward, v, s.eval_images, self.batch_size))
+        for name, s in self.sets.items()
+    }
 
   def run(self, variables) -> dict[str, float]:
     """Probe metrics (see the class docstring) of the encoder in `variables`."""
@@ -208,10 +213,12 @@ class ProbeData:
       knn = probes.knn_accuracy(train_f, s.train_labels, eval_f, s.eval_labels, c, self.k, self.temperature)
       lin = probes.linear_accuracy(train_f, s.train_labels, eval_f, s.eval_labels, c, self.l2, self.steps,
                                    self.balanced)
-      out.update({f"probe/{name}_knn_acc": knn["acc"], f"probe/{name}_knn_bacc": knn["bacc"],
-                  f"probe/{name}_linear_acc": lin["acc"], f"probe/{name}_linear_bacc": lin["bacc"],
-                  f"probe/{name}_z_std": float(probes.embedding_stats(eval_f)["z_std"]),
-                  f"probe/{name}_uniformity": float(probes.uniformity(eval_f))})
+      out.update({
+          f"probe/{name}_knn_acc": knn["acc"], f"probe/{name}_knn_bacc": knn["bacc"],
+          f"probe/{name}_linear_acc": lin["acc"], f"probe/{name}_linear_bacc": lin["bacc"],
+          f"probe/{name}_z_std": float(probes.embedding_stats(eval_f)["z_std"]),
+          f"probe/{name}_uniformity": float(probes.uniformity(eval_f))
+      })
     out["probe/seconds"] = time.perf_counter() - t0
     return out
 
@@ -253,11 +260,13 @@ def load_encoder(workdir: str, image_size: int, channels: int, step: int | None 
   except (FileNotFoundError, ValueError, OSError, AttributeError) as e:
     raise ProbeError(f"{ck}/state: not a readable usjax train state ({type(e).__name__})") from None
   encoder = build_encoder(meta["model"])
-  shapes = jax.eval_shape(lambda: encoder.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, channels)),
-                                               train=False))
+  shapes = jax.eval_shape(lambda: encoder.init(jax.random.key(0), jnp.zeros(
+      (1, image_size, image_size, channels)), train=False))
   target = {k: {"encoder": shapes[k]} for k in ("params", "batch_stats") if k in shapes}
-  flat = lambda tree: {"/".join(str(getattr(k, "key", k)) for k in p): tuple(getattr(v, "shape", ()))
-                       for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+  flat = lambda tree: {
+      "/".join(str(getattr(k, "key", k)) for k in p): tuple(getattr(v, "shape", ())) for p, v in jax.tree_util.
+      tree_leaves_with_path(tree)
+  }
   have = flat(stored)
   for name, shape in flat(target).items():
     if have.get(name) != shape:

@@ -66,8 +66,8 @@ def knn_predict(train_feats, train_labels, test_feats, num_classes: int, k: int 
   train, test = l2_normalize(train_feats), l2_normalize(test_feats)
   train_labels = np.asarray(train_labels, np.int64)
   k = min(k, len(train))
-  sim = test @ train.T                                            # [M, N]
-  nearest = np.argpartition(-sim, k - 1, axis=1)[:, :k]           # the k most similar, in any order
+  sim = test @ train.T  # [M, N]
+  nearest = np.argpartition(-sim, k - 1, axis=1)[:, :k]  # the k most similar, in any order
   weights = np.exp(np.take_along_axis(sim, nearest, axis=1) / temperature)
   votes = np.zeros((len(test), num_classes))
   np.add.at(votes, (np.arange(len(test))[:, None], train_labels[nearest]), weights)
@@ -91,7 +91,7 @@ def _fit_logistic(x, y, weights, l2, *, num_classes: int, steps: int, tol: float
   def loss(p):
     logits = x @ p["w"] + p["b"]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    return jnp.sum(weights * ce) / jnp.sum(weights) + 0.5 * l2 * jnp.sum(p["w"] ** 2)
+    return jnp.sum(weights * ce) / jnp.sum(weights) + 0.5 * l2 * jnp.sum(p["w"]**2)
 
   opt = optax.lbfgs()
   value_and_grad = optax.value_and_grad_from_state(loss)
@@ -175,7 +175,7 @@ def collapsed(stats: Mapping[str, Any], threshold: float = COLLAPSE_FRACTION) ->
 def alignment(z1, z2, alpha: float = 2.0):
   """Wang & Isola (2020): mean ||z1_i - z2_i||^alpha over positive pairs of l2-normalised embeddings (lower is
   better aligned; 0 when the two views of every image map to the same point)."""
-  return jnp.mean(jnp.linalg.norm(_normalize(z1) - _normalize(z2), axis=-1) ** alpha)
+  return jnp.mean(jnp.linalg.norm(_normalize(z1) - _normalize(z2), axis=-1)**alpha)
 
 
 @jax.jit

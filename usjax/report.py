@@ -18,8 +18,7 @@ def quiet_libraries() -> None:
   """Keeps the console to this run's progress: INFO lines from orbax, TFDS and grain internals are dropped."""
   import logging as pylog
   noisy = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/array_record/", "/jax/_src/")
-  harmless = ("Using custom data configuration", "OpenCV is not installed", "read only=",
-              "read_only=True")
+  harmless = ("Using custom data configuration", "OpenCV is not installed", "read only=", "read_only=True")
 
   class Filter(pylog.Filter):
     def filter(self, record):
@@ -27,6 +26,7 @@ def quiet_libraries() -> None:
         return record.levelno >= pylog.WARNING and not str(record.msg).startswith(harmless) and not any(
             h in str(record.msg) for h in harmless)
       return True
+
   for h in pylog.getLogger().handlers + [logging.get_absl_handler()]:
     h.addFilter(Filter())
 
@@ -55,7 +55,6 @@ def _duration(seconds: float) -> str:
 
 class Reporter:
   """Progress to the log and TensorBoard scalars, every `every` steps."""
-
   def __init__(self, workdir: str, total_steps: int, images_per_step: int, first_step: int = 0):
     self.main = jax.process_index() == 0
     self.total, self.images_per_step = total_steps, images_per_step
@@ -80,8 +79,7 @@ class Reporter:
     if self.main:
       eta = (self.total - step) * self.images_per_step / max(rate, 1e-9)
       shown = " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step")
-      logging.info("step %d/%d (%3.0f%%) %s eta=%s", step, self.total, 100 * step / self.total, shown,
-                   _duration(eta))
+      logging.info("step %d/%d (%3.0f%%) %s eta=%s", step, self.total, 100 * step / self.total, shown, _duration(eta))
       for k, v in row.items():
         if k != "step":
           self.writer.add_scalar(f"train/{k}", v, step)

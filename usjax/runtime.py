@@ -39,7 +39,7 @@ def keep_host_memory() -> bool:
   try:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     mallopt = libc.mallopt
-  except (OSError, AttributeError):   # musl and other C libraries have no mallopt
+  except (OSError, AttributeError):  # musl and other C libraries have no mallopt
     return False
   ok = all(mallopt(p, v) == 1 for p, v in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
   _done = ok
@@ -67,7 +67,7 @@ def _proc_stat(pid: int) -> list[str] | None:
       stat = f.read()
   except OSError:
     return None
-  fields = stat[stat.rfind(")") + 2:].split()   # the command name (field 2) may hold spaces and parentheses
+  fields = stat[stat.rfind(")") + 2:].split()  # the command name (field 2) may hold spaces and parentheses
   return fields if len(fields) > 19 else None
 
 
@@ -104,12 +104,12 @@ def owner_alive(info: dict) -> bool | None:
     os.kill(pid, 0)
   except ProcessLookupError:
     return False
-  except PermissionError:   # alive, owned by another user
+  except PermissionError:  # alive, owned by another user
     pass
   fields = _proc_stat(pid)
-  if fields is None:   # no /proc: the pid's existence is all there is to go on
+  if fields is None:  # no /proc: the pid's existence is all there is to go on
     return True
-  if fields[0] in ("Z", "X"):   # killed, not yet reaped by its parent
+  if fields[0] in ("Z", "X"):  # killed, not yet reaped by its parent
     return False
   start = info.get("start")
   return start is None or _start_ticks(pid) == start
@@ -122,12 +122,11 @@ def describe_owner(info: dict) -> str:
 
 
 LOCK_NAME = ".lock"
-_held: set[str] = set()   # lock files this process holds: a record of our own pid in any other is stale
+_held: set[str] = set()  # lock files this process holds: a record of our own pid in any other is stale
 
 
 class WorkdirLock:
   """A held `<workdir>/.lock`. Call it (or `release()`, or leave its `with` block) to release; idempotent."""
-
   def __init__(self, path: str | None, record: dict | None):
     self.path, self.record = path, record
 
@@ -136,7 +135,7 @@ class WorkdirLock:
     if path is None:
       return
     _held.discard(path)
-    try:   # remove only our own record: after a forced take-over the file may be someone else's
+    try:  # remove only our own record: after a forced take-over the file may be someone else's
       if _read_lock(path) == self.record:
         os.remove(path)
     except OSError:
@@ -178,7 +177,7 @@ def lock_workdir(workdir: str, *, main: bool | None = None) -> WorkdirLock:
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK_NAME)
   record = owner()
-  for _ in range(3):   # a take-over can race another process's: re-examine what is there then
+  for _ in range(3):  # a take-over can race another process's: re-examine what is there then
     try:
       fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
@@ -196,8 +195,8 @@ def lock_workdir(workdir: str, *, main: bool | None = None) -> WorkdirLock:
       try:
         age = time.time() - os.path.getmtime(path)
       except OSError:
-        continue   # released meanwhile: try again
-      if age < 10:   # another process created it a moment ago and is still writing its record
+        continue  # released meanwhile: try again
+      if age < 10:  # another process created it a moment ago and is still writing its record
         raise UsjaxError(f"--workdir {workdir}: another run is starting in it ({path} was just created)")
       logging.warning("workdir lock %s is unreadable (a run killed while creating it): taking it over", path)
     else:
@@ -205,7 +204,7 @@ def lock_workdir(workdir: str, *, main: bool | None = None) -> WorkdirLock:
       if info.get("pid") == os.getpid() and info.get("host") == record["host"]:
         if path in _held:
           raise UsjaxError(f"--workdir {workdir}: this process already runs in it (lock {path})")
-        alive = False   # our own pid, but not our lock: an earlier process that had the same pid
+        alive = False  # our own pid, but not our lock: an earlier process that had the same pid
       if alive is None:
         raise UsjaxError(f"--workdir {workdir}: locked by a run on another host ({describe_owner(info)}); "
                          f"it cannot be checked from here: {remove}")
@@ -214,7 +213,7 @@ def lock_workdir(workdir: str, *, main: bool | None = None) -> WorkdirLock:
                          f"end or use another --workdir ({remove})")
       logging.warning("workdir lock %s of %s, which no longer runs: taking it over", path, describe_owner(info))
     try:
-      if _read_lock(path) == info:   # not replaced since we judged it stale
+      if _read_lock(path) == info:  # not replaced since we judged it stale
         os.remove(path)
     except FileNotFoundError:
       pass
@@ -267,7 +266,6 @@ class Preempted(UsjaxError):
 class Interrupts:
   """Turns SIGTERM and SIGINT into a request that the loop honours at the next step boundary (a second Ctrl-C
   interrupts at once). Handlers can only be installed from the main thread; elsewhere this does nothing."""
-
   def __init__(self):
     self.signal, self._old = None, {}
 

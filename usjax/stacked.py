@@ -70,14 +70,14 @@ def flat_config(cfg) -> dict:
         walk(v, f"{prefix}{k}.")
       else:
         out[prefix + k] = v
+
   walk(cfg.to_dict(), "")
   return out
 
 
 def stack_key(cfg) -> str:
   """Equal for configs that can train stacked (they differ only in MAY_DIFFER)."""
-  return json.dumps({k: v for k, v in flat_config(cfg).items() if k not in MAY_DIFFER}, sort_keys=True,
-                    default=str)
+  return json.dumps({k: v for k, v in flat_config(cfg).items() if k not in MAY_DIFFER}, sort_keys=True, default=str)
 
 
 def check_stackable(cfgs, workdirs) -> None:
@@ -101,7 +101,6 @@ def check_stackable(cfgs, workdirs) -> None:
 # ---------------------------------------------------------------------------------------------------- one run
 class _Run:
   """One member of the stack: its initial state, data, validation hook and reporter, and its final scoring."""
-
   def __init__(self, cfg, workdir: str, model, tx, mesh, scorers):
     if cfg.eval_split not in ("val", "test"):
       raise UsjaxError(f"config.eval_split must be 'val' or 'test', got {cfg.eval_split!r}")
@@ -113,35 +112,39 @@ class _Run:
     self.state = train.init_state(model, tx, cfg.seed, (2, s, s, cfg.data.channels), mesh, self._override())
     if cfg.ema_decay > 0:
       copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
-      self.state["extra"] = {"ema_params": copy(self.state["params"]), "ema_batch_stats": copy(
-          self.state["batch_stats"])}
+      self.state["extra"] = {
+          "ema_params": copy(self.state["params"]), "ema_batch_stats": copy(self.state["batch_stats"])
+      }
     train_ds, self.n_train = pipeline.finetune_dataset(cfg.data, cfg.batch_size, cfg.seed)
     self.data = iter(train_ds)
-    logging.info("stacked fine-tuning run %s: U-Net/%s (%.2fM parameters) on %s, %d%% labels = %d training images, "
-                 "%s", workdir, cfg.model.encoder, models.count_params(self.state["params"]) / 1e6,
-                 cfg.data.finetune_source, cfg.data.label_fraction, self.n_train,
-                 f"from {cfg.init_from}" if cfg.init_from else "from scratch")
-    self.meta = {"task": "finetune", "model": cfg.model.to_dict(), "source": cfg.data.finetune_source,
-                 "data": train.data_meta(cfg), "init_from": cfg.init_from,
-                 "transfer": cfg.transfer if cfg.init_from else "none"}
+    logging.info(
+        "stacked fine-tuning run %s: U-Net/%s (%.2fM parameters) on %s, %d%% labels = %d training images, "
+        "%s", workdir, cfg.model.encoder,
+        models.count_params(self.state["params"]) / 1e6, cfg.data.finetune_source, cfg.data.label_fraction,
+        self.n_train, f"from {cfg.init_from}" if cfg.init_from else "from scratch")
+    self.meta = {
+        "task": "finetune", "model": cfg.model.to_dict(), "source": cfg.data.finetune_source,
+        "data": train.data_meta(cfg), "init_from": cfg.init_from, "transfer": cfg.transfer if cfg.init_from else "none"
+    }
     self.to_global = lambda a: train.global_batch(a, mesh)
     self.val_ids, self.val_labels = pipeline.split_labels(cfg.data, "val")
-    self.selector = evaluate.Selector(cfg.val_every, scorers[False], list(pipeline.eval_batches(
-        cfg.data, "val", cfg.batch_size)), self.to_global, self.val_ids, self.val_labels, finetune.candidates)
+    self.selector = evaluate.Selector(cfg.val_every, scorers[False],
+                                      list(pipeline.eval_batches(cfg.data, "val", cfg.batch_size)), self.to_global,
+                                      self.val_ids, self.val_labels, finetune.candidates)
     abstract_vars = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                  {"params": self.state["params"], "batch_stats": self.state["batch_stats"]})
-    for stale in ("best", "tb"):   # left by an earlier attempt at this run: it starts over
+    for stale in ("best", "tb"):  # left by an earlier attempt at this run: it starts over
       shutil.rmtree(os.path.join(workdir, stale), ignore_errors=True)
     self.hook = finetune.Validation(self.selector, os.path.join(workdir, "best"), self.meta, abstract_vars)
     self.rep = report.Reporter(workdir, cfg.num_steps, cfg.batch_size)
-    self.recent: list[float] = []    # the loss-spike guard's window
-    self.row: dict = {}              # the last logged training row
+    self.recent: list[float] = []  # the loss-spike guard's window
+    self.row: dict = {}  # the last logged training row
     self.diverged = False
 
   def _override(self):
     """`init_from` transfer, as `finetune.finetune` does it."""
     cfg, transfer = self.cfg, self.transfer
-    if cfg.init_from.endswith(".safetensors"):   # ImageNet weights exported from torchvision or timm
+    if cfg.init_from.endswith(".safetensors"):  # ImageNet weights exported from torchvision or timm
       if cfg.transfer != "encoder":
         raise UsjaxError(f"config.transfer must be 'encoder' with a .safetensors config.init_from (the file has no "
                          f"decoder), got {cfg.transfer!r}")
@@ -151,6 +154,7 @@ class _Run:
                                                               params, batch_stats, cfg.model.encoder)
         transfer.update(info)
         return params, batch_stats
+
       return override
     if cfg.init_from:
       parts = {"encoder": ("encoder",), "encoder+decoder": ("encoder", "decoder")}.get(cfg.transfer)
@@ -162,6 +166,7 @@ class _Run:
                                                                encoder=cfg.model.encoder)
         transfer.update(info)
         return params, batch_stats
+
       return override
     return None
 
@@ -182,9 +187,11 @@ class _Run:
         self.diverged = True
         logging.error("stacked run %s: %s at step %d; it stops, the other runs go on", self.workdir, why, at)
         if jax.process_index() == 0:
-          report.write_json(os.path.join(self.workdir, "summary.json"), {
-              "task": "finetune", "status": "diverged", "stopped_at_step": at, "reason": why,
-              "last_good_checkpoint": None, "history": self.rep.history, "stacked": True})
+          report.write_json(
+              os.path.join(self.workdir, "summary.json"), {
+                  "task": "finetune", "status": "diverged", "stopped_at_step": at, "reason": why,
+                  "last_good_checkpoint": None, "history": self.rep.history, "stacked": True
+              })
         return
 
   def finish(self, summary: dict, last_vars) -> dict:
@@ -204,27 +211,28 @@ class _Run:
     if jax.process_index() == 0:
       report.write_json(os.path.join(workdir, "best", "selection.json"), chosen)
     if cfg.eval_split == "val":
-      scores, examples = evaluate.score_split(scorers[use_tta], best_vars, selector.batches, to_global,
-                                              self.val_ids, self.val_labels)
+      scores, examples = evaluate.score_split(scorers[use_tta], best_vars, selector.batches, to_global, self.val_ids,
+                                              self.val_labels)
     else:
       ids, labels = pipeline.split_labels(cfg.data, cfg.eval_split)
       batches = list(pipeline.eval_batches(cfg.data, cfg.eval_split, cfg.batch_size))
       scores, examples = evaluate.score_split(scorers[use_tta], best_vars, batches, to_global, ids, labels)
       last, _ = evaluate.score_split(scorers[False], last_vars, batches, to_global, ids, labels)
-      summary["last_step"] = {k: v for k, v in evaluate.summarize(last).items()
-                              if k in ("dice", "dice_lesion", "iou", "iou_lesion")}
-    summary.update(evaluate.summarize(scores), source=cfg.data.finetune_source,
-                   label_fraction=cfg.data.label_fraction, train_images=self.n_train, eval_split=cfg.eval_split,
-                   init_from=cfg.init_from or None, transfer=self.transfer or None, selected=chosen,
-                   val_history=selector.history)
+      summary["last_step"] = {
+          k: v for k, v in evaluate.summarize(last).items() if k in ("dice", "dice_lesion", "iou", "iou_lesion")
+      }
+    summary.update(evaluate.summarize(scores), source=cfg.data.finetune_source, label_fraction=cfg.data.label_fraction,
+                   train_images=self.n_train, eval_split=cfg.eval_split, init_from=cfg.init_from or None,
+                   transfer=self.transfer or None, selected=chosen, val_history=selector.history)
     self.rep.scalars(cfg.num_steps, {k: summary[k] for k in ("dice", "dice_lesion", "iou") if k in summary},
                      cfg.eval_split)
     if jax.process_index() == 0:
       report.write_json(os.path.join(workdir, "per_image.json"), evaluate.per_image_rows(scores))
       np.savez_compressed(os.path.join(workdir, "examples.npz"), **examples)
-    logging.info("stacked run %s: selected step %d (%s weights, flip averaging %s), validation Dice %.4f; %s Dice "
-                 "%.4f", workdir, chosen["step"], chosen["weights"], "on" if use_tta else "off", val["dice"],
-                 cfg.eval_split, summary["dice"])
+    logging.info(
+        "stacked run %s: selected step %d (%s weights, flip averaging %s), validation Dice %.4f; %s Dice "
+        "%.4f", workdir, chosen["step"], chosen["weights"], "on" if use_tta else "off", val["dice"], cfg.eval_split,
+        summary["dice"])
     self.rep.close(workdir, summary)
     return summary
 
@@ -275,7 +283,7 @@ def finetune_stacked(cfgs, workdirs) -> list[dict]:
 
 
 def _train(cfgs, workdirs) -> None:
-  cfg, n = cfgs[0], len(cfgs)   # every shared setting is read from the first run's config
+  cfg, n = cfgs[0], len(cfgs)  # every shared setting is read from the first run's config
   mesh = train.make_mesh()
   model, tx = train.build_model(cfg), train.make_optimizer(cfg, cfg.num_steps)
   repl = NamedSharding(mesh, P())
@@ -290,7 +298,7 @@ def _train(cfgs, workdirs) -> None:
     raise
   state = jax.jit(stack, out_shardings=repl)([r.state for r in runs])
   for r in runs:
-    r.state = None   # the stack holds the only copy
+    r.state = None  # the stack holds the only copy
   aug_cfg = augment.AugmentConfig.from_dict(cfg.augment)
   loss_fn = functools.partial(finetune.segmentation_loss, model=model, aug_cfg=aug_cfg, ema_decay=cfg.ema_decay)
   after = functools.partial(finetune.ema_after_step, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -334,7 +342,7 @@ def _train(cfgs, workdirs) -> None:
             if not r.diverged:
               r.hook(step, member, r.rep)
   except BaseException:
-    for r in runs:   # let the best weights already being written finish
+    for r in runs:  # let the best weights already being written finish
       r.hook.close()
     raise
   wall_s = time.perf_counter() - t0
@@ -344,10 +352,11 @@ def _train(cfgs, workdirs) -> None:
     if r.diverged:
       r.hook.close()
       continue
-    summary = {"task": "finetune", "steps": cfg.num_steps, "batch_size": cfg.batch_size,
-               "final_loss": r.row.get("loss"), "images_per_sec": r.rep.mean_rate(), "compile_s": compile_s,
-               "wall_s": wall_s, "resumed_at": None, "devices": jax.device_count(),
-               "processes": jax.process_count(), "stacked_runs": n}
+    summary = {
+        "task": "finetune", "steps": cfg.num_steps, "batch_size": cfg.batch_size, "final_loss": r.row.get("loss"),
+        "images_per_sec": r.rep.mean_rate(), "compile_s": compile_s, "wall_s": wall_s, "resumed_at": None,
+        "devices": jax.device_count(), "processes": jax.process_count(), "stacked_runs": n
+    }
     r.finish(summary, {"params": last_vars["params"], "batch_stats": last_vars["batch_stats"]})
   bad = [r.workdir for r in runs if r.diverged]
   if bad:

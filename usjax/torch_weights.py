@@ -43,19 +43,17 @@ from absl import logging
 
 from usjax import UsjaxError
 
-IMAGENET_STD = (0.229, 0.224, 0.225)   # torchvision's (and timm's default) per-RGB-channel input std
+IMAGENET_STD = (0.229, 0.224, 0.225)  # torchvision's (and timm's default) per-RGB-channel input std
 
 # Run once on a machine with internet (torch + torchvision / timm + safetensors); the file is all usjax needs.
 EXPORT_COMMANDS = {
-    "torchvision": (
-        "python -c \"import torchvision, safetensors.torch as st; "
-        "m = torchvision.models.resnet18(weights='IMAGENET1K_V1'); "
-        "st.save_file(m.state_dict(), 'resnet18_imagenet.safetensors')\""),
-    "timm": (
-        "python -c \"import json, timm, safetensors.torch as st; "
-        "m = timm.create_model('resnet50.a1_in1k', pretrained=True); c = m.pretrained_cfg; "
-        "st.save_file(m.state_dict(), 'resnet50_a1_in1k.safetensors', "
-        "metadata={'mean': json.dumps(list(c['mean'])), 'std': json.dumps(list(c['std']))})\""),
+    "torchvision": ("python -c \"import torchvision, safetensors.torch as st; "
+                    "m = torchvision.models.resnet18(weights='IMAGENET1K_V1'); "
+                    "st.save_file(m.state_dict(), 'resnet18_imagenet.safetensors')\""),
+    "timm": ("python -c \"import json, timm, safetensors.torch as st; "
+             "m = timm.create_model('resnet50.a1_in1k', pretrained=True); c = m.pretrained_cfg; "
+             "st.save_file(m.state_dict(), 'resnet50_a1_in1k.safetensors', "
+             "metadata={'mean': json.dumps(list(c['mean'])), 'std': json.dumps(list(c['std']))})\""),
 }
 
 
@@ -65,10 +63,14 @@ class WeightsFileError(UsjaxError):
 
 # ---------------------------------------------------------------------------------------------------- safetensors
 # safetensors dtype code -> little-endian numpy dtype of the stored bytes (BF16 is read as raw 16-bit words).
-_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
-           "I8": "i1", "U8": "u1", "BOOL": "?"}
-_CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
-          "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+_DTYPES = {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+    "U8": "u1", "BOOL": "?"
+}
+_CODES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"
+}
 
 
 def _is_index(v) -> bool:
@@ -119,10 +121,10 @@ def _read(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
       raise WeightsFileError(f"{path}: tensor {name}: data offsets span {end - begin} bytes, {code} {shape} "
                              f"needs {count * dtype.itemsize}")
     arr = np.frombuffer(buf, dtype, count, begin).reshape(shape)
-    if code == "BF16":   # bfloat16 is the top half of a float32
+    if code == "BF16":  # bfloat16 is the top half of a float32
       arr = (arr.astype(np.uint32) << 16).view(np.float32)
     else:
-      arr = arr.astype(np.float32 if code == "F16" else dtype.newbyteorder("="))   # a native-order copy
+      arr = arr.astype(np.float32 if code == "F16" else dtype.newbyteorder("="))  # a native-order copy
     tensors[name] = arr
   return tensors, {str(k): str(v) for k, v in meta.items()}
 
@@ -145,7 +147,7 @@ def write_safetensors(path: str, tensors: Mapping[str, Any], metadata: Mapping[s
   for name, value in tensors.items():
     if name == "__metadata__":
       raise WeightsFileError(f"{path}: '__metadata__' is reserved and cannot name a tensor")
-    arr = np.asarray(value)   # not ascontiguousarray: it makes 0-d arrays 1-d (tobytes is C order anyway)
+    arr = np.asarray(value)  # not ascontiguousarray: it makes 0-d arrays 1-d (tobytes is C order anyway)
     code = _CODES.get(arr.dtype.name)
     if code is None:
       raise WeightsFileError(f"{path}: tensor {name}: cannot write dtype {arr.dtype} (supported: {', '.join(_CODES)})")
@@ -267,7 +269,7 @@ def load_resnet(path: str, params: dict, batch_stats: dict, encoder: str, *, fol
     raise WeightsFileError(f"{path} holds ResNet-{depth} weights, but model.encoder is {encoder}")
 
   trees = {"params": _copy(params["encoder"]), "batch_stats": _copy(batch_stats["encoder"])}
-  targets = {}   # torch key -> (collection, path under encoder, model leaf)
+  targets = {}  # torch key -> (collection, path under encoder, model leaf)
   for coll, tree in trees.items():
     for p, leaf in _leaves(tree):
       targets[_torch_key(p)] = (coll, p, leaf)
@@ -285,7 +287,7 @@ def load_resnet(path: str, params: dict, batch_stats: dict, encoder: str, *, fol
   std = _input_std(path, meta) if fold_std else None
   for key, (coll, p, leaf) in targets.items():
     value, shape = tensors[key], tuple(leaf.shape)
-    if p[-1] == "kernel":   # the model's HWIO as torch's OIHW, for the check and the message
+    if p[-1] == "kernel":  # the model's HWIO as torch's OIHW, for the check and the message
       want = (shape[3], shape[2], shape[0], shape[1])
       stem_ok = p[0] == "stem" and value.ndim == 4 and value.shape[:1] + value.shape[2:] == want[:1] + want[2:]
       if value.shape != want and not stem_ok:
@@ -300,8 +302,8 @@ def load_resnet(path: str, params: dict, batch_stats: dict, encoder: str, *, fol
           value = value / np.asarray(std, np.float32)[None, :, None, None]
         if value.shape[1] != shape[2]:
           # as checkpoint.load_pretrained: a gray image seen as R=G=B gives the summed kernel's response
-          value = (value.sum(1, keepdims=True) if shape[2] == 1
-                   else np.repeat(value.mean(1, keepdims=True), shape[2], 1))
+          value = (value.sum(1, keepdims=True)
+                   if shape[2] == 1 else np.repeat(value.mean(1, keepdims=True), shape[2], 1))
       value = value.transpose(2, 3, 1, 0)
     elif value.shape != shape:
       raise WeightsFileError(f"{path}: {key} has shape {tuple(value.shape)}, the {encoder} encoder expects {shape} "
@@ -313,9 +315,12 @@ def load_resnet(path: str, params: dict, batch_stats: dict, encoder: str, *, fol
 
   params = {**params, "encoder": trees["params"]}
   batch_stats = {**batch_stats, "encoder": trees["batch_stats"]}
-  report = {"checkpoint": path, "loaded": len(targets), "init": sorted(k for k in params if k != "encoder"),
-            "ignored": ignored, "encoder": encoder, "input_std": list(std) if std is not None else None}
-  logging.info("ImageNet weights from %s: %d tensors into the %s encoder (input std %s folded into the stem), "
-               "%d ignored (fc, num_batches_tracked); left at init: %s", path, len(targets), encoder,
-               report["input_std"], len(ignored), ", ".join(report["init"]))
+  report = {
+      "checkpoint": path, "loaded": len(targets), "init": sorted(k for k in params if k != "encoder"),
+      "ignored": ignored, "encoder": encoder, "input_std": list(std) if std is not None else None
+  }
+  logging.info(
+      "ImageNet weights from %s: %d tensors into the %s encoder (input std %s folded into the stem), "
+      "%d ignored (fc, num_batches_tracked); left at init: %s", path, len(targets), encoder, report["input_std"],
+      len(ignored), ", ".join(report["init"]))
   return params, batch_stats, report

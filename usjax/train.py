@@ -62,6 +62,7 @@ def init_state(model, tx, seed: int, input_shape, mesh, params_override=None) ->
   def init():
     variables = model.init(jax.random.key(seed), jnp.zeros(input_shape, jnp.float32), train=False)
     return variables["params"], variables.get("batch_stats", {})
+
   repl = NamedSharding(mesh, P())
   params, batch_stats = jax.jit(init, out_shardings=repl)()
   if params_override is not None:
@@ -69,8 +70,10 @@ def init_state(model, tx, seed: int, input_shape, mesh, params_override=None) ->
     params, batch_stats = jax.device_put((params, batch_stats), repl)
   opt_state = jax.jit(tx.init, out_shardings=repl)(params)
   rng = jax.device_put(jax.random.key_data(jax.random.key(seed + 1)), repl)
-  return {"params": params, "batch_stats": batch_stats, "opt_state": opt_state,
-          "step": jax.device_put(jnp.zeros((), jnp.int32), repl), "rng": rng}
+  return {
+      "params": params, "batch_stats": batch_stats, "opt_state": opt_state,
+      "step": jax.device_put(jnp.zeros((), jnp.int32), repl), "rng": rng
+  }
 
 
 # ---------------------------------------------------------------------------------------------------- losses
@@ -91,8 +94,9 @@ def train_step(state, batch, *, loss_fn, tx, after_step=None):
   and `after_step(extra, params, step)` updates it once the optimiser has moved the parameters.
   """
   key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-  (loss, (batch_stats, extra, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state["params"], state["batch_stats"], state.get("extra", {}), batch, key, state["step"])
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  inputs = (state["params"], state["batch_stats"], state.get("extra", {}), batch, key, state["step"])
+  (loss, (batch_stats, extra, metrics)), grads = grad_fn(*inputs)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -152,9 +156,11 @@ def fit(cfg, workdir: str, task: str, state, step_fn, data_iter, to_batch, mesh,
     last = ckpt.latest_step()
     ckpt.wait_until_finished()
     if jax.process_index() == 0:
-      report.write_json(os.path.join(workdir, "summary.json"), {
-          "task": task, "status": "diverged", "stopped_at_step": step, "reason": why,
-          "last_good_checkpoint": last, "history": rep.history})
+      report.write_json(
+          os.path.join(workdir, "summary.json"), {
+              "task": task, "status": "diverged", "stopped_at_step": step, "reason": why, "last_good_checkpoint": last,
+              "history": rep.history
+          })
     raise DivergedError(f"{why} by step {step}; stopped, the last good checkpoint (step {last}) in "
                         f"{ckpt.directory} is kept")
 
@@ -179,8 +185,9 @@ def fit(cfg, workdir: str, task: str, state, step_fn, data_iter, to_batch, mesh,
           if not m["finite"]:
             diverged(at, f"non-finite loss or gradient (loss={m['loss']})")
           if spiked:
-            diverged(at, f"loss spike (loss={float(m['loss']):.4g}, over {cfg.guard.loss_spike_factor:g}x the recent "
-                         f"median and spread; config.guard)")
+            diverged(
+                at, f"loss spike (loss={float(m['loss']):.4g}, over {cfg.guard.loss_spike_factor:g}x the recent "
+                f"median and spread; config.guard)")
         row = rep.log(step, {k: np.mean([m[k] for m in host]) for k in host[-1] if k != "finite"})
       if hook is not None and hook.due(step, cfg.num_steps):
         hook(step, state, rep)
@@ -193,10 +200,11 @@ def fit(cfg, workdir: str, task: str, state, step_fn, data_iter, to_batch, mesh,
                                 f"saved in {ckpt.directory}; run the same command again to resume")
   ckpt.wait_until_finished()
   ckpt.close()
-  summary = {"task": task, "steps": cfg.num_steps, "batch_size": cfg.batch_size,
-             "final_loss": row.get("loss"), "images_per_sec": rep.mean_rate(), "compile_s": compile_s,
-             "wall_s": earlier_s + time.perf_counter() - t0, "resumed_at": start or None,
-             "devices": jax.device_count(), "processes": jax.process_count()}
+  summary = {
+      "task": task, "steps": cfg.num_steps, "batch_size": cfg.batch_size, "final_loss": row.get("loss"),
+      "images_per_sec": rep.mean_rate(), "compile_s": compile_s, "wall_s": earlier_s + time.perf_counter() - t0,
+      "resumed_at": start or None, "devices": jax.device_count(), "processes": jax.process_count()
+  }
   return state, rep, summary
 
 
@@ -210,18 +218,20 @@ class Probes:
   (`usjax.probes`) every `config.probe.every` steps and at the end, on the labelled sets among
   `config.probe.sources` whose folders are given; and the collapse monitor on every logged step's embedding
   statistics (a per-dimension std of the normalised projections below COLLAPSE_FRACTION / sqrt(D))."""
-
   def __init__(self, cfg):
     from usjax.data import sources
-    names = [n for n in cfg.probe.sources.split(",") if n.strip() and getattr(cfg.data, sources.SOURCE_DIR_KEY.get(
-        n.strip(), ""), "")]
+    names = [
+        n for n in cfg.probe.sources.split(",")
+        if n.strip() and getattr(cfg.data, sources.SOURCE_DIR_KEY.get(n.strip(), ""), "")
+    ]
     self.every, self.log_every, self.history, self.collapsed_at = cfg.probe.every, cfg.log_every, [], None
     self.z_ideal = 1.0 / math.sqrt(cfg.model.proj_dims[-1])
     self.data = None
     if names and cfg.probe.every >= 0 and jax.process_index() == 0:
       self.data = probe_data.ProbeData(cfg.data, cfg.model, names=[n.strip() for n in names])
-      logging.info("probes: %s (prepared in %.1f s)", ", ".join(f"{k} {v['train']}->{v['eval']} images" for k, v in
-                                                             self.data.describe().items()), self.data.build_seconds)
+      logging.info("probes: %s (prepared in %.1f s)",
+                   ", ".join(f"{k} {v['train']}->{v['eval']} images" for k, v in self.data.describe().items()),
+                   self.data.build_seconds)
     elif cfg.probe.every >= 0:
       logging.info("probes off: none of config.probe.sources (%s) has its data folder set", cfg.probe.sources)
 
@@ -235,8 +245,8 @@ class Probes:
     z_std = rep.history[-1].get("z_std") if rep.history else None
     if z_std is not None and self.collapsed_at is None and z_std < probes.COLLAPSE_FRACTION * self.z_ideal:
       self.collapsed_at = step
-      logging.warning("embeddings collapsing at step %d: z_std %.4f against %.4f for spread-out embeddings",
-                      step, z_std, self.z_ideal)
+      logging.warning("embeddings collapsing at step %d: z_std %.4f against %.4f for spread-out embeddings", step,
+                      z_std, self.z_ideal)
     if self.probe_due(step, rep.total):
       out = self.data.run({"params": state["params"], "batch_stats": state["batch_stats"]})
       out = {k.removeprefix("probe/"): float(v) for k, v in out.items()}
@@ -266,14 +276,16 @@ def pretrain(cfg, workdir: str) -> dict:
   data_iter = iter(pipeline.pretrain_dataset(cfg.data, cfg.batch_size, cfg.seed))
   loss_fn = functools.partial(pretrain_loss, method=method, aug_cfg=aug_cfg)
   step_fn = compile_step(loss_fn, tx, mesh, method.after_step)
-  meta = {"task": "pretrain", "method": cfg.method, "model": cfg.model.to_dict(), "sources": cfg.data.pretrain_sources,
-          "data": data_meta(cfg)}
+  meta = {
+      "task": "pretrain", "method": cfg.method, "model": cfg.model.to_dict(), "sources": cfg.data.pretrain_sources,
+      "data": data_meta(cfg)
+  }
   hook = Probes(cfg)
   state, rep, summary = fit(cfg, workdir, "pretrain", state, step_fn, data_iter,
                             lambda b: global_batch(b["image"], mesh), mesh, meta, hook)
-  summary.update(method=cfg.method, sources=cfg.data.pretrain_sources, first_loss=rep.history[0]["loss"]
-                 if rep.history else None, probe_history=hook.history, collapsed=hook.collapsed_at is not None,
-                 collapsed_at_step=hook.collapsed_at, z_std_ideal=hook.z_ideal)
+  summary.update(method=cfg.method, sources=cfg.data.pretrain_sources,
+                 first_loss=rep.history[0]["loss"] if rep.history else None, probe_history=hook.history,
+                 collapsed=hook.collapsed_at is not None, collapsed_at_step=hook.collapsed_at, z_std_ideal=hook.z_ideal)
   if hook.history:
     summary["probe"] = {k: v for k, v in hook.history[-1].items() if k != "step"}
   if rep.history and "z_std" in rep.history[-1]:
@@ -285,11 +297,15 @@ def pretrain(cfg, workdir: str) -> dict:
 def check_config(cfg) -> None:
   """The values a run would otherwise reject only after preparing its data (minutes on real data): one line each."""
   from usjax.data import sources
-  choices = {"task": ("pretrain", "finetune"), "method": methods.METHODS, "optim.name": ("adamw", "lars", "sgd"),
-             "data.aspect": ("pad", "stretch", "crop"), "model.norm": ("batch", "group")}
+  choices = {
+      "task": ("pretrain", "finetune"), "method": methods.METHODS, "optim.name": ("adamw", "lars", "sgd"),
+      "data.aspect": ("pad", "stretch", "crop"), "model.norm": ("batch", "group")
+  }
   if cfg.task == "finetune":
-    choices.update({"eval_split": ("val", "test"), "tta": ("auto", "none", "hflip"),
-                    "transfer": ("encoder", "encoder+decoder"), "data.label_fraction": (100, 50, 25, 10)})
+    choices.update({
+        "eval_split": ("val", "test"), "tta": ("auto", "none", "hflip"), "transfer": ("encoder", "encoder+decoder"),
+        "data.label_fraction": (100, 50, 25, 10)
+    })
   for key, allowed in choices.items():
     value = functools.reduce(getattr, key.split("."), cfg)
     if value not in allowed:
@@ -315,11 +331,11 @@ def run(cfg, workdir: str) -> dict:
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-  lock = runtime.lock_workdir(workdir)   # one run per workdir: two would rotate each other's checkpoints
+  lock = runtime.lock_workdir(workdir)  # one run per workdir: two would rotate each other's checkpoints
   try:
     if cfg.task == "pretrain":
       return pretrain(cfg, workdir)
-    from usjax import finetune   # it builds on this module's step and loop
+    from usjax import finetune  # it builds on this module's step and loop
     return finetune.finetune(cfg, workdir)
   except UsjaxError:
     ckdir = os.path.join(workdir, "checkpoints")

@@ -94,13 +94,10 @@ def _natural(stem: str):
   return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', stem)]
 
 
-def prepare(manual_dir: str, data_dir: str, *, split=folders.DEFAULT_SPLIT,
-            seed: int = 0) -> tfds.core.DatasetBuilder:
+def prepare(manual_dir: str, data_dir: str, *, split=folders.DEFAULT_SPLIT, seed: int = 0) -> tfds.core.DatasetBuilder:
   """Validates the BUSI folder and prepares it once under `data_dir` (array_record)."""
   root = find_root(os.fspath(manual_dir))
-  config = folders.Config(
-      name=folders.config_name(root, split, seed),
-      description=f'{root}, split={folders.check_split(split)}, seed={seed}',
-      root=root, split=folders.check_split(split), seed=seed)
+  config = folders.Config(name=folders.config_name(root, split, seed),
+                          description=f'{root}, split={folders.check_split(split)}, seed={seed}', root=root,
+                          split=folders.check_split(split), seed=seed)
   return staging.build(lambda d: Busi(data_dir=d, config=config, file_format='array_record'), data_dir)
-

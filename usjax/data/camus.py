@@ -98,8 +98,8 @@ class Camus(folders.ManualBuilder):
 def find_root(manual_dir: str) -> str:
   """The folder that holds the `patientNNNN/` folders."""
   folders.require_dir(manual_dir)
-  for root in (manual_dir, os.path.join(manual_dir, 'database_nifti'),
-               os.path.join(manual_dir, 'CAMUS_public', 'database_nifti')):
+  for root in (manual_dir, os.path.join(manual_dir,
+                                        'database_nifti'), os.path.join(manual_dir, 'CAMUS_public', 'database_nifti')):
     if os.path.isdir(root) and any(_PATIENT.match(d) for d in folders.subdirs(root)):
       return os.path.realpath(root)
   raise DataError(f'{manual_dir}: not the CAMUS layout; {_EXPECTED}')
@@ -122,8 +122,7 @@ def scan(root: str) -> list[folders.Item]:
       if size != gt_size:
         raise DataError(f'{gt}: mask is {gt_size[1]}x{gt_size[0]} but its image is {size[1]}x{size[0]}')
       view = _IMAGE.match(name)['view']
-      items.append(folders.Item(id=f'{patient}/{name}', label=CLASSES.index(view), group=patient,
-                                paths=(path, gt)))
+      items.append(folders.Item(id=f'{patient}/{name}', label=CLASSES.index(view), group=patient, paths=(path, gt)))
   return items
 
 
@@ -138,8 +137,7 @@ def prepare(manual_dir: str, data_dir: str, *, split=folders.DEFAULT_SPLIT, seed
   structures = tuple(sorted(set(int(s) for s in structures)))
   if not structures or not set(structures) <= set(STRUCTURES):
     raise DataError(f'{manual_dir}: structures must be a non-empty subset of {tuple(STRUCTURES)}, got {structures}')
-  config = CamusConfig(
-      name=folders.config_name(root, split, seed, 'm' + ''.join(map(str, structures))),
-      description=f'{root}, split={folders.check_split(split)}, seed={seed}, structures={structures}',
-      root=root, split=folders.check_split(split), seed=seed, structures=structures)
+  config = CamusConfig(name=folders.config_name(root, split, seed, 'm' + ''.join(map(str, structures))),
+                       description=f'{root}, split={folders.check_split(split)}, seed={seed}, structures={structures}',
+                       root=root, split=folders.check_split(split), seed=seed, structures=structures)
   return staging.build(lambda d: Camus(data_dir=d, config=config, file_format='array_record'), data_dir)

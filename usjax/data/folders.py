@@ -125,7 +125,7 @@ def assign_splits(labels: Sequence[int], groups: Sequence[str], split, seed: int
       for i in order:
         pick[i] = int(np.argmax(target - filled))
         filled[pick[i]] += sizes[i]
-      err = float(np.sum(((filled - target) / target) ** 2))
+      err = float(np.sum(((filled - target) / target)**2))
       if err < best_err:
         best, best_err = pick, err
     where.update({g: SPLITS[s] for (g, _), s in zip(class_groups, best)})
@@ -195,9 +195,9 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       features['group'] = tfds.features.Text()
     if self.HAS_LABEL_FRACTION:
       features['label_fraction'] = tfds.features.Scalar(dtype=np.int32)
-    return tfds.core.DatasetInfo(
-        builder=self, description=self.DESCRIPTION, features=tfds.features.FeaturesDict(features),
-        homepage=self.HOMEPAGE, citation=self.CITATION)
+    return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION,
+                                 features=tfds.features.FeaturesDict(features), homepage=self.HOMEPAGE,
+                                 citation=self.CITATION)
 
   def _split_generators(self, dl_manager):
     del dl_manager  # The folder is in the config, validated by `_scan`.
@@ -210,8 +210,9 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         raise DataError(f'{cfg.root}: too few images (or source groups) to fill the {s!r} split')
     fractions = dict.fromkeys((it.id for it in items), 100)
     train = parts['train']
-    fractions.update(zip((it.id for it in train),
-                         assign_label_fractions([it.label for it in train], [it.group for it in train], cfg.seed)))
+    fractions.update(
+        zip((it.id for it in train),
+            assign_label_fractions([it.label for it in train], [it.group for it in train], cfg.seed)))
     return {s: self._generate_examples(part, fractions) for s, part in parts.items()}
 
   def _generate_examples(self, items, fractions):
@@ -280,8 +281,8 @@ def folder_layout(root: str) -> dict[str, list[str]]:
   return layout
 
 
-def prepare_folder(manual_dir: str, data_dir: str, name: str, channels: int = 1, *,
-                   split=DEFAULT_SPLIT, seed: int = 0) -> tfds.core.DatasetBuilder:
+def prepare_folder(manual_dir: str, data_dir: str, name: str, channels: int = 1, *, split=DEFAULT_SPLIT,
+                   seed: int = 0) -> tfds.core.DatasetBuilder:
   """Prepares an image folder once (channels=1 for ultrasound, 3 for natural images)."""
   if not re.fullmatch(r'[a-z][a-z0-9_]*', name or ''):
     raise DataError(f'{name!r}: data set name must be lower-case letters, digits and underscores')
@@ -289,8 +290,7 @@ def prepare_folder(manual_dir: str, data_dir: str, name: str, channels: int = 1,
     raise DataError(f'{manual_dir}: channels must be 1 or 3, got {channels}')
   root = os.path.realpath(require_dir(manual_dir))
   classes = tuple(folder_layout(root))
-  config = FolderConfig(
-      name=f'{name}_{config_name(root, split, seed, f"c{channels}")}',
-      description=f'{name}: {root}, channels={channels}, split={check_split(split)}, seed={seed}',
-      root=root, split=check_split(split), seed=seed, channels=channels, classes=classes)
+  config = FolderConfig(name=f'{name}_{config_name(root, split, seed, f"c{channels}")}',
+                        description=f'{name}: {root}, channels={channels}, split={check_split(split)}, seed={seed}',
+                        root=root, split=check_split(split), seed=seed, channels=channels, classes=classes)
   return staging.build(lambda d: UsjaxFolder(data_dir=d, config=config, file_format='array_record'), data_dir)

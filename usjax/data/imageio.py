@@ -17,8 +17,7 @@ from usjax.data import DataError
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
 
 # Modes that hold 8-bit samples; anything else is refused rather than guessed at.
-_EIGHT_BIT_MODES = frozenset(
-    {'1', 'L', 'LA', 'P', 'PA', 'RGB', 'RGBA', 'RGBa', 'RGBX', 'CMYK', 'YCbCr', 'LAB'})
+_EIGHT_BIT_MODES = frozenset({'1', 'L', 'LA', 'P', 'PA', 'RGB', 'RGBA', 'RGBa', 'RGBX', 'CMYK', 'YCbCr', 'LAB'})
 _WIDE_MODES = frozenset({'I', 'I;16', 'I;16L', 'I;16B', 'I;16N', 'I;16S', 'I;32', 'F'})
 # Pillow reports these (and subclasses) for unreadable, corrupt or truncated files.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)

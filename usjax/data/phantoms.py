@@ -19,7 +19,6 @@ ORGAN_ID = {'breast': 0, 'lung': 1, 'heart': 2}
 BREAST_LABELS = ('benign', 'malignant', 'normal')
 _BREAST_PROBS = (0.5, 0.3, 0.2)
 
-
 # ---------------------------------------------------------------- geometry
 
 
@@ -80,7 +79,7 @@ def _to_image(grid: _Grid, beam: np.ndarray) -> np.ndarray:
 
 def _gauss_kernel(sigma: float) -> np.ndarray:
   r = max(1, int(np.ceil(3 * sigma)))
-  w = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+  w = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma)**2)
   return (w / w.sum()).astype(np.float32)
 
 
@@ -88,7 +87,7 @@ def _gauss_kernel(sigma: float) -> np.ndarray:
 def _upsampler(size: int, cells: int) -> np.ndarray:
   """(size, cells + 2) Gaussian interpolation weights: smooth noise by matmul."""
   pos = (np.arange(size) + 0.5) / size * cells + 0.5
-  w = np.exp(-0.5 * ((pos[:, None] - np.arange(cells + 2)[None]) / 0.7) ** 2)
+  w = np.exp(-0.5 * ((pos[:, None] - np.arange(cells + 2)[None]) / 0.7)**2)
   w /= np.sqrt((w**2).sum(1, keepdims=True))  # unit variance for white noise
   return _frozen(w.astype(np.float32))[0]
 
@@ -109,7 +108,7 @@ def _texture(rng, size: int, cells: int, cells_lat: int | None = None) -> np.nda
 
 def _band(d, centre, width):
   """Gaussian profile of a thin layer (skin, pleura, fascia) at depth `centre`."""
-  return np.exp(-0.5 * ((d - centre) / width) ** 2)
+  return np.exp(-0.5 * ((d - centre) / width)**2)
 
 
 def _bmode(rng, grid: _Grid, echo: np.ndarray, size: int) -> np.ndarray:
@@ -141,7 +140,7 @@ def _ellipse(x, y, cx, cy, a, b, rot=0.0):
   """Squared normalised radius: < 1 inside the ellipse."""
   c, s = np.cos(rot), np.sin(rot)
   u, v = (x - cx) * c + (y - cy) * s, -(x - cx) * s + (y - cy) * c
-  return (u / a) ** 2 + (v / b) ** 2
+  return (u / a)**2 + (v / b)**2
 
 
 # ---------------------------------------------------------------- organs
@@ -169,7 +168,7 @@ def _lesion(rng, x, y, label, top, bottom):
   for k in range(2, 6):  # lobulation
     mod += rng.uniform(0.02, 0.1) * np.cos(k * phi + rng.uniform(0, 2 * np.pi))
   k = rng.integers(9, 17)
-  spikes = np.cos(k * phi + rng.uniform(0, 2 * np.pi)).clip(0) ** 6
+  spikes = np.cos(k * phi + rng.uniform(0, 2 * np.pi)).clip(0)**6
   mod += rng.uniform(0.25, 0.5) * spikes * (1 + 0.5 * np.cos(3 * phi))
   return rho < r * mod, cx, 1.5 * r, cy
 
@@ -199,7 +198,7 @@ def breast(rng, size: int):
   mask = np.zeros((size, size), bool)
   if label != 'normal':
     mask, cx, half, cy = _lesion(rng, x, y, label, fat_end.max() + 0.02, gland_end.min() - 0.08)
-    column = np.exp(-0.5 * ((x - cx) / (0.6 * half)) ** 4) * (y > cy)
+    column = np.exp(-0.5 * ((x - cx) / (0.6 * half))**4) * (y > cy)
     if label == 'benign':  # posterior acoustic enhancement
       echo = echo * (1 + rng.uniform(0.3, 0.7) * column)
       inner = rng.uniform(0.008, 0.02) * np.exp(0.15 * tex)
@@ -219,13 +218,14 @@ def lung(rng, size: int) -> np.ndarray:
   pleura = rng.uniform(0.15, 0.25)
   width = max(0.006, 0.6 / size)
   tex = _texture(rng, size, 6, 10)
-  wall = 0.05 * np.exp(0.3 * tex) * (1 + 0.5 * np.sin(size * 0.8 * d + 2 * tex) ** 2)
+  wall = 0.05 * np.exp(0.3 * tex) * (1 + 0.5 * np.sin(size * 0.8 * d + 2 * tex)**2)
   echo = np.where(d < pleura, wall, 0.012 * np.exp(0.3 * tex))
   echo += 0.25 * _band(d, rng.uniform(0.03, 0.08), width)  # fascia
   echo += 1.0 * _band(d, pleura, width)
   decay = rng.uniform(0.45, 0.7)
-  alines = sum(0.12 * decay ** (k - 2) * _band(d, k * pleura, width * (1 + 0.2 * k))
-               for k in range(2, int(1 / pleura) + 1))
+  alines = sum(0.12 * decay**(k - 2) * _band(d, k * pleura, width * (1 + 0.2 * k))
+               for k in range(2,
+                              int(1 / pleura) + 1))
   blines = np.zeros_like(d)
   if rng.random() < 0.4:
     for _ in range(rng.integers(1, 5)):
@@ -235,7 +235,7 @@ def lung(rng, size: int) -> np.ndarray:
   echo += below * (alines * (1 - blines) + 0.45 * blines * (1 - 0.4 * d))
   for c in (rng.uniform(0.02, 0.18), rng.uniform(0.82, 0.98)):  # ribs
     half = rng.uniform(0.08, 0.13)
-    top = pleura - rng.uniform(0.01, 0.04) + 2.5 * (u - c) ** 2
+    top = pleura - rng.uniform(0.01, 0.04) + 2.5 * (u - c)**2
     rib = np.abs(u - c) < half
     echo = np.where(rib & (d > top), 0.004, echo)
     echo += rib * 0.6 * _band(d, top, width)
@@ -250,8 +250,8 @@ def heart(rng, size: int) -> np.ndarray:
   rot = rng.uniform(-0.15, 0.15)
   j = lambda: rng.uniform(0.9, 1.1)
   if rng.random() < 0.6:  # LV, RV, LA, RA: (dx, dy, a, b, tilt); ventricles meet at the apex
-    chambers = [(0.085, -0.1, 0.08, 0.23, -0.3), (-0.09, -0.07, 0.065, 0.17, 0.3),
-                (0.1, 0.22, 0.085, 0.09, 0.0), (-0.1, 0.22, 0.075, 0.09, 0.0)]
+    chambers = [(0.085, -0.1, 0.08, 0.23, -0.3), (-0.09, -0.07, 0.065, 0.17, 0.3), (0.1, 0.22, 0.085, 0.09, 0.0),
+                (-0.1, 0.22, 0.075, 0.09, 0.0)]
   else:  # LV over LA
     chambers = [(0.0, -0.1, 0.1, 0.22, 0.0), (0.0, 0.22, 0.1, 0.1, 0.0)]
   wall = rng.uniform(0.03, 0.045)
@@ -275,7 +275,6 @@ def heart(rng, size: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- streams
-
 
 _ORGANS = {'breast': breast, 'lung': lung, 'heart': heart}
 

@@ -54,13 +54,13 @@ def to_channels(img: np.ndarray, channels: int) -> np.ndarray:
 
 class Preprocess(grain.transforms.Map):
   """Decoded example -> {'image': [S,S,C] uint8, ('mask': [S,S,1] uint8 in {0,1})}."""
-
   def __init__(self, size: int, channels: int, aspect: str, with_mask: bool):
     self.size, self.channels, self.aspect, self.with_mask = size, channels, aspect, with_mask
 
   def map(self, ex):
-    out = {"image": to_square(to_channels(np.asarray(ex["image"]), self.channels), self.size, self.aspect,
-                              Image.BILINEAR)}
+    out = {
+        "image": to_square(to_channels(np.asarray(ex["image"]), self.channels), self.size, self.aspect, Image.BILINEAR)
+    }
     if self.with_mask:
       m = (np.asarray(ex["mask"]) > 127).astype(np.uint8)
       out["mask"] = to_square(m, self.size, self.aspect, Image.NEAREST)
@@ -69,7 +69,6 @@ class Preprocess(grain.transforms.Map):
 
 class Subset:
   """Random access to chosen indices of a source (a label-fraction subset of a training split)."""
-
   def __init__(self, source, indices):
     self.source, self.indices = source, np.asarray(indices)
 
@@ -89,7 +88,7 @@ def label_fraction_subset(name: str, data_cfg):
   if fraction not in (10, 25, 50):
     raise DataError(f"config.data.label_fraction must be 100, 50, 25 or 10, got {fraction}")
   import tensorflow_datasets as tfds
-  skip = {k: tfds.decode.SkipDecoding() for k in ("image", "mask")}   # read the labels, not the pixels
+  skip = {k: tfds.decode.SkipDecoding() for k in ("image", "mask")}  # read the labels, not the pixels
   light = sources.open_split(name, "train", data_cfg, decoders=skip)
   return Subset(source, [i for i in range(len(light)) if int(light[i]["label_fraction"]) <= fraction])
 
@@ -148,8 +147,10 @@ def eval_batches(data_cfg, split: str, global_batch: int):
   s, c = data_cfg.image_size, data_cfg.channels
   for b in range(n_batches):
     idx = mine[b * local:(b + 1) * local]
-    batch = {"image": np.zeros((local, s, s, c), np.uint8), "mask": np.zeros((local, s, s, 1), np.uint8),
-             "index": np.full((local,), -1, np.int32)}
+    batch = {
+        "image": np.zeros((local, s, s, c), np.uint8), "mask": np.zeros((local, s, s, 1), np.uint8), "index": np.full(
+            (local,), -1, np.int32)
+    }
     for k, i in enumerate(idx):
       ex = prep.map(src[i])
       batch["image"][k], batch["mask"][k], batch["index"][k] = ex["image"], ex["mask"], i

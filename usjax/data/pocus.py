@@ -133,8 +133,7 @@ def prepare(manual_dir: str, data_dir: str, *, split=folders.DEFAULT_SPLIT, seed
   root = find_root(os.fspath(manual_dir))
   if group_by not in ('patient', 'video'):
     raise DataError(f"{manual_dir}: group_by must be 'patient' or 'video', got {group_by!r}")
-  config = PocusConfig(
-      name=folders.config_name(root, split, seed, f'by{group_by}'),
-      description=f'{root}, split={folders.check_split(split)}, seed={seed}, group_by={group_by}',
-      root=root, split=folders.check_split(split), seed=seed, group_by=group_by)
+  config = PocusConfig(name=folders.config_name(root, split, seed, f'by{group_by}'),
+                       description=f'{root}, split={folders.check_split(split)}, seed={seed}, group_by={group_by}',
+                       root=root, split=folders.check_split(split), seed=seed, group_by=group_by)
   return staging.build(lambda d: Pocus(data_dir=d, config=config, file_format='array_record'), data_dir)

@@ -17,8 +17,10 @@ import os
 from usjax.data import DataError
 
 SYNTHETIC = ("synthetic_breast", "synthetic_lung", "synthetic_heart")
-SOURCE_DIR_KEY = {"busi": "busi_dir", "pocus": "pocus_dir", "camus": "camus_dir", "us_folder": "us_folder_dir",
-                  "natural": "natural_dir"}
+SOURCE_DIR_KEY = {
+    "busi": "busi_dir", "pocus": "pocus_dir", "camus": "camus_dir", "us_folder": "us_folder_dir",
+    "natural": "natural_dir"
+}
 
 
 def data_dir(data_cfg) -> str:
@@ -30,8 +32,9 @@ def builder_for(name: str, data_cfg):
   ddir = data_dir(data_cfg)
   if name in SYNTHETIC:
     from usjax.data import synthetic
-    return synthetic.prepare(name.split("_", 1)[1], ddir, image_size=data_cfg.synthetic_size,
-                             num_images=data_cfg.synthetic_num_images, seed=data_cfg.synthetic_seed)
+    return synthetic.prepare(
+        name.split("_", 1)[1], ddir, image_size=data_cfg.synthetic_size, num_images=data_cfg.synthetic_num_images,
+        seed=data_cfg.synthetic_seed)
   if name.startswith("tfds:"):
     from usjax.data import staging
     return staging.prepare_tfds(name[5:], ddir)
@@ -87,5 +90,6 @@ def parse_sources(spec: str, weights: str) -> tuple[list[str], list[float]]:
   except ValueError:
     raise DataError(f"config.data.pretrain_weights must be comma-separated numbers, got {weights!r}") from None
   if len(w) != len(names) or min(w) < 0 or sum(w) <= 0:
-    raise DataError(f"config.data.pretrain_weights {weights!r} must give one non-negative weight per source in {spec!r}")
+    raise DataError(
+        f"config.data.pretrain_weights {weights!r} must give one non-negative weight per source in {spec!r}")
   return names, [x / sum(w) for x in w]

@@ -59,7 +59,7 @@ def remove_stale_staging(data_dir: str, incomplete_in: str | None = None) -> lis
   for folder, prefix in ((data_dir, STAGING_PREFIX), (incomplete_in, 'incomplete.')):
     try:
       candidates += [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.startswith(prefix)]
-    except (OSError, TypeError):   # no such folder (yet)
+    except (OSError, TypeError):  # no such folder (yet)
       pass
   removed = []
   for path in candidates:
@@ -90,8 +90,8 @@ def build(make: Callable[[str], tfds.core.DatasetBuilder], data_dir: str,
   try:
     _write_owner(staging, owner)
     staged = make(staging)
-    staged.download_and_prepare(
-        file_format='array_record', download_dir=download_dir or os.path.join(staging, 'downloads'))
+    staged.download_and_prepare(file_format='array_record', download_dir=download_dir or
+                                os.path.join(staging, 'downloads'))
     done = os.fspath(staged.data_path)
     final = os.path.join(data_dir, os.path.relpath(done, staging))
     os.makedirs(os.path.dirname(final), exist_ok=True)

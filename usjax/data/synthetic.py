@@ -22,8 +22,9 @@ def split_indices(num_images: int) -> dict[str, range]:
   """Contiguous 70/10/20 index ranges: images are i.i.d., so ranges are fair."""
   n_train = round(0.7 * num_images)
   n_val = round(0.1 * num_images)
-  return {'train': range(0, n_train), 'val': range(n_train, n_train + n_val),
-          'test': range(n_train + n_val, num_images)}
+  return {
+      'train': range(0, n_train), 'val': range(n_train, n_train + n_val), 'test': range(n_train + n_val, num_images)
+  }
 
 
 def label_fractions(organ: str, num_images: int, seed: int) -> dict[int, int]:
@@ -63,8 +64,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   @classmethod
   def make(cls, organ: str, image_size: int, num_images: int, seed: int):
     name = f'{organ}-s{image_size}-n{num_images}-seed{seed}'
-    return cls(name=name, organ=organ, image_size=image_size,
-               num_images=num_images, seed=seed,
+    return cls(name=name, organ=organ, image_size=image_size, num_images=num_images, seed=seed,
                description=f'{num_images} synthetic {organ} scans, {image_size}px.')
 
 
@@ -79,13 +79,15 @@ class SyntheticUltrasound(tfds.core.GeneratorBasedBuilder):
     cfg = self.builder_config
     shape = (cfg.image_size, cfg.image_size, 1)
     image = lambda: tfds.features.Image(shape=shape, dtype=np.uint8, encoding_format='png')
-    features = {'image': image(), 'id': tfds.features.Text(),
-                'label': tfds.features.ClassLabel(names=LABEL_NAMES[cfg.organ])}
+    features = {
+        'image': image(), 'id': tfds.features.Text(), 'label': tfds.features.ClassLabel(names=LABEL_NAMES[cfg.organ])
+    }
     if cfg.organ == 'breast':
       features['mask'] = image()
       features['label_fraction'] = tfds.features.Scalar(dtype=np.int32)
     return tfds.core.DatasetInfo(
-        builder=self, description=cfg.description,
+        builder=self,
+        description=cfg.description,
         features=tfds.features.FeaturesDict(features),
         supervised_keys=('image', 'label'),
         # Split order = index order, so ds[i] is predictable; pipelines shuffle.
@@ -97,8 +99,7 @@ class SyntheticUltrasound(tfds.core.GeneratorBasedBuilder):
     fractions = {}
     if cfg.organ == 'breast':
       fractions = label_fractions(cfg.organ, cfg.num_images, cfg.seed)
-    return {name: self._generate_examples(idx, fractions)
-            for name, idx in split_indices(cfg.num_images).items()}
+    return {name: self._generate_examples(idx, fractions) for name, idx in split_indices(cfg.num_images).items()}
 
   def _generate_examples(self, indices, fractions):
     cfg = self.builder_config
@@ -125,5 +126,4 @@ def prepare(organ: str, data_dir: str, image_size: int = 64, num_images: int = 6
   num_images = phantoms.int_at_least('num_images', num_images, 10)
   seed = phantoms.int_at_least('seed', seed, 0)
   config = SyntheticConfig.make(organ, image_size, num_images, seed)
-  return staging.build(
-      lambda d: SyntheticUltrasound(config=config, data_dir=d, file_format='array_record'), data_dir)
+  return staging.build(lambda d: SyntheticUltrasound(config=config, data_dir=d, file_format='array_record'), data_dir)
