@@ -121,3 +121,28 @@ def test_cells_train_seed_by_seed_so_a_grid_cut_short_stays_balanced(tmp_path, m
   assert [c["seed"] for c in cells] == [0] * 6 + [1] * 6 + [2] * 6
   assert {(c["pretrain"], c["label_fraction"]) for c in cells[:6]
          } == {(a, f) for a in ("none", "breast", "multiorgan") for f in (100, 50)}
+
+
+def test_the_report_puts_each_pretraining_beside_its_gain_and_says_where_the_time_went(tmp_path, monkeypatch):
+  g = _small_grid(tmp_path)
+  dice = {"none": 0.50, "breast": 0.55, "multiorgan": 0.60}
+
+  def fake(cfg, workdir):  # summaries only (no per-image scores): the report falls back to means over runs
+    os.makedirs(os.path.join(workdir, "checkpoints", "7"), exist_ok=True)
+    arm = next((a for a in dice if a != "none" and f"pretrain-{a}_" in cfg.init_from), "none")
+    summary = {"task": cfg.task, "final_loss": 3.0, "compile_s": 1.0, "wall_s": 2.0}
+    if cfg.task == "pretrain":
+      summary["probe"] = {"busi_linear_bacc": 0.7}
+    else:
+      summary.update(dice=dice[arm], label_fraction=cfg.data.label_fraction)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f)
+
+  monkeypatch.setattr(grid.train, "run", fake)
+  paths = grid.run(g, str(tmp_path / "grid"))
+  md = open(paths["md"]).read()
+  probe_rows = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if "| 0.700 |" in line}
+  assert sorted(probe_rows) == ["breast", "multiorgan"]
+  assert probe_rows["breast"].rstrip(" |").endswith("+0.050") and probe_rows["multiorgan"].rstrip(" |").endswith(
+      "+0.100")
+  assert "## Where the time went" in md and "| cpu | pre-training | 2 | 2 |" in md

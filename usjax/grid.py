@@ -184,11 +184,14 @@ def time_table(timing: list[dict], summaries: dict[str, dict]) -> str:
 
 def write_report(g, root: str, pre, fine, results: str = "") -> dict:
   cells = [(fields, os.path.join(root, run)) for fields, run, _ in fine]
-  pre_runs = {}  # the probe table: a pre-training's summary here, else the one recorded in `results`
-  for _, run, _ in pre:
+  # The probe table: a pre-training's summary here, else the one recorded in `results`, under its arm's name (the
+  # cells' `pretrain` field, which its Dice gains are looked up by) where one pre-training makes each arm.
+  arms = [f["pretrain"] for f, _, _ in pre]
+  pre_runs = {}
+  for fields, run, _ in pre:
     where = [d for d in (root, results) if d and finished(os.path.join(d, run))]
     if where:
-      pre_runs[run] = os.path.join(where[0], run)
+      pre_runs[fields["pretrain"] if arms.count(fields["pretrain"]) == 1 else run] = os.path.join(where[0], run)
   overlays = None
   for fields, run, _ in fine:  # overlay panel from the best-labelled pre-trained cell that has finished
     path = os.path.join(root, run, "examples.npz")
@@ -206,8 +209,8 @@ def write_report(g, root: str, pre, fine, results: str = "") -> dict:
       with open(os.path.join(root, run, "summary.json")) as f:
         summaries[run] = json.load(f)
   table = time_table(_read_timing(os.path.join(root, TIMING)), summaries)
-  if table and paths.get("report.md"):
-    with open(paths["report.md"], "a") as f:
+  if table and paths.get("md"):
+    with open(paths["md"], "a") as f:
       f.write("\n## Where the time went\n\n" + table)
   return paths
 
@@ -270,5 +273,5 @@ def run(g, root: str) -> dict:
     record(root, results, names)
     refresh()
   paths = refresh()
-  logging.info("grid %s: report in %s", g.name, paths.get("report.md", root))
+  logging.info("grid %s: report in %s", g.name, paths.get("md", root))
   return paths
