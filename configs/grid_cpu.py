@@ -1,4 +1,4 @@
-"""CPU-scale study on real data: the paper's three claims, 3 seeds, on 2 cores in about 2 hours.
+"""CPU-scale study on real data: the paper's three claims, 3 seeds, on 2 cores in about 3.5 hours.
 
     python launch/main.py --config=configs/grid_cpu.py:../shared/data --workdir=runs/grid_cpu
 
@@ -10,11 +10,13 @@ labels, 3 seeds. Writes runs/grid_cpu/report/{results.csv,report.md,*.png} (READ
 
 Sizing, and why: C1-C3 need the scratch, breast and multi-organ arms at 100% and 50% (C2 compares pre-trained at
 50% with scratch at 100%), and an answer needs seeds: 3 arms x 2 fractions x 3 seeds = 18 fine-tunes. On 2 cores a
-128-px fine-tuning step takes about 1 s, so the recipe's 2000 steps are 35-40 minutes a run; at 64 px a step is
-about 4x cheaper and 1000 steps (37 passes over the training split) take about 5 minutes, so the grid fits about
-2 hours (18 x 5 minutes, two 600-step pre-trainings of about 5 minutes). 64 px also measures the claims at the
-low resolution where the paper says the gains are largest. The GPU grid (configs/grid_gpu.py) covers 128 px and
-all four label fractions.
+128-px fine-tuning step takes about 1 s, so the recipe's 2000 steps are 35-40 minutes a run; at 64 px 1000 steps
+(37 passes over the training split) were sized at 5 minutes a run and measured at 10-12 minutes (2026-11-30, a
+2-core AMD EPYC VM with test jobs beside it: about 0.6 s a step, validation included), and each 600-step
+pre-training at 8.7 minutes: about 3.5 hours in all. Cells train seed by seed, so a grid cut short still compares
+every arm on the same seeds, and finished runs are recorded in results/grid_cpu/, from which a grid started
+elsewhere goes on. 64 px also measures the claims at the low resolution where the paper says the gains are
+largest. The GPU grid (configs/grid_gpu.py) covers 128 px and all four label fractions.
 """
 import ml_collections
 
