@@ -150,6 +150,7 @@ def test_upsampled_conv_matches_numpy_upsample_then_correlate():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("conv_impl", ["cpu", "xla"])
 @pytest.mark.parametrize("with_skip", [True, False])
 def test_upsampling_conv_module_matches_flax_conv_of_the_concatenation(with_skip, conv_impl):
@@ -187,6 +188,7 @@ fast_jit = functools.partial(
     jax.jit, compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encoder", ["resnet18", "plain"])
 def test_cpu_layers_make_the_same_unet_as_flax_layers(encoder):
   """A U-Net built with the CPU lowerings (conv_impl='cpu') and with plain Flax's (conv_impl='xla') has one

@@ -141,6 +141,7 @@ def cifar_real(tmp_path_factory):
                                 channels=3)
 
 
+@pytest.mark.slow
 def test_cifar_folder_real(cifar_real):
   ds = raw(cifar_real)
   assert cifar_real.info.features['label'].names[:2] == ['airplane', 'automobile']

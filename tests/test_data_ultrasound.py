@@ -211,6 +211,7 @@ def pocus_real(tmp_path_factory):
   return pocus.prepare(shared('pocus'), tmp_path_factory.mktemp('pocus'))
 
 
+@pytest.mark.slow
 def test_busi_real_counts_splits_fractions(busi_real):
   ds = raw(busi_real)
   per_split = {s: collections.Counter(labels_of(ds[s])) for s in folders.SPLITS}
@@ -232,6 +233,7 @@ def test_busi_real_counts_splits_fractions(busi_real):
     assert {ds[s][i]['label_fraction'] for i in range(len(ds[s]))} == {100}
 
 
+@pytest.mark.slow
 def test_busi_real_masks(busi_real):
   ds = busi_real.as_data_source()
   root = shared('busi') / 'Dataset_BUSI_with_GT'
@@ -251,6 +253,7 @@ def test_busi_real_masks(busi_real):
   assert checked == 1
 
 
+@pytest.mark.slow
 def test_pocus_real(pocus_real):
   ds = raw(pocus_real)
   assert sum(len(ds[s]) for s in folders.SPLITS) == 1048

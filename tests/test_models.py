@@ -34,6 +34,7 @@ def test_resnet_features_at_strides_2_to_32():
   assert [f.shape[-1] for f in feats] == [64, 64, 128, 256, 512]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encoder", ["resnet18", "plain"])
 def test_unet_output_at_input_resolution(encoder):
   m = models.UNet(encoder=encoder, norm="group")
