@@ -78,15 +78,10 @@ class Validation:
     self.mngr.close()
 
 
-def finetune(cfg, workdir: str) -> dict:
-  mesh = train.make_mesh()
-  model, tx = train.build_model(cfg), train.make_optimizer(cfg, cfg.num_steps)
-  if cfg.eval_split not in ("val", "test"):
-    raise UsjaxError(f"config.eval_split must be 'val' or 'test', got {cfg.eval_split!r}")
-  if cfg.tta not in ("auto", "none", "hflip"):
-    raise UsjaxError(f"config.tta must be 'auto', 'none' or 'hflip', got {cfg.tta!r}")
-  transfer = {}
-  override = None
+def init_override(cfg, transfer: dict):
+  """The `params_override` of `train.init_state` that `config.init_from` asks for (None from scratch): ImageNet
+  weights from a .safetensors file, else a pre-training run's encoder (and decoder); what it loaded goes into
+  `transfer`."""
   if cfg.init_from.endswith(".safetensors"):  # ImageNet weights exported from torchvision or timm
     if cfg.transfer != "encoder":
       raise UsjaxError(f"config.transfer must be 'encoder' with a .safetensors config.init_from (the file has no "
@@ -97,7 +92,9 @@ def finetune(cfg, workdir: str) -> dict:
                                                             batch_stats, cfg.model.encoder)
       transfer.update(info)
       return params, batch_stats
-  elif cfg.init_from:
+
+    return override
+  if cfg.init_from:
     parts = {"encoder": ("encoder",), "encoder+decoder": ("encoder", "decoder")}.get(cfg.transfer)
     if parts is None:
       raise UsjaxError(f"config.transfer must be 'encoder' or 'encoder+decoder', got {cfg.transfer!r}")
@@ -108,6 +105,19 @@ def finetune(cfg, workdir: str) -> dict:
       transfer.update(info)
       return params, batch_stats
 
+    return override
+  return None
+
+
+def finetune(cfg, workdir: str) -> dict:
+  mesh = train.make_mesh()
+  model, tx = train.build_model(cfg), train.make_optimizer(cfg, cfg.num_steps)
+  if cfg.eval_split not in ("val", "test"):
+    raise UsjaxError(f"config.eval_split must be 'val' or 'test', got {cfg.eval_split!r}")
+  if cfg.tta not in ("auto", "none", "hflip"):
+    raise UsjaxError(f"config.tta must be 'auto', 'none' or 'hflip', got {cfg.tta!r}")
+  transfer = {}
+  override = init_override(cfg, transfer)
   s = cfg.data.image_size
   state = train.init_state(model, tx, cfg.seed, (2, s, s, cfg.data.channels), mesh, override)
   if not cfg.init_from:

@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from usjax import UsjaxError, augment, checkpoint, evaluate, finetune, guard, models, report, runtime, torch_weights, train
+from usjax import UsjaxError, augment, evaluate, finetune, guard, models, report, runtime, train
 from usjax.data import pipeline
 
 # What stacked runs may differ in; every other config key must be equal (one compiled step serves them all).
@@ -109,7 +109,8 @@ class _Run:
     self.cfg, self.workdir, self.mesh, self.scorers = cfg, workdir, mesh, scorers
     self.transfer = {}
     s = cfg.data.image_size
-    self.state = train.init_state(model, tx, cfg.seed, (2, s, s, cfg.data.channels), mesh, self._override())
+    self.state = train.init_state(model, tx, cfg.seed, (2, s, s, cfg.data.channels), mesh,
+                                  finetune.init_override(cfg, self.transfer))
     if cfg.ema_decay > 0:
       copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
       self.state["extra"] = {
@@ -140,35 +141,6 @@ class _Run:
     self.recent: list[float] = []  # the loss-spike guard's window
     self.row: dict = {}  # the last logged training row
     self.diverged = False
-
-  def _override(self):
-    """`init_from` transfer, as `finetune.finetune` does it."""
-    cfg, transfer = self.cfg, self.transfer
-    if cfg.init_from.endswith(".safetensors"):  # ImageNet weights exported from torchvision or timm
-      if cfg.transfer != "encoder":
-        raise UsjaxError(f"config.transfer must be 'encoder' with a .safetensors config.init_from (the file has no "
-                         f"decoder), got {cfg.transfer!r}")
-
-      def override(params, batch_stats):
-        params, batch_stats, info = torch_weights.load_resnet(os.path.abspath(os.path.expanduser(cfg.init_from)),
-                                                              params, batch_stats, cfg.model.encoder)
-        transfer.update(info)
-        return params, batch_stats
-
-      return override
-    if cfg.init_from:
-      parts = {"encoder": ("encoder",), "encoder+decoder": ("encoder", "decoder")}.get(cfg.transfer)
-      if parts is None:
-        raise UsjaxError(f"config.transfer must be 'encoder' or 'encoder+decoder', got {cfg.transfer!r}")
-
-      def override(params, batch_stats):
-        params, batch_stats, info = checkpoint.load_pretrained(cfg.init_from, params, batch_stats, parts,
-                                                               encoder=cfg.model.encoder)
-        transfer.update(info)
-        return params, batch_stats
-
-      return override
-    return None
 
   def check(self, step: int, metrics: list[dict]) -> None:
     """The divergence guard of `train.fit` over this run's steps up to `step`; a 'diverged' summary if it fires."""
