@@ -330,3 +330,13 @@ def _load_pretrained(mngr, ckdir, step, params, batch_stats, parts, encoder):
         "was it pre-trained with another model.encoder or model.norm?", len(ignored), where, "+".join(parts),
         ignored[0])
   return params, batch_stats, report
+
+
+def restore_on_one_device(step_dir: str, shapes) -> dict:
+  """The parts of `<step_dir>/state` named by `shapes` (a pytree of arrays or ShapeDtypeStructs, e.g. params and
+  batch_stats of a model), restored onto the first device: inference and probes need no optimiser state or mesh."""
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+  restore = ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                   restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(os.path.join(step_dir, "state"), args=restore)

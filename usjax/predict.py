@@ -173,11 +173,7 @@ def load(workdir: str, *, image_size: int | None = None, channels: int | None = 
     if stored.get(name) != shape:
       raise PredictError(f"{path}: {name} is {stored.get(name, 'missing')}, the model of its meta expects {shape} "
                          f"(channels={cfg['channels']}: a wrong channels override?)")
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
-  restore = ocp.args.PyTreeRestore(item=target, partial_restore=True,
-                                   restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-  variables = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(os.path.join(path, "state"), args=restore)
+  variables = checkpoint.restore_on_one_device(path, shapes)
   logging.info("loaded %s: U-Net/%s, %d px, %d channel(s), aspect %s", path, meta["model"]["encoder"], s,
                cfg["channels"], cfg["aspect"])
   selection = os.path.join(os.path.dirname(path), "selection.json")

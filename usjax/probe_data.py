@@ -272,9 +272,5 @@ def load_encoder(workdir: str, image_size: int, channels: int, step: int | None 
     if have.get(name) != shape:
       raise ProbeError(f"{ck}: {name} is {have.get(name, 'missing')}, the encoder of its meta expects {shape} "
                        f"(channels={channels}: a wrong channels override?)")
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)
-  restore = ocp.args.PyTreeRestore(item=target, partial_restore=True,
-                                   restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-  got = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(os.path.join(ck, "state"), args=restore)
+  got = checkpoint.restore_on_one_device(ck, target)
   return encoder_variables(got), meta, ck
