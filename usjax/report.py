@@ -77,9 +77,10 @@ class Reporter:
     row = {"step": step, **{k: float(v) for k, v in metrics.items()}, "images_per_sec": rate}
     self.history.append(row)
     if self.main:
-      eta = (self.total - step) * self.images_per_step / max(rate, 1e-9)
+      # The first row after a restart has no elapsed steps to time: its ETA is unknown, not infinite.
+      eta = _duration((self.total - step) * self.images_per_step / rate) if rate > 0 else "?"
       shown = " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step")
-      logging.info("step %d/%d (%3.0f%%) %s eta=%s", step, self.total, 100 * step / self.total, shown, _duration(eta))
+      logging.info("step %d/%d (%3.0f%%) %s eta=%s", step, self.total, 100 * step / self.total, shown, eta)
       for k, v in row.items():
         if k != "step":
           self.writer.add_scalar(f"train/{k}", v, step)
