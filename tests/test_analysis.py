@@ -152,6 +152,12 @@ def test_write_report(tmp_path):
   os.makedirs(pre)
   with open(os.path.join(pre, "history.json"), "w") as f:
     json.dump([{"step": s, "loss": 5 - s / 10} for s in range(10)], f)
+  with open(os.path.join(pre, "summary.json"), "w") as f:
+    json.dump(
+        {
+            "steps": 10, "final_loss": 4.1,
+            "probe_history": [{"step": s, "busi_linear_bacc": 0.5 + s / 100} for s in (5, 10)]
+        }, f)
   images = np.random.default_rng(0).uniform(size=(3, 16, 16, 1))
   masks = np.zeros((3, 16, 16), bool)
   masks[:, 4:10, 4:10] = True
@@ -169,7 +175,8 @@ def test_write_report(tmp_path):
   assert "Dice mean [95% CI]" in report and "label_curves.png" in report
   results = json.loads(open(paths["json"]).read(), parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
   assert results["finished"] == len(cells) - 1 and results["claims"]
-  for key in ("label_curves", "finetune_loss", "pretrain_loss", "overlays"):
+  assert "| multiorgan | 4.100 |" in report and "pretrain_probe.png" in report
+  for key in ("label_curves", "finetune_loss", "pretrain_loss", "pretrain_probe", "overlays"):
     assert os.path.getsize(paths[key]) > 1000
 
 
@@ -179,20 +186,3 @@ def test_write_report_empty_grid(tmp_path):
   report = open(paths["md"]).read()
   assert "0 of 1" in report and report.count("not run") == 3
   assert os.path.getsize(paths["label_curves"]) > 0
-
-
-def test_pretrain_table_puts_probe_beside_finetuning_gain(tmp_path):
-  for name, bacc, loss in (("breast", 0.55, 3.9), ("multiorgan", 0.62, 3.4)):
-    (tmp_path / name).mkdir()
-    (tmp_path / name / "summary.json").write_text(
-        json.dumps({"final_loss": loss, "collapsed": False, "probe": {"busi_knn_bacc": bacc, "busi_knn_acc": 0.7}}))
-  stats = [{"pretrain": "none", "label_fraction": 100,
-            "dice": 0.70}, {"pretrain": "breast", "label_fraction": 100, "dice": 0.72},
-           {"pretrain": "multiorgan", "label_fraction": 100, "dice": 0.69}]
-  md = analysis.pretrain_table({"breast": str(tmp_path / "breast"), "multiorgan": str(tmp_path / "multiorgan")}, stats,
-                               floor={"busi_knn_bacc": 0.42})
-  lines = md.strip().splitlines()
-  assert lines[0] == "| pre-training | final loss | busi_knn_bacc | collapsed | Δ Dice @ 100% |"
-  assert lines[2] == "| random init (floor) | – | 0.420 | – | 0 |"
-  assert lines[3] == "| breast | 3.900 | 0.550 | no | +0.020 |"
-  assert lines[4] == "| multiorgan | 3.400 | 0.620 | no | -0.010 |"

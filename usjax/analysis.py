@@ -18,6 +18,7 @@ import numpy as np
 
 from usjax import bootstrap
 from usjax import plots
+from usjax.pretrain_analysis import pretrain_table, probe_curves
 
 METRICS = ("dice", "dice_lesion", "iou", "iou_lesion", "hd95", "hd95_undefined", "dice_benign", "dice_malignant",
            "dice_normal", "iou_benign", "iou_malignant", "iou_normal", "false_positive_rate", "num_images",
@@ -321,29 +322,6 @@ def write_csv(rows: list[dict], path: str) -> str:
   return path
 
 
-def pretrain_table(pretrain_runs: Mapping[str, str], stats: list[dict], floor: Mapping | None = None) -> str:
-  """What each pre-training learned beside what it gave fine-tuning: its last frozen-feature probe (balanced
-  k-NN / linear accuracy per probe set), the collapse flag, and its Dice gain over scratch at each label fraction
-  (group means of the report table). `floor` is the probe of a randomly initialised encoder."""
-  summaries = {name: _read_json(os.path.join(wd, "summary.json")) or {} for name, wd in pretrain_runs.items()}
-  probes = sorted({k for s in summaries.values() for k in (s.get("probe") or {}) if k.endswith("_bacc")})
-  probes += sorted(k for k in (floor or {}) if k.endswith("_bacc") and k not in probes)
-  fractions = sorted({s["label_fraction"] for s in stats if "label_fraction" in s}, reverse=True)
-  dice = {(s.get("pretrain"), s.get("label_fraction")): s["dice"] for s in stats}
-  header = ["pre-training", "final loss", *probes, "collapsed", *(f"Δ Dice @ {f}%" for f in fractions)]
-  lines = []
-  if floor:
-    lines.append(["random init (floor)", "–", *(_fmt(floor.get(k)) for k in probes), "–", *("0" for _ in fractions)])
-  for name, s in summaries.items():
-    gains = [dice.get((name, f), math.nan) - dice.get(("none", f), math.nan) for f in fractions]
-    lines.append([
-        name,
-        _fmt(s.get("final_loss")), *(_fmt((s.get("probe") or {}).get(k)) for k in probes),
-        "yes" if s.get("collapsed") else "no", *(f"{g:+.3f}" if not math.isnan(g) else "–" for g in gains)
-    ])
-  return _md(header, lines)
-
-
 def write_report(cells: list[tuple[dict, str]], out_dir: str, pretrain_runs: dict[str, str] | None = None,
                  overlays: dict | None = None, n_boot: int = 2000, seed: int = 0,
                  probe_floor: Mapping | None = None) -> dict[str, str]:
@@ -373,6 +351,10 @@ def write_report(cells: list[tuple[dict, str]], out_dir: str, pretrain_runs: dic
   if pretrain_runs:
     pt = {name: _read_json(os.path.join(wd, "history.json")) for name, wd in pretrain_runs.items()}
     paths["pretrain_loss"] = plots.plot_loss_curves(pt, path("pretrain_loss.png"), "contrastive pre-training loss")
+    probed, metric = probe_curves(pretrain_runs)
+    if metric:
+      paths["pretrain_probe"] = plots.plot_loss_curves(probed, path("pretrain_probe.png"), "frozen-feature probe",
+                                                       key=metric, ylabel=metric)
   if overlays:
     paths["overlays"] = plots.plot_overlays(overlays["images"], overlays["masks"], overlays["preds"],
                                             overlays["titles"], path("overlays.png"))
@@ -385,7 +367,9 @@ def write_report(cells: list[tuple[dict, str]], out_dir: str, pretrain_runs: dic
         f"{claims_markdown(found)}\n" +
         (f"## What pre-training learned\n\nLast frozen-feature probe of each pre-training (balanced accuracy; "
          f"k-NN and linear on pooled encoder features, train -> validation) beside its fine-tuning gain over "
-         f"scratch.\n\n{pretrain_table(pretrain_runs, stats, probe_floor)}\n" if pretrain_runs else "") +
+         f"scratch. Flattened: the last quarter of the run lowered the loss by under 2% and raised the "
+         f"BUSI linear probe by under 0.02 (usjax/pretrain_analysis.py).\n\n"
+         f"{pretrain_table(pretrain_runs, stats, probe_floor)}\n" if pretrain_runs else "") +
         f"## Figures\n\n{figures}")
   _write_text(paths["md"], md)
   return paths

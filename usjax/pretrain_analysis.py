@@ -1,0 +1,111 @@
+"""What each pre-training learned, and whether it had finished learning when it stopped.
+
+A pre-training run is read as *flattened* when its last quarter changed little: the training loss fell by under
+2% (mean over the last quarter of the steps against the quarter before) and the target probe (BUSI linear,
+balanced accuracy) rose by under 0.02 on the best value seen before the last quarter. A run that has not
+flattened was stopped while still learning, so the arm it feeds is under-trained and a claim resting on it is
+read with that caveat. Pure functions of the run's history.json / summary.json contents.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+TAIL = 0.25  # the last quarter of the run
+LOSS_TOL = 0.02  # relative fall of the loss over the tail
+PROBE_TOL = 0.02  # rise of the probe's balanced accuracy over the tail
+PROBE_METRICS = ("busi_linear_bacc", "busi_knn_bacc")  # the target task's probe, linear first
+
+
+def probe_metric(probe_history: list[dict]) -> str | None:
+  """The probe the flattening rule follows: BUSI's linear probe when it was run, else the first linear one."""
+  keys = {k for row in probe_history for k in row}
+  return next((k for k in PROBE_METRICS if k in keys),
+              next((k for k in sorted(keys) if k.endswith("_linear_bacc")), None))
+
+
+def flattening(history: list[dict], probe_history: list[dict], steps: int, metric: str | None = None,
+               tail: float = TAIL, loss_tol: float = LOSS_TOL, probe_tol: float = PROBE_TOL) -> dict:
+  """{loss_drop, probe_gain, metric, flattened} for a run of `steps` steps (see the module docstring).
+
+  loss_drop is relative (0.03 = the tail's mean loss is 3% below the previous quarter's); probe_gain is absolute.
+  Either is NaN when the history has no point in a window; `flattened` is then None (cannot tell), never True.
+  """
+  cut, start = (1 - tail) * steps, (1 - 2 * tail) * steps
+  late = [r["loss"] for r in history if r.get("loss") is not None and r["step"] > cut]
+  early = [r["loss"] for r in history if r.get("loss") is not None and start < r["step"] <= cut]
+  loss_drop = (np.mean(early) - np.mean(late)) / abs(np.mean(early)) if late and early else math.nan
+  metric = metric or probe_metric(probe_history)
+  probed = [(r["step"], r[metric]) for r in probe_history if metric and r.get(metric) is not None]
+  before = [v for s, v in probed if s <= cut]
+  probe_gain = probed[-1][1] - max(before) if probed and before and probed[-1][0] > cut else math.nan
+  known = not (math.isnan(loss_drop) or math.isnan(probe_gain))
+  return {
+      "loss_drop": float(loss_drop), "probe_gain": float(probe_gain), "metric": metric,
+      "flattened": bool(loss_drop < loss_tol and probe_gain < probe_tol) if known else None
+  }
+
+
+def _read_json(path: str):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+
+
+def _fmt(x, digits: int = 3) -> str:
+  return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _md(header: list[str], lines: list[list[str]]) -> str:
+  rows = [header, ["---"] * len(header)] + lines
+  return "\n".join("| " + " | ".join(str(c) for c in r) + " |" for r in rows) + "\n"
+
+
+def pretrain_table(pretrain_runs: Mapping[str, str], stats: list[dict], floor: Mapping | None = None) -> str:
+  """What each pre-training learned beside what it gave fine-tuning: its last frozen-feature probe (balanced
+  k-NN / linear accuracy per probe set), the collapse flag, whether it had flattened (the last quarter's loss
+  fall and probe rise), and its Dice gain over scratch at each label fraction (group means of the report table).
+  `floor` is the probe of a randomly initialised encoder."""
+  summaries = {name: _read_json(os.path.join(wd, "summary.json")) or {} for name, wd in pretrain_runs.items()}
+  histories = {name: _read_json(os.path.join(wd, "history.json")) or [] for name, wd in pretrain_runs.items()}
+  probes = sorted({k for s in summaries.values() for k in (s.get("probe") or {}) if k.endswith("_bacc")})
+  probes += sorted(k for k in (floor or {}) if k.endswith("_bacc") and k not in probes)
+  fractions = sorted({s["label_fraction"] for s in stats if "label_fraction" in s}, reverse=True)
+  dice = {(s.get("pretrain"), s.get("label_fraction")): s["dice"] for s in stats}
+  header = [
+      "pre-training", "final loss", *probes, "collapsed", "loss fall, last 25%", "probe rise, last 25%", "flattened",
+      *(f"Δ Dice @ {f}%" for f in fractions)
+  ]
+  lines = []
+  if floor:
+    lines.append([
+        "random init (floor)", "–", *(_fmt(floor.get(k)) for k in probes), "–", "–", "–", "–", *("0" for _ in fractions)
+    ])
+  for name, s in summaries.items():
+    flat = flattening(histories[name], s.get("probe_history") or [], s.get("steps") or 0)
+    gains = [dice.get((name, f), math.nan) - dice.get(("none", f), math.nan) for f in fractions]
+    lines.append([
+        name,
+        _fmt(s.get("final_loss")), *(_fmt((s.get("probe") or {}).get(k)) for k in probes),
+        "yes" if s.get("collapsed") else "no",
+        "–" if math.isnan(flat["loss_drop"]) else f"{100 * flat['loss_drop']:.1f}%",
+        "–" if math.isnan(flat["probe_gain"]) else f"{flat['probe_gain']:+.3f}", {True: "yes", False: "no",
+                                                                                  None: "–"}[flat["flattened"]],
+        *(f"{g:+.3f}" if not math.isnan(g) else "–" for g in gains)
+    ])
+  return _md(header, lines)
+
+
+def probe_curves(pretrain_runs: Mapping[str, str]) -> tuple[dict[str, list[dict]], str | None]:
+  """Each pre-training's probe history and the metric to draw (the one the flattening rule follows)."""
+  hists = {
+      name: (_read_json(os.path.join(wd, "summary.json")) or {}).get("probe_history") or []
+      for name, wd in pretrain_runs.items()
+  }
+  return hists, probe_metric([r for h in hists.values() for r in h])
