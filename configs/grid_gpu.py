@@ -16,12 +16,13 @@ Status: sized from the measured H200 SimCLR rate (README: Benchmarks), not yet r
 GPU is not measured either. The README says so until the run's results are committed. Finished cells recorded in
 `results/grid_gpu/` are not trained again (usjax/grid.py).
 """
-from configs import default, grid_cpu
+from configs import grid_cpu
 
 
 def get_config(data_root: str = "data_cache/compact"):
   g = grid_cpu.get_config(data_root)
   g.name = "gpu"
+  del g.sources["breast_1200"], g.pretrain_steps["breast_1200"]  # the CPU grid's extra arm
   g.sources.update({"multiorgan_natural": "busi,pocus,natural"})
   g.label_fractions = (100, 50, 25, 10)
   g.image_sizes = (128,)

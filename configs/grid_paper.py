@@ -12,6 +12,7 @@ from configs import grid_cpu
 def get_config(data_root: str = "/data"):
   g = grid_cpu.get_config(data_root)
   g.name = "paper"
+  del g.sources["breast_1200"], g.pretrain_steps["breast_1200"]  # the CPU grid's extra arm
   g.sources.update({
       "lung": "pocus", "heart": "camus", "natural": "natural", "multiorgan": "busi,pocus,camus",
       "multiorgan_natural": "busi,pocus,camus,natural"

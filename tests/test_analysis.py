@@ -133,6 +133,18 @@ def test_claims_verdicts(tmp_path):
   assert all(abs(r["diff"]) < 0.01 for r in c3)
 
 
+def test_c3_compares_multiorgan_with_each_breast_only_arm(tmp_path):
+  effect = {"none": 0.0, "breast": 0.0, "breast_long": 0.04, "multiorgan": 0.08}
+  cells = grid(tmp_path, lambda s, f: effect[s], fractions=(100,), sources=tuple(effect))
+  rows = analysis.collect(cells)
+  per_image = {r["workdir"]: analysis.load_per_image(r["workdir"]) for r in rows}
+  c3 = by_claim(analysis.claims(rows, per_image, breast=("breast", "breast_long"), n_boot=N_BOOT), "C3")
+  assert [r["comparison"].split(" vs ")[1].split(" ")[0].split("/")[0] for r in c3] == ["breast", "breast_long"]
+  assert [round(r["diff"], 2) for r in c3] == [0.08, 0.04]
+  assert all(r["verdict"] == "supported" for r in c3)
+  assert len(by_claim(analysis.claims(rows, per_image, n_boot=N_BOOT), "C3")) == 1  # default: "breast" alone
+
+
 def test_claims_missing_arm_not_run(tmp_path):
   cells = grid(tmp_path, lambda s, f: 0.05 * (s != "none"), fractions=(50,), sources=("none", "multiorgan"), seeds=(0,))
   rows = analysis.collect(cells)

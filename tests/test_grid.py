@@ -3,20 +3,30 @@ import json
 import os
 import shutil
 
+import pytest
+
 from configs import grid_cpu, grid_gpu
-from usjax import grid
+from usjax import UsjaxError, grid
 
 
 def test_grids_plan_the_arms_fractions_and_seeds_their_docstrings_state():
   pre, fine = grid.plan(grid_cpu.get_config())
-  assert [f["pretrain"] for f, _, _ in pre] == ["breast", "multiorgan"]
-  assert len(fine) == 3 * 2 * 3  # scratch/breast/multi-organ x 100/50% x 3 seeds
+  assert [(f["pretrain"], c.num_steps) for f, _, c in pre] == [("breast", 600), ("breast_1200", 1200),
+                                                               ("multiorgan", 600)]
+  assert len(fine) == 4 * 2 * 3  # scratch/breast/breast_1200/multi-organ x 100/50% x 3 seeds
   assert all(c.eval_split == "test" and c.data.image_size == 64 for _, _, c in fine)
   assert {c.init_from for f, _, c in fine if f["pretrain"] == "breast"
          } == {r for f, r, _ in pre if f["pretrain"] == "breast"}
   pre, fine = grid.plan(grid_gpu.get_config())
-  assert len(pre) == 3 and len(fine) == 4 * 4 * 3
+  assert len(pre) == 3 and len(fine) == 4 * 4 * 3 and {c.num_steps for _, _, c in pre} == {1000}
   assert {f["label_fraction"] for f, _, _ in fine} == {100, 50, 25, 10}
+
+
+def test_pretrain_steps_must_name_an_arm():
+  g = grid_cpu.get_config()
+  g.pretrain_steps = {"brest_1200": 1200}
+  with pytest.raises(UsjaxError, match="brest_1200"):
+    grid.plan(g)
 
 
 def test_an_imagenet_file_adds_an_encoder_transfer_arm(tmp_path):
@@ -118,14 +128,15 @@ def test_cells_train_seed_by_seed_so_a_grid_cut_short_stays_balanced(tmp_path, m
   _, fine = grid.plan(g)
   fields = {r: f for f, r, _ in fine}
   cells = [fields[r] for r in trained if r in fields]
-  assert [c["seed"] for c in cells] == [0] * 6 + [1] * 6 + [2] * 6
-  assert {(c["pretrain"], c["label_fraction"]) for c in cells[:6]
-         } == {(a, f) for a in ("none", "breast", "multiorgan") for f in (100, 50)}
+  assert [c["seed"] for c in cells] == [0] * 8 + [1] * 8 + [2] * 8
+  assert {(c["pretrain"], c["label_fraction"]) for c in cells[:8]
+         } == {(a, f) for a in ("none", "breast", "breast_1200", "multiorgan") for f in (100, 50)}
 
 
 def test_the_report_puts_each_pretraining_beside_its_gain_and_says_where_the_time_went(tmp_path, monkeypatch):
   g = _small_grid(tmp_path)
-  dice = {"none": 0.50, "breast": 0.55, "multiorgan": 0.60}
+  dice = {"none": 0.50, "breast_1200": 0.57, "breast": 0.55,
+          "multiorgan": 0.60}  # longest name first: matched by prefix
 
   def fake(cfg, workdir):  # summaries only (no per-image scores): the report falls back to means over runs
     os.makedirs(os.path.join(workdir, "checkpoints", "7"), exist_ok=True)
@@ -142,7 +153,10 @@ def test_the_report_puts_each_pretraining_beside_its_gain_and_says_where_the_tim
   paths = grid.run(g, str(tmp_path / "grid"))
   md = open(paths["md"]).read()
   probe_rows = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if "| 0.700 |" in line}
-  assert sorted(probe_rows) == ["breast", "multiorgan"]
+  assert sorted(probe_rows) == ["breast", "breast_1200", "multiorgan"]
   assert probe_rows["breast"].rstrip(" |").endswith("+0.050") and probe_rows["multiorgan"].rstrip(" |").endswith(
-      "+0.100")
-  assert "## Where the time went" in md and "| cpu | pre-training | 2 | 2 |" in md
+      "+0.100") and probe_rows["breast_1200"].rstrip(" |").endswith("+0.070")
+  assert "## Where the time went" in md and "| cpu | pre-training | 3 | 3 |" in md
+  # C3 against each breast-only arm (no per-image scores here, so no difference is computed).
+  c3 = [line.split(" | ")[1] for line in md.splitlines() if line.startswith("| C3 |")]
+  assert [c.split(" vs ")[1].split("/")[0] for c in c3] == ["breast", "breast_1200"]

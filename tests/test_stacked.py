@@ -210,13 +210,14 @@ def test_grid_stacks_cells_that_differ_in_seed_fraction_and_arm(tmp_path):
   assert [x for grp in groups for x in grp][:len(pre)] == pre  # pre-training first, alone
   stacks = groups[len(pre):]
   assert sorted(r for grp in stacks for _, r, _ in grp) == sorted(r for _, r, _ in fine)
-  # grid_cpu: 3 arms x 2 fractions x 3 seeds, in plan order: each stack of 6 is one arm's cells.
-  assert [len(grp) for grp in stacks] == [6, 6, 6]
-  assert [{f["pretrain"] for f, _, _ in grp} for grp in stacks] == [{"none"}, {"breast"}, {"multiorgan"}]
+  # grid_cpu: 4 arms x 2 fractions x 3 seeds, in plan order: each stack of 6 is one arm's cells.
+  assert [len(grp) for grp in stacks] == [6, 6, 6, 6]
+  assert [{f["pretrain"] for f, _, _ in grp} for grp in stacks] == [{"none"}, {"breast"}, {"breast_1200"},
+                                                                    {"multiorgan"}]
   # A cell with checkpoints of its own (an unstacked attempt) resumes alone; the arms may then share a stack.
   os.makedirs(tmp_path / fine[0][1] / "checkpoints" / "500")
   groups = grid.schedule(todo, 6, str(tmp_path))
-  assert [len(grp) for grp in groups[len(pre):]] == [1, 6, 6, 5] and groups[len(pre)] == [fine[0]]
+  assert [len(grp) for grp in groups[len(pre):]] == [1, 6, 6, 6, 5] and groups[len(pre)] == [fine[0]]
 
 
 @pytest.mark.slow

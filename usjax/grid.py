@@ -43,10 +43,14 @@ def plan(
   """(pre-training runs, fine-tuning cells) as (varying fields, workdir name, full config)."""
   pre, fine = [], []
   sources = dict(g.sources.items()) if g.sources else {}
+  steps = dict(g.get("pretrain_steps", None) or {})  # an arm's own pre-training length, else g.pretrain.num_steps
+  if set(steps) - set(sources):
+    raise UsjaxError(f"grid config: pretrain_steps names {sorted(set(steps) - set(sources))}, not in sources")
   for name, (method, transfer, size) in itertools.product(sources,
                                                           itertools.product(g.methods, g.transfers, g.image_sizes)):
     cfg = ml_collections.ConfigDict(g.pretrain.to_dict())
     cfg.data.pretrain_sources, cfg.method, cfg.data.image_size = sources[name], method, size
+    cfg.num_steps = steps.get(name, cfg.num_steps)
     cfg.model.with_decoder = transfer == "encoder+decoder"
     fields = dict(pretrain=name, method=method, transfer=transfer, image_size=size)
     run = "pre_" + _name(**fields)
@@ -202,7 +206,10 @@ def write_report(g, root: str, pre, fine, results: str = "") -> dict:
           "images": ex["image"], "masks": ex["mask"], "preds": ex["pred"],
           "titles": [f"{fields['pretrain']} {fields['label_fraction']}% #{i}" for i in range(len(ex["image"]))]
       }
-  paths = analysis.write_report(cells, os.path.join(root, "report"), pretrain_runs=pre_runs, overlays=overlays)
+  # C3's single-organ references: every arm pre-trained on breast ultrasound alone.
+  breast = tuple(name for name, src in (g.sources.items() if g.sources else ()) if src == "busi") or ("breast",)
+  paths = analysis.write_report(cells, os.path.join(root, "report"), pretrain_runs=pre_runs, overlays=overlays,
+                                breast=breast)
   summaries = {}
   for _, run, _ in pre + fine:
     if finished(os.path.join(root, run)):
