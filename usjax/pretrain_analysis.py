@@ -6,9 +6,10 @@ balanced accuracy) rose by under 0.02 on the best value seen before the last qua
 flattened was stopped while still learning, so the arm it feeds is under-trained and a claim resting on it is
 read with that caveat. Pure functions of the run's history.json / summary.json contents.
 
-The probe half of the rule is only as steady as the probe: BUSI's validation split has 63 images, so its balanced
-accuracy moves by about 0.05 between evaluations from sampling alone, and only a rise larger than that says much
-at this size; the loss half, a mean over many logged steps, is the steadier signal.
+The probe half of the rule is only as steady as the probe: on BUSI's 63 validation images an accuracy near 0.7
+has a sampling error of about 0.06, and successive evaluations of one run move by as much as 0.05 as a few
+borderline images flip, so only a larger rise says much at that size; the loss half, a mean over many logged
+steps, is the steadier signal.
 """
 from __future__ import annotations
 
