@@ -17,7 +17,8 @@ Sizing, and why: C1-C3 need the scratch, breast and multi-organ arms at 100% and
 pre-training at 8.7 minutes: about 3.5 hours for those 18. The 600-step breast pre-training had not flattened (its
 BUSI linear probe rose 0.71 -> 0.75 over its last third; usjax/pretrain_analysis.py), which leaves C3 comparing a
 flattened multi-organ arm with an under-trained breast one; the `breast_1200` arm (6 more fine-tunes and a
-16-minute pre-training; the whole grid measured 4.9 hours) asks whether C3's answer changes when the breast arm trains longer.
+16-minute pre-training; the whole grid measured 4.9 hours) asks whether C3's answer changes when the breast arm
+trains longer (it did not: README).
 Cells train seed by seed, so a grid cut short still compares every arm on the same seeds, and finished runs are
 recorded in results/grid_cpu/, from which a grid started elsewhere goes on. 64 px also measures the claims at the
 low resolution where the paper says the gains are largest. The GPU grid (configs/grid_gpu.py) covers 128 px and
