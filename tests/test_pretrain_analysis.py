@@ -2,6 +2,7 @@
 import json
 import math
 
+from usjax import analysis
 from usjax import pretrain_analysis as pa
 
 
@@ -65,7 +66,7 @@ def test_pretrain_table_puts_probe_and_flattening_beside_finetuning_gain(tmp_pat
   stats = [{"pretrain": "none", "label_fraction": 100,
             "dice": 0.70}, {"pretrain": "breast", "label_fraction": 100, "dice": 0.72},
            {"pretrain": "multiorgan", "label_fraction": 100, "dice": 0.69}]
-  md = pa.pretrain_table({name: str(tmp_path / name) for name in runs}, stats, floor={"busi_knn_bacc": 0.42})
+  md = analysis.pretrain_table({name: str(tmp_path / name) for name in runs}, stats, floor={"busi_knn_bacc": 0.42})
   lines = md.strip().splitlines()
   assert lines[0] == ("| pre-training | final loss | busi_knn_bacc | collapsed | loss fall, last 25% | "
                       "probe rise, last 25% | flattened | Δ Dice @ 100% |")

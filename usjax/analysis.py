@@ -18,7 +18,7 @@ import numpy as np
 
 from usjax import bootstrap
 from usjax import plots
-from usjax.pretrain_analysis import pretrain_table, probe_curves
+from usjax import pretrain_analysis
 
 METRICS = ("dice", "dice_lesion", "iou", "iou_lesion", "hd95", "hd95_undefined", "dice_benign", "dice_malignant",
            "dice_normal", "iou_benign", "iou_malignant", "iou_normal", "false_positive_rate", "num_images",
@@ -329,6 +329,41 @@ def write_csv(rows: list[dict], path: str) -> str:
   return path
 
 
+def pretrain_table(pretrain_runs: Mapping[str, str], stats: list[dict], floor: Mapping | None = None) -> str:
+  """What each pre-training learned beside what it gave fine-tuning: its last frozen-feature probe (balanced
+  k-NN / linear accuracy per probe set), the collapse flag, whether it had flattened (the last quarter's loss
+  fall and probe rise), and its Dice gain over scratch at each label fraction (group means of the report table).
+  `floor` is the probe of a randomly initialised encoder."""
+  summaries = {name: _read_json(os.path.join(wd, "summary.json")) or {} for name, wd in pretrain_runs.items()}
+  histories = {name: _read_json(os.path.join(wd, "history.json")) or [] for name, wd in pretrain_runs.items()}
+  probes = sorted({k for s in summaries.values() for k in (s.get("probe") or {}) if k.endswith("_bacc")})
+  probes += sorted(k for k in (floor or {}) if k.endswith("_bacc") and k not in probes)
+  fractions = sorted({s["label_fraction"] for s in stats if "label_fraction" in s}, reverse=True)
+  dice = {(s.get("pretrain"), s.get("label_fraction")): s["dice"] for s in stats}
+  header = [
+      "pre-training", "final loss", *probes, "collapsed", "loss fall, last 25%", "probe rise, last 25%", "flattened",
+      *(f"Δ Dice @ {f}%" for f in fractions)
+  ]
+  lines = []
+  if floor:
+    lines.append([
+        "random init (floor)", "–", *(_fmt(floor.get(k)) for k in probes), "–", "–", "–", "–", *("0" for _ in fractions)
+    ])
+  for name, s in summaries.items():
+    flat = pretrain_analysis.flattening(histories[name], s.get("probe_history") or [], s.get("steps") or 0)
+    gains = [dice.get((name, f), math.nan) - dice.get(("none", f), math.nan) for f in fractions]
+    lines.append([
+        name,
+        _fmt(s.get("final_loss")), *(_fmt((s.get("probe") or {}).get(k)) for k in probes),
+        "yes" if s.get("collapsed") else "no",
+        "–" if math.isnan(flat["loss_drop"]) else f"{100 * flat['loss_drop']:.1f}%",
+        "–" if math.isnan(flat["probe_gain"]) else f"{flat['probe_gain']:+.3f}", {True: "yes", False: "no",
+                                                                                  None: "–"}[flat["flattened"]],
+        *(f"{g:+.3f}" if not math.isnan(g) else "–" for g in gains)
+    ])
+  return _md(header, lines)
+
+
 def write_report(cells: list[tuple[dict, str]], out_dir: str, pretrain_runs: dict[str, str] | None = None,
                  overlays: dict | None = None, n_boot: int = 2000, seed: int = 0, probe_floor: Mapping | None = None,
                  breast: str | tuple[str, ...] = "breast") -> dict[str, str]:
@@ -359,8 +394,11 @@ def write_report(cells: list[tuple[dict, str]], out_dir: str, pretrain_runs: dic
   if pretrain_runs:
     pt = {name: _read_json(os.path.join(wd, "history.json")) for name, wd in pretrain_runs.items()}
     paths["pretrain_loss"] = plots.plot_loss_curves(pt, path("pretrain_loss.png"), "contrastive pre-training loss")
-    probed, metric = probe_curves(pretrain_runs)
-    if metric:
+    probed = {
+        name: (_read_json(os.path.join(wd, "summary.json")) or {}).get("probe_history") or []
+        for name, wd in pretrain_runs.items()
+    }
+    if metric := pretrain_analysis.probe_metric([r for h in probed.values() for r in h]):
       paths["pretrain_probe"] = plots.plot_loss_curves(probed, path("pretrain_probe.png"), "frozen-feature probe",
                                                        key=metric, ylabel=metric)
   if overlays:

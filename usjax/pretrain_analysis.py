@@ -4,7 +4,8 @@ A pre-training run is read as *flattened* when its last quarter changed little: 
 2% (mean over the last quarter of the steps against the quarter before) and the target probe (BUSI linear,
 balanced accuracy) rose by under 0.02 on the best value seen before the last quarter. A run that has not
 flattened was stopped while still learning, so the arm it feeds is under-trained and a claim resting on it is
-read with that caveat. Pure functions of the run's history.json / summary.json contents.
+read with that caveat. Pure functions of the run's history.json / summary.json contents; the report's table of
+them is `usjax.analysis.pretrain_table`.
 
 The probe half of the rule is only as steady as the probe: on BUSI's 63 validation images an accuracy near 0.7
 has a sampling error of about 0.06, and successive evaluations of one run move by as much as 0.05 as a few
@@ -13,10 +14,7 @@ steps, is the steadier signal.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-from collections.abc import Mapping
 
 import numpy as np
 
@@ -53,64 +51,3 @@ def flattening(history: list[dict], probe_history: list[dict], steps: int, metri
       "loss_drop": float(loss_drop), "probe_gain": float(probe_gain), "metric": metric,
       "flattened": bool(loss_drop < loss_tol and probe_gain < probe_tol) if known else None
   }
-
-
-def _read_json(path: str):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    return None
-
-
-def _fmt(x, digits: int = 3) -> str:
-  return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-def _md(header: list[str], lines: list[list[str]]) -> str:
-  rows = [header, ["---"] * len(header)] + lines
-  return "\n".join("| " + " | ".join(str(c) for c in r) + " |" for r in rows) + "\n"
-
-
-def pretrain_table(pretrain_runs: Mapping[str, str], stats: list[dict], floor: Mapping | None = None) -> str:
-  """What each pre-training learned beside what it gave fine-tuning: its last frozen-feature probe (balanced
-  k-NN / linear accuracy per probe set), the collapse flag, whether it had flattened (the last quarter's loss
-  fall and probe rise), and its Dice gain over scratch at each label fraction (group means of the report table).
-  `floor` is the probe of a randomly initialised encoder."""
-  summaries = {name: _read_json(os.path.join(wd, "summary.json")) or {} for name, wd in pretrain_runs.items()}
-  histories = {name: _read_json(os.path.join(wd, "history.json")) or [] for name, wd in pretrain_runs.items()}
-  probes = sorted({k for s in summaries.values() for k in (s.get("probe") or {}) if k.endswith("_bacc")})
-  probes += sorted(k for k in (floor or {}) if k.endswith("_bacc") and k not in probes)
-  fractions = sorted({s["label_fraction"] for s in stats if "label_fraction" in s}, reverse=True)
-  dice = {(s.get("pretrain"), s.get("label_fraction")): s["dice"] for s in stats}
-  header = [
-      "pre-training", "final loss", *probes, "collapsed", "loss fall, last 25%", "probe rise, last 25%", "flattened",
-      *(f"Δ Dice @ {f}%" for f in fractions)
-  ]
-  lines = []
-  if floor:
-    lines.append([
-        "random init (floor)", "–", *(_fmt(floor.get(k)) for k in probes), "–", "–", "–", "–", *("0" for _ in fractions)
-    ])
-  for name, s in summaries.items():
-    flat = flattening(histories[name], s.get("probe_history") or [], s.get("steps") or 0)
-    gains = [dice.get((name, f), math.nan) - dice.get(("none", f), math.nan) for f in fractions]
-    lines.append([
-        name,
-        _fmt(s.get("final_loss")), *(_fmt((s.get("probe") or {}).get(k)) for k in probes),
-        "yes" if s.get("collapsed") else "no",
-        "–" if math.isnan(flat["loss_drop"]) else f"{100 * flat['loss_drop']:.1f}%",
-        "–" if math.isnan(flat["probe_gain"]) else f"{flat['probe_gain']:+.3f}", {True: "yes", False: "no",
-                                                                                  None: "–"}[flat["flattened"]],
-        *(f"{g:+.3f}" if not math.isnan(g) else "–" for g in gains)
-    ])
-  return _md(header, lines)
-
-
-def probe_curves(pretrain_runs: Mapping[str, str]) -> tuple[dict[str, list[dict]], str | None]:
-  """Each pre-training's probe history and the metric to draw (the one the flattening rule follows)."""
-  hists = {
-      name: (_read_json(os.path.join(wd, "summary.json")) or {}).get("probe_history") or []
-      for name, wd in pretrain_runs.items()
-  }
-  return hists, probe_metric([r for h in hists.values() for r in h])
