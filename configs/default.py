@@ -29,6 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.log_every = 10
   c.checkpoint_every = 50
   c.keep_checkpoints = 3
+  # A resume whose batch_size, data.image_size/channels, method or model differ from its checkpoint's stops in
+  # one line naming both values; True goes on with this config's values (the state is loaded where it fits).
+  c.resume_anyway = False
 
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = "~/tensorflow_datasets"  # where prepared (array_record) data sets live and are reused
@@ -39,6 +42,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.label_fraction = 100  # % of the training labels used for fine-tuning: 100, 50, 25, 10 (nested)
   c.data.image_size = 64
   c.data.channels = 1
+  # Near-duplicate images (the same scan re-saved, re-cropped, with marks) of BUSI and `us_folder` are grouped
+  # and each group kept inside one split or fold (usjax.data.duplicates; 0 = off). Groups whose members carry
+  # different classes are left out of training and scoring unless keep_conflicts.
+  c.data.duplicate_threshold = 0.95
+  c.data.keep_conflicts = False
+  # folds = k > 0: grouped, class-stratified k-fold; `fold` is the test part, validation is carved from the other
+  # k-1 (train:val as 70:10). 0 = the fixed 70/10/20 split.
+  c.data.folds = 0
+  c.data.fold = 0
   c.data.aspect = "pad"  # 'pad' | 'stretch' | 'crop' (usjax.data.pipeline)
   c.data.num_workers = 0  # grain worker processes (0 = in the main process)
   c.data.synthetic_size = 64  # the embedded synthetic set: image side, count, seed
@@ -60,11 +72,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.conv_impl = "auto"  # convolutions and stem pool: 'xla' (plain Flax), 'cpu' (usjax.cpu_ops: the
   # same functions, faster on XLA:CPU), 'auto' (cpu on the CPU backend, else xla)
 
-  # Divergence that stays finite: a logged step's loss above `loss_spike_factor` times the median of the last
-  # `window` steps stops the run like a NaN does (0 = off). Normal training never comes near 10x its median.
+  # Divergence that stays finite stops the run like a NaN does (usjax.guard): a step's loss above
+  # `loss_spike_factor` times the median of the last `window` steps, or times the run's first losses (0 = off);
+  # or one update that moves the parameters by over `max_update_ratio` times their norm (0 = off), the one sign
+  # of a contrastive pre-training whose loss falls back to chance after a blow-up. Normal training stays far
+  # below both (Adam: an update of about learning rate / parameter RMS, 0.02-0.2).
   c.guard = ml_collections.ConfigDict()
   c.guard.loss_spike_factor = 10.0
   c.guard.window = 50
+  c.guard.max_update_ratio = 10.0
 
   # Pre-training: frozen-feature k-NN and linear probes of the encoder (usjax.probes) every `every` steps and at
   # the end, on those of `sources` whose data folder is set (BUSI: benign/malignant/normal, train -> val;

@@ -24,6 +24,7 @@ METRICS = ("dice", "dice_lesion", "iou", "iou_lesion", "hd95", "hd95_undefined",
            "dice_normal", "iou_benign", "iou_malignant", "iou_normal", "false_positive_rate", "num_images",
            "train_images", "steps", "images_per_sec")
 PRETRAIN_ONLY = ("method", "transfer", "init_from")  # describe a pre-training: a scratch arm matches any value
+REPLICATES = ("seed", "fold")  # fields that name a replicate of an arm, not the arm: pooled, and paired on
 STATEMENTS = {
     "C1": "pre-training beats training from scratch at the same label fraction",
     "C2": "pre-trained with 50% of the labels is comparable to scratch with 100%",
@@ -98,9 +99,10 @@ def _sort_key(key: tuple) -> tuple:
 
 
 def default_by(rows: list[dict]) -> tuple[str, ...]:
-  """(pretrain, label_fraction) plus any other cell field the grid varies except the seed, so arms never mix."""
+  """(pretrain, label_fraction) plus any other cell field the grid varies except the replicates (seed, fold), so
+  arms never mix and folds and seeds pool."""
   fields = cell_fields(rows)
-  varying = [k for k in fields if k != "seed" and len({_h(r.get(k)) for r in rows}) > 1]
+  varying = [k for k in fields if k not in REPLICATES and len({_h(r.get(k)) for r in rows}) > 1]
   return tuple(dict.fromkeys([k for k in ("pretrain", "label_fraction") if k in fields] + varying))
 
 
@@ -212,22 +214,29 @@ def _find(arms, like: dict, ignore: tuple, **want):
 
 
 def _pair_runs(a: list[dict], b: list[dict]) -> list[tuple[dict, dict]]:
-  """Runs paired by seed value where both arms carry seeds, else by position."""
-  sa, sb = ({r.get("seed"): r for r in x} for x in (a, b))
-  common = sorted((s for s in sa if s in sb), key=_h)
-  if common and None not in common:
+  """Runs paired by replicate (fold and seed) where both arms carry them, else by position."""
+  rep = lambda r: tuple(_h(r.get(k)) for k in REPLICATES)
+  sa, sb = ({rep(r): r for r in x} for x in (a, b))
+  common = sorted((s for s in sa if s in sb), key=_sort_key)
+  if common and any(v is not None for s in common for v in s):
     return [(sa[s], sb[s]) for s in common]
   return list(zip(a, b))
 
 
 def _verdict(claim: str, lo: float, hi: float, margin: float) -> tuple[str, str]:
-  within = -margin <= lo and hi <= margin
+  """C1/C3 claim a gain: supported when the CI lies above 0, ruled out when it lies within ±margin (no gain worth
+  having) or below 0. C2 claims comparability: supported when the CI lies above -margin (within the margin or
+  better), ruled out when it lies below -margin. Otherwise inconclusive."""
+  if claim == "C2":
+    if lo >= -margin:
+      return "supported", f"comparable or better: CI above -{margin}"
+    return ("ruled out", f"worse: CI below -{margin}") if hi < -margin else ("inconclusive", f"CI reaches below "
+                                                                                             f"-{margin}")
   if lo > 0:
     return "supported", "CI above 0"
-  if within:
-    return ("supported", f"comparable: CI within ±{margin}") if claim == "C2" else ("not supported",
-                                                                                    f"no gain: CI within ±{margin}")
-  return ("not supported", "CI below 0: worse") if hi < 0 else ("inconclusive", "CI includes 0")
+  if -margin <= lo and hi <= margin:
+    return "ruled out", f"no gain: CI within ±{margin}"
+  return ("ruled out", "worse: CI below 0") if hi < 0 else ("inconclusive", "CI includes 0")
 
 
 def _not_run(claim: str, comparison: str, note: str) -> dict:
@@ -243,11 +252,13 @@ def _compare(claim, ref, treat, per_image, margin, n_boot, seed) -> dict:
     return {**row, "verdict": "inconclusive", "note": "per-image scores missing"}
   a = [per_image[p[0]["workdir"]] for p in pairs]
   b = [per_image[p[1]["workdir"]] for p in pairs]
-  diff, lo, hi, p = bootstrap.paired_difference_ci(a, b, n_boot, seed)
-  verdict, note = _verdict(claim, lo, hi, margin)
-  n_images = min(len(set(r["id"] for r in x) & set(r["id"] for r in y)) for x, y in zip(a, b))
+  d = bootstrap.paired_difference(a, b, n_boot, seed)
+  verdict, note = _verdict(claim, d["lo"], d["hi"], margin)
+  n_images = sum(len(set(r["id"] for r in x) & set(r["id"] for r in y)) for x, y in zip(a, b))
+  folds = {_h(p[0].get("fold")) for p in pairs} - {None}
   return {
-      **row, "n_seeds": len(pairs), "n_images": n_images, "diff": diff, "lo": lo, "hi": hi, "p": p, "verdict": verdict,
+      **row, "n_seeds": len(pairs), "n_folds": len(folds), "n_images": n_images, "diff": d["diff"], "lo": d["lo"],
+      "hi": d["hi"], "half_width": (d["hi"] - d["lo"]) / 2, "mde": d["mde"], "p": d["p"], "verdict": verdict,
       "note": note
   }
 
@@ -291,13 +302,22 @@ def claims(rows: list[dict], per_image: Mapping | None = None, *, scratch: str =
   return sorted(out, key=lambda r: r["claim"])
 
 
+def _replicates(r: dict) -> str:
+  """'15 (5 folds) / 1830': paired runs, the folds among them, paired per-image scores in all."""
+  if "n_seeds" not in r:
+    return "–"
+  folds = f" ({r['n_folds']} folds)" if r.get("n_folds") else ""
+  return f"{r['n_seeds']}{folds} / {r['n_images']}"
+
+
 def claims_markdown(rows: list[dict]) -> str:
   statements = "".join(f"- **{c}**: {s}\n" for c, s in STATEMENTS.items())
-  header = ["Claim", "Comparison", "Δ Dice [95% CI]", "p", "seeds × images", "Verdict", "Note"]
+  header = ["Claim", "Comparison", "Δ Dice [95% CI]", "CI ±", "MDE (80% power)", "p", "runs / image scores",
+            "Verdict", "Note"]
   lines = [[
       r["claim"], r["comparison"], f"{r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]" if "diff" in r else "–",
-      _fmt(r.get("p")), f"{r['n_seeds']} × {r['n_images']}" if "n_seeds" in r else "–", r["verdict"],
-      r.get("note", "")
+      _fmt(r.get("half_width")), _fmt(r.get("mde")), _fmt(r.get("p")),
+      _replicates(r), r["verdict"], r.get("note", "")
   ] for r in rows]
   return statements + "\n" + _md(header, lines)
 

@@ -38,45 +38,85 @@ def _name(**fields) -> str:
   return "_".join(f"{k}-{v}" for k, v in fields.items()).replace("+", "").replace(",", "")
 
 
+def _fold_options(g) -> list[int | None]:
+  """The folds a grid runs: None (the fixed split) unless `g.folds` = k, then `g.fold_list` or all k."""
+  k = int(g.get("folds", 0) or 0)
+  if not k:
+    return [None]
+  folds = tuple(g.get("fold_list", ()) or range(k))
+  if k < 2 or any(not 0 <= f < k for f in folds):
+    raise UsjaxError(f"grid config: folds={k}, fold_list={folds}: need folds >= 2 and every fold in 0..{k - 1}")
+  return list(folds)
+
+
+def _uses_split_aware(sources: str) -> bool:
+  """Whether a pre-training mixture reads a source whose splits follow the fold (so it must be run per fold)."""
+  from usjax.data import sources as data_sources
+  return any(s.strip() in data_sources.SPLIT_AWARE for s in sources.split(","))
+
+
+def _set_fold(cfg, folds: int, fold: int | None) -> None:
+  if fold is not None:
+    cfg.data.folds, cfg.data.fold = folds, fold
+
+
 def plan(
     g) -> tuple[list[tuple[dict, str, ml_collections.ConfigDict]], list[tuple[dict, str, ml_collections.ConfigDict]]]:
-  """(pre-training runs, fine-tuning cells) as (varying fields, workdir name, full config)."""
+  """(pre-training runs, fine-tuning cells) as (varying fields, workdir name, full config).
+
+  With `g.folds` = k, every cell is run on each fold (field `fold`): fine-tuning trains on that fold's training
+  part and is scored on its test part, and a pre-training that reads BUSI (or another split-aware source) is run
+  once per fold on that fold's training split, so it never sees the fold's test images.
+  """
   pre, fine = [], []
   sources = dict(g.sources.items()) if g.sources else {}
   steps = dict(g.get("pretrain_steps", None) or {})  # an arm's own pre-training length, else g.pretrain.num_steps
   if set(steps) - set(sources):
     raise UsjaxError(f"grid config: pretrain_steps names {sorted(set(steps) - set(sources))}, not in sources")
-  for name, (method, transfer, size) in itertools.product(sources,
-                                                          itertools.product(g.methods, g.transfers, g.image_sizes)):
+  k, folds = int(g.get("folds", 0) or 0), _fold_options(g)
+  arms_of = {f: [("none", None)] for f in folds}
+  for name, (method, transfer, size), fold in itertools.product(
+      sources, itertools.product(g.methods, g.transfers, g.image_sizes), folds):
     cfg = ml_collections.ConfigDict(g.pretrain.to_dict())
     cfg.data.pretrain_sources, cfg.method, cfg.data.image_size = sources[name], method, size
     cfg.num_steps = steps.get(name, cfg.num_steps)
     cfg.model.with_decoder = transfer == "encoder+decoder"
     fields = dict(pretrain=name, method=method, transfer=transfer, image_size=size)
+    per_fold = fold is not None and _uses_split_aware(sources[name])
+    if per_fold:
+      _set_fold(cfg, k, fold)
+      fields["fold"] = fold
     run = "pre_" + _name(**fields)
     if run not in [r for _, r, _ in pre]:
       pre.append((fields, run, cfg))
-  arms = [("none", None)] + [(p["pretrain"], (p, r)) for p, r, _ in pre]
-  for (name, arm), fraction, size, seed in itertools.product(arms, g.label_fractions, g.image_sizes, g.seeds):
-    variants = [(g.methods[0], "encoder")] if arm is None else [(arm[0]["method"], arm[0]["transfer"])]
-    if arm is not None and arm[0]["image_size"] != size:
-      continue
-    for method, transfer in variants:
+    arms_of[fold].append((name, (fields, run)))
+  for fold in folds:
+    for (name, arm), fraction, size, seed in itertools.product(arms_of[fold], g.label_fractions, g.image_sizes,
+                                                               g.seeds):
+      if arm is not None and arm[0]["image_size"] != size:
+        continue
+      method, transfer = (g.methods[0], "encoder") if arm is None else (arm[0]["method"], arm[0]["transfer"])
       cfg = ml_collections.ConfigDict(g.finetune.to_dict())
       cfg.data.label_fraction, cfg.data.image_size, cfg.seed = fraction, size, seed
+      _set_fold(cfg, k, fold)
       cfg.init_from = "" if arm is None else arm[1]  # a run name; made absolute in `run`
       cfg.transfer = transfer
       fields = dict(pretrain=name, method=method if arm else "none", transfer=transfer if arm else "none",
                     label_fraction=fraction, image_size=size, seed=seed)
+      if fold is not None:
+        fields["fold"] = fold
       fine.append((fields, "ft_" + _name(**fields), cfg))
-  imagenet = g.get("imagenet", "")  # a torchvision/timm ResNet .safetensors file: the field's default start
-  for fraction, size, seed in itertools.product(g.label_fractions if imagenet else (), g.image_sizes, g.seeds):
-    cfg = ml_collections.ConfigDict(g.finetune.to_dict())
-    cfg.data.label_fraction, cfg.data.image_size, cfg.seed = fraction, size, seed
-    cfg.init_from, cfg.transfer = os.path.abspath(os.path.expanduser(imagenet)), "encoder"
-    fields = dict(pretrain="imagenet", method="supervised", transfer="encoder", label_fraction=fraction,
-                  image_size=size, seed=seed)
-    fine.append((fields, "ft_" + _name(**fields), cfg))
+    imagenet = g.get("imagenet", "")  # a torchvision/timm ResNet .safetensors file: the field's default start
+    for fraction, size, seed in itertools.product(g.label_fractions if imagenet else (), g.image_sizes, g.seeds):
+      cfg = ml_collections.ConfigDict(g.finetune.to_dict())
+      cfg.data.label_fraction, cfg.data.image_size, cfg.seed = fraction, size, seed
+      _set_fold(cfg, k, fold)
+      cfg.init_from, cfg.transfer = os.path.abspath(os.path.expanduser(imagenet)), "encoder"
+      fields = dict(pretrain="imagenet", method="supervised", transfer="encoder", label_fraction=fraction,
+                    image_size=size, seed=seed)
+      if fold is not None:
+        fields["fold"] = fold
+      fine.append((fields, "ft_" + _name(**fields), cfg))
   return pre, fine
 
 
@@ -125,19 +165,31 @@ def resumable(workdir: str) -> bool:
 
 def schedule(todo, stack_runs: int, root: str) -> list[list]:
   """`todo`'s runs in groups that train together: pre-training runs and resumable cells alone, the other
-  fine-tuning cells in groups of up to `stack_runs` that `stacked.finetune_stacked` can train at once (in plan
-  order, so every group comes after the pre-training runs, which `todo` lists first)."""
-  groups, open_groups = [], {}
+  fine-tuning cells in groups of up to `stack_runs` that `stacked.finetune_stacked` can train at once.
+
+  A group holds one pre-training arm (its cells start from the same weights, so a grid cut short has whole arms),
+  filled by label fraction, then seed; with 4 fractions x 3 seeds and `stack_runs` = 12, each arm is one program.
+  Groups come in the order their arm first appears in `todo`, so after the pre-training runs `todo` lists first.
+  """
+  fractions = list(dict.fromkeys(f.get("label_fraction") for f, _, _ in todo))  # plan order, e.g. 100, 50, 25, 10
+  slots, buckets = [], {}
   for item in todo:
-    _, run_name, cfg = item
+    fields, run_name, cfg = item
     if stack_runs <= 1 or cfg.task != "finetune" or resumable(os.path.join(root, run_name)):
-      groups.append([item])
+      slots.append([item])
       continue
-    key = stacked.stack_key(cfg)
-    if key not in open_groups or len(open_groups[key]) >= stack_runs:
-      open_groups[key] = []
-      groups.append(open_groups[key])
-    open_groups[key].append(item)
+    key = (fields.get("pretrain"), stacked.stack_key(cfg))
+    if key not in buckets:
+      buckets[key] = []
+      slots.append(key)
+    buckets[key].append(item)
+  groups = []
+  for slot in slots:
+    if isinstance(slot, list):
+      groups.append(slot)
+      continue
+    cells = sorted(buckets[slot], key=lambda x: (fractions.index(x[0].get("label_fraction")), x[0].get("seed", 0)))
+    groups += [cells[i:i + stack_runs] for i in range(0, len(cells), stack_runs)]
   return groups
 
 
@@ -222,11 +274,13 @@ def write_report(g, root: str, pre, fine, results: str = "") -> dict:
   return paths
 
 
-def _log_time(root: str, results: str, names: list[str], task: str, seconds: float) -> None:
+def _log_time(root: str, results: str, names: list[str], task: str, seconds: float, **measured) -> None:
+  """Appends a group's seconds to `timing.json` (and its copy in `results`); `measured` adds what a group stopped
+  by a signal measured (`stacked.cut_timing`: `cut`, steps done, compile seconds, step rate)."""
   path = os.path.join(root, TIMING)
   timing = _read_timing(path) + [{
       "runs": names, "task": task, "seconds": round(seconds, 1), "device": jax.devices()[0].device_kind,
-      "date": time.strftime("%Y-%m-%d")
+      "date": time.strftime("%Y-%m-%d"), **measured
   }]
   report.write_json(path, timing)
   if results:
@@ -254,10 +308,19 @@ def run(g, root: str) -> dict:
   record(root, results, [r for _, r, _ in pre + fine])
   # Seed by seed: a grid cut short leaves every arm and label fraction with the same seeds, so its claim rows
   # compare like with like.
-  fine_todo = sorted(((f, r, c) for f, r, c in fine if not finished(os.path.join(root, r))), key=lambda x: x[0]["seed"])
+  # Fold by fold within a seed, for the same reason: a study cut short has whole folds.
+  fine_todo = sorted(((f, r, c) for f, r, c in fine if not finished(os.path.join(root, r))),
+                     key=lambda x: (x[0]["seed"], x[0].get("fold", 0)))
   needed = {c.init_from for _, _, c in fine_todo}
   pre_todo = [(f, r, c) for f, r, c in pre if r in needed and not has_weights(os.path.join(root, r))]
-  todo = pre_todo + fine_todo
+  if g.get("stack_runs", 1) > 1:
+    todo = pre_todo + fine_todo  # stacked groups gather cells from anywhere in the plan: their weights come first
+  else:  # each pre-training just before the first cell that needs it, so results of early folds come early
+    todo, waiting = [], {r: item for item in pre_todo for r in [item[1]]}
+    for item in fine_todo:
+      if item[2].init_from in waiting:
+        todo.append(waiting.pop(item[2].init_from))
+      todo.append(item)
   logging.info("grid %s: %d pre-training runs, %d fine-tuning cells, %d still to run", g.name, len(pre), len(fine),
                len(todo))
   done = 0

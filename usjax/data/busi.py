@@ -94,10 +94,14 @@ def _natural(stem: str):
   return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', stem)]
 
 
-def prepare(manual_dir: str, data_dir: str, *, split=folders.DEFAULT_SPLIT, seed: int = 0) -> tfds.core.DatasetBuilder:
-  """Validates the BUSI folder and prepares it once under `data_dir` (array_record)."""
+def prepare(manual_dir: str, data_dir: str, *, split=folders.DEFAULT_SPLIT, seed: int = 0, folds: int = 0,
+            fold: int = 0, dedup: float = 0.0, keep_conflicts: bool = False) -> tfds.core.DatasetBuilder:
+  """Validates the BUSI folder and prepares it once under `data_dir` (array_record); `folds`/`fold`, `dedup` and
+  `keep_conflicts` as in `folders.Config` (near-duplicate groups kept inside one split, k-fold splits)."""
   root = find_root(os.fspath(manual_dir))
-  config = folders.Config(name=folders.config_name(root, split, seed),
-                          description=f'{root}, split={folders.check_split(split)}, seed={seed}', root=root,
-                          split=folders.check_split(split), seed=seed)
+  folds, fold = folders.check_folds(folds, fold)
+  opts = dict(folds=folds, fold=fold, dedup=float(dedup), keep_conflicts=bool(keep_conflicts))
+  config = folders.Config(name=folders.config_name(root, split, seed, **opts),
+                          description=f'{root}, split={folders.check_split(split)}, seed={seed}, {opts}', root=root,
+                          split=folders.check_split(split), seed=seed, **opts)
   return staging.build(lambda d: Busi(data_dir=d, config=config, file_format='array_record'), data_dir)

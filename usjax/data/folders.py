@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from usjax.data import DataError
 from usjax.data import imageio
@@ -49,6 +50,10 @@ class Config(tfds.core.BuilderConfig):
   root: str = ''
   split: tuple[float, float, float] = DEFAULT_SPLIT
   seed: int = 0
+  folds: int = 0  # k > 0: grouped, stratified k-fold; `fold` is the test part, validation is carved from the rest
+  fold: int = 0
+  dedup: float = 0.0  # near-duplicate threshold (usjax.data.duplicates); 0 = images are grouped only as scanned
+  keep_conflicts: bool = False  # keep duplicate groups whose members carry different classes
 
 
 def path_hash(path: str) -> str:
@@ -63,10 +68,23 @@ def check_split(split: Sequence[float]) -> tuple[float, float, float]:
   return split
 
 
-def config_name(root: str, split, seed: int, *extra: str) -> str:
-  """E.g. 'p1a2b3c4d_s0_70_10_20': folder hash, seed, split percentages, extras."""
+def config_name(root: str, split, seed: int, *extra: str, folds: int = 0, fold: int = 0, dedup: float = 0.0,
+                keep_conflicts: bool = False) -> str:
+  """E.g. 'p1a2b3c4d_s0_70_10_20': folder hash, seed, split percentages, extras; then the fold ('k5f0'), the
+  near-duplicate threshold ('d0p95', 'kc' when conflicts are kept): each option set is its own prepared data."""
   pct = '_'.join(f'{100 * f:g}'.replace('.', 'p') for f in check_split(split))
-  return '_'.join([f'p{path_hash(root)}', *extra, f's{int(seed)}', pct])
+  opts = [f'k{int(folds)}f{int(fold)}'] if folds else []
+  opts += [f'd{dedup:g}'.replace('.', 'p') + ('kc' if keep_conflicts else '')] if dedup else []
+  return '_'.join([f'p{path_hash(root)}', *extra, f's{int(seed)}', pct, *opts])
+
+
+def check_folds(folds: int, fold: int) -> tuple[int, int]:
+  if folds == 0:
+    return 0, 0
+  if folds < 2 or not 0 <= fold < folds:
+    raise DataError(f'config.data.folds={folds}, config.data.fold={fold}: need folds >= 2 (or 0 for the fixed '
+                    'split) and 0 <= fold < folds')
+  return int(folds), int(fold)
 
 
 def require_dir(path, problem: str = 'folder not found') -> str:
@@ -105,15 +123,13 @@ def _groups_by_class(labels, groups):
   return by_class
 
 
-def assign_splits(labels: Sequence[int], groups: Sequence[str], split, seed: int) -> list[str]:
-  """Split name per example: stratified by class, each group wholly in one split.
+def _deal(labels: Sequence[int], groups: Sequence[str], fractions, rng: np.random.Generator) -> dict[str, int]:
+  """{group: part index}: stratified by class, each group wholly in one part of the given `fractions`.
 
-  Per class, groups are dealt greedily to the split furthest below its target
-  count. With groups of very different sizes the order matters, so a few
-  seed-driven orders are tried and the best-balanced kept.
+  Per class, groups are dealt greedily to the part furthest below its target count. With groups of very different
+  sizes the order matters, so a few seed-driven orders are tried and the best-balanced kept.
   """
-  fractions = np.asarray(check_split(split))
-  rng = np.random.default_rng(seed)
+  fractions = np.asarray(fractions, float) / np.sum(fractions)
   where = {}
   for _, class_groups in sorted(_groups_by_class(labels, groups).items()):
     sizes = np.array([n for _, n in class_groups])
@@ -121,15 +137,43 @@ def assign_splits(labels: Sequence[int], groups: Sequence[str], split, seed: int
     best, best_err = None, np.inf
     for _ in range(1 if sizes.max() == 1 else 64):
       order = rng.permutation(len(class_groups))
-      filled, pick = np.zeros(3), np.zeros(len(class_groups), int)
+      filled, pick = np.zeros(len(fractions)), np.zeros(len(class_groups), int)
       for i in order:
         pick[i] = int(np.argmax(target - filled))
         filled[pick[i]] += sizes[i]
       err = float(np.sum(((filled - target) / target)**2))
       if err < best_err:
         best, best_err = pick, err
-    where.update({g: SPLITS[s] for (g, _), s in zip(class_groups, best)})
+    where.update({g: int(s) for (g, _), s in zip(class_groups, best)})
+  return where
+
+
+def assign_splits(labels: Sequence[int], groups: Sequence[str], split, seed: int) -> list[str]:
+  """Split name per example: stratified by class, each group wholly in one split."""
+  where = _deal(labels, groups, check_split(split), np.random.default_rng(seed))
+  return [SPLITS[where[g]] for g in groups]
+
+
+def assign_folds(labels: Sequence[int], groups: Sequence[str], folds: int, seed: int) -> list[int]:
+  """Fold (0..folds-1) per example: class-stratified, each group wholly in one fold."""
+  where = _deal(labels, groups, np.full(folds, 1 / folds), np.random.default_rng([seed, 2]))
   return [where[g] for g in groups]
+
+
+def assign_fold_splits(labels: Sequence[int], groups: Sequence[str], split, seed: int, folds: int,
+                       fold: int) -> list[str]:
+  """Split name per example for fold `fold` of `folds`: that fold is 'test'; the other folds are dealt to 'train'
+  and 'val' (grouped, stratified) in the ratio of `split`'s first two fractions. Over the folds every example is a
+  test example exactly once."""
+  split = check_split(split)
+  fold_of = assign_folds(labels, groups, folds, seed)
+  rest = [i for i, f in enumerate(fold_of) if f != fold]
+  tv = _deal([labels[i] for i in rest], [groups[i] for i in rest], (split[0], split[1]),
+             np.random.default_rng([seed, 3, fold]))
+  out = ['test'] * len(labels)
+  for i in rest:
+    out[i] = SPLITS[tv[groups[i]]]
+  return out
 
 
 def assign_label_fractions(labels: Sequence[int], groups: Sequence[str], seed: int) -> list[int]:
@@ -183,6 +227,9 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Returns {'image': png, ['mask': png]} after a full decode of the files."""
     raise NotImplementedError
 
+  def _has_group(self) -> bool:
+    return self.HAS_GROUP or bool(self.builder_config.dedup)
+
   def _info(self) -> tfds.core.DatasetInfo:
     features = {
         'image': image_feature(self._channels()),
@@ -191,7 +238,7 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     }
     if self.HAS_MASK:
       features['mask'] = image_feature(1)
-    if self.HAS_GROUP:
+    if self._has_group():
       features['group'] = tfds.features.Text()
     if self.HAS_LABEL_FRACTION:
       features['label_fraction'] = tfds.features.Scalar(dtype=np.int32)
@@ -203,7 +250,13 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     del dl_manager  # The folder is in the config, validated by `_scan`.
     cfg = self.builder_config
     items = self._scan()
-    where = assign_splits([it.label for it in items], [it.group for it in items], cfg.split, cfg.seed)
+    if cfg.dedup:
+      items = group_duplicates(items, cfg.dedup, cfg.keep_conflicts, self._class_names(), cfg.root)
+    labels, groups = [it.label for it in items], [it.group for it in items]
+    if cfg.folds:
+      where = assign_fold_splits(labels, groups, cfg.split, cfg.seed, cfg.folds, cfg.fold)
+    else:
+      where = assign_splits(labels, groups, cfg.split, cfg.seed)
     parts = {s: [it for it, w in zip(items, where) if w == s] for s in SPLITS}
     for s, part in parts.items():
       if not part:
@@ -219,11 +272,36 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     for item in items:
       example = self._encode(item)
       example.update(id=item.id, label=item.label)
-      if self.HAS_GROUP:
+      if self._has_group():
         example['group'] = item.group
       if self.HAS_LABEL_FRACTION:
         example['label_fraction'] = fractions[item.id]
       yield item.id, example
+
+
+def group_duplicates(items: list[Item], threshold: float, keep_conflicts: bool, class_names: Sequence[str],
+                     root: str = '') -> list[Item]:
+  """`items` with near-duplicates (usjax.data.duplicates) joined into one group, together with the groups they
+  already had (a video, a patient); groups whose members carry different classes are left out unless
+  `keep_conflicts`. A group is named by its first member's id."""
+  from usjax.data import duplicates
+  prints = np.stack([duplicates.read_fingerprints(it.paths[0]) for it in items])
+  found = duplicates.find(prints, [it.label for it in items], threshold)
+  first = {}
+  links = [(first.setdefault(it.group, i), i) for i, it in enumerate(items)]  # the groups the scan gave
+  group = duplicates.union_find(len(items), found.pairs + links)
+  classes = collections.defaultdict(set)
+  for it, g in zip(items, group):
+    classes[g].add(it.label)
+  conflicts = {g for g, c in classes.items() if len(c) > 1}
+  kept = [dataclasses.replace(it, group=items[g].id) for it, g in zip(items, group) if keep_conflicts or
+          g not in conflicts]
+  summary = found.summary([it.label for it in items], class_names)
+  logging.info('%s: %d near-duplicate pairs (similarity >= %g) in %d groups; %d groups with mixed classes (%d '
+               'images) %s', root, summary['pairs'], threshold, summary['groups'], len(conflicts),
+               len(items) - len(kept) if not keep_conflicts else sum(1 for g in group if g in conflicts),
+               'kept' if keep_conflicts else 'left out')
+  return kept
 
 
 # ---------------------------------------------------------------------------
@@ -282,15 +360,20 @@ def folder_layout(root: str) -> dict[str, list[str]]:
 
 
 def prepare_folder(manual_dir: str, data_dir: str, name: str, channels: int = 1, *, split=DEFAULT_SPLIT,
-                   seed: int = 0) -> tfds.core.DatasetBuilder:
-  """Prepares an image folder once (channels=1 for ultrasound, 3 for natural images)."""
+                   seed: int = 0, folds: int = 0, fold: int = 0, dedup: float = 0.0,
+                   keep_conflicts: bool = False) -> tfds.core.DatasetBuilder:
+  """Prepares an image folder once (channels=1 for ultrasound, 3 for natural images); `folds`/`fold`, `dedup`
+  and `keep_conflicts` as in `Config`."""
   if not re.fullmatch(r'[a-z][a-z0-9_]*', name or ''):
     raise DataError(f'{name!r}: data set name must be lower-case letters, digits and underscores')
   if channels not in (1, 3):
     raise DataError(f'{manual_dir}: channels must be 1 or 3, got {channels}')
   root = os.path.realpath(require_dir(manual_dir))
   classes = tuple(folder_layout(root))
-  config = FolderConfig(name=f'{name}_{config_name(root, split, seed, f"c{channels}")}',
-                        description=f'{name}: {root}, channels={channels}, split={check_split(split)}, seed={seed}',
-                        root=root, split=check_split(split), seed=seed, channels=channels, classes=classes)
+  folds, fold = check_folds(folds, fold)
+  opts = dict(folds=folds, fold=fold, dedup=float(dedup), keep_conflicts=bool(keep_conflicts))
+  config = FolderConfig(name=f'{name}_{config_name(root, split, seed, f"c{channels}", **opts)}',
+                        description=f'{name}: {root}, channels={channels}, split={check_split(split)}, seed={seed}, '
+                        f'{opts}', root=root, split=check_split(split), seed=seed, channels=channels,
+                        classes=classes, **opts)
   return staging.build(lambda d: UsjaxFolder(data_dir=d, config=config, file_format='array_record'), data_dir)

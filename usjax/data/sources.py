@@ -48,7 +48,7 @@ def builder_for(name: str, data_cfg):
   folder = os.path.expanduser(folder)
   if name == "busi":
     from usjax.data import busi
-    return busi.prepare(folder, ddir)
+    return busi.prepare(folder, ddir, **split_options(name, data_cfg))
   if name == "pocus":
     from usjax.data import pocus
     return pocus.prepare(folder, ddir)
@@ -56,7 +56,21 @@ def builder_for(name: str, data_cfg):
     from usjax.data import camus
     return camus.prepare(folder, ddir)
   from usjax.data import folders
-  return folders.prepare_folder(folder, ddir, name=name, channels=3 if name == "natural" else 1)
+  return folders.prepare_folder(folder, ddir, name=name, channels=3 if name == "natural" else 1,
+                                **split_options(name, data_cfg))
+
+
+# Sources whose splits are made duplicate-aware and k-fold: the labelled ones a study scores (`natural` is a
+# pre-training source only, and 10,000 CIFAR images would take minutes to compare pairwise).
+SPLIT_AWARE = ("busi", "us_folder")
+
+
+def split_options(name: str, data_cfg) -> dict:
+  """The near-duplicate and fold options of `data_cfg` that apply to source `name` (none outside SPLIT_AWARE)."""
+  if name not in SPLIT_AWARE:
+    return {}
+  return dict(folds=data_cfg.folds, fold=data_cfg.fold, dedup=data_cfg.duplicate_threshold,
+              keep_conflicts=data_cfg.keep_conflicts)
 
 
 def check_name(name: str, data_cfg, key: str) -> None:
