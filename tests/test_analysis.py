@@ -125,12 +125,51 @@ def test_claims_verdicts(tmp_path):
   found = analysis.claims(rows, per_image, n_boot=N_BOOT)
   c1 = by_claim(found, "C1")
   assert len(c1) == 4 and all(r["verdict"] == "supported" for r in c1)
-  assert {r["n_seeds"] for r in c1} == {2} and {r["n_images"] for r in c1} == {len(IDS)}
+  assert {r["n_seeds"] for r in c1} == {2} and {r["n_images"] for r in c1} == {2 * len(IDS)}  # paired scores
   c2 = by_claim(found, "C2")
   assert len(c2) == 2 and all(r["verdict"] == "supported" and "comparable" in r["note"] for r in c2)
   c3 = by_claim(found, "C3")
-  assert len(c3) == 2 and all(r["verdict"] in ("not supported", "inconclusive") for r in c3)
+  assert len(c3) == 2 and all(r["verdict"] in ("ruled out", "inconclusive") for r in c3)
   assert all(abs(r["diff"]) < 0.01 for r in c3)
+
+
+@pytest.mark.parametrize("claim, lo, hi, verdict", [
+    ("C1", 0.001, 0.05, "supported"), ("C1", -0.015, 0.019, "ruled out"), ("C1", -0.05, -0.01, "ruled out"),
+    ("C1", -0.01, 0.03, "inconclusive"), ("C3", -0.03, 0.01, "inconclusive"), ("C2", -0.019, 0.05, "supported"),
+    ("C2", -0.05, -0.021, "ruled out"), ("C2", -0.03, 0.0, "inconclusive")
+])
+def test_verdicts_in_words(claim, lo, hi, verdict):
+  assert analysis._verdict(claim, lo, hi, 0.02)[0] == verdict
+
+
+def test_folds_and_seeds_pool_into_one_arm_paired_by_replicate(tmp_path):
+  """Cells of 3 folds x 2 seeds, each fold with its own test images: one arm per (pretrain, fraction), runs paired
+  by (fold, seed), and the CI half-width and MDE against the spread of the per-run differences."""
+  cells, shift = [], {}
+  for fold in range(3):
+    ids = [f"f{fold}_{i}" for i in range(40)]
+    base = np.random.default_rng(fold).uniform(0.3, 0.9, len(ids))
+    for seed in (0, 1):
+      shift[fold, seed] = 0.03 + 0.02 * np.random.default_rng([fold, seed]).normal()  # run-to-run spread
+      for arm in ("none", "multiorgan"):
+        dice = base + (shift[fold, seed] if arm == "multiorgan" else 0.0)
+        fields = {"pretrain": arm, "label_fraction": 100, "seed": seed, "fold": fold}
+        wd = tmp_path / f"{arm}_{fold}_{seed}"
+        os.makedirs(wd)
+        (wd / "summary.json").write_text(json.dumps({"dice": float(dice.mean())}))
+        (wd / "per_image.json").write_text(json.dumps([{"id": i, "dice": float(d)} for i, d in zip(ids, dice)]))
+        cells.append((fields, str(wd)))
+  rows = analysis.collect(cells)
+  assert analysis.default_by(rows) == ("pretrain", "label_fraction")
+  per_image = {r["workdir"]: analysis.load_per_image(r["workdir"]) for r in rows}
+  c1, = by_claim(analysis.claims(rows, per_image, n_boot=4000), "C1")
+  assert (c1["n_seeds"], c1["n_folds"], c1["n_images"]) == (6, 3, 6 * 40)
+  runs = np.array(list(shift.values()))
+  assert c1["diff"] == pytest.approx(runs.mean(), abs=1e-9)
+  se = runs.std(ddof=1) / np.sqrt(len(runs))  # every image of a run moves by the same shift: runs are the units
+  assert c1["half_width"] == pytest.approx(1.96 * se, rel=0.3)
+  assert c1["mde"] == pytest.approx(2.80 * se, rel=0.3)
+  assert "6 (3 folds) / 240" in analysis.claims_markdown([c1])
 
 
 def test_c3_compares_multiorgan_with_each_breast_only_arm(tmp_path):

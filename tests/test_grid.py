@@ -69,7 +69,12 @@ def test_a_grid_goes_on_from_the_results_another_machine_recorded(tmp_path, monk
   monkeypatch.setattr(grid.train, "run", _fake_train(trained))
   monkeypatch.setattr(grid, "write_report", lambda *a, **k: {})
   grid.run(g, str(tmp_path / "first"))
-  assert trained == [r for _, r, _ in pre + fine]  # one seed: plan order
+  # One seed: plan order, each pre-training just before the first cell that starts from it.
+  expected = []
+  for _, run, cfg in fine:
+    expected += [cfg.init_from] if cfg.init_from and cfg.init_from not in expected else []
+    expected.append(run)
+  assert trained == expected and sorted(trained) == sorted(r for _, r, _ in pre + fine)
   results = tmp_path / "results"
   timing = json.loads((results / "timing.json").read_text())  # the grid's clock travels with the results
   assert [t["runs"] for t in timing] == [[r] for r in trained] and all(t["seconds"] >= 0 for t in timing)
@@ -160,3 +165,92 @@ def test_the_report_puts_each_pretraining_beside_its_gain_and_says_where_the_tim
   # C3 against each breast-only arm (no per-image scores here, so no difference is computed).
   c3 = [line.split(" | ")[1] for line in md.splitlines() if line.startswith("| C3 |")]
   assert [c.split(" vs ")[1].split("/")[0] for c in c3] == ["breast", "breast_1200"]
+
+
+def test_the_cpu_study_runs_every_cell_on_each_fold_with_that_folds_pretraining():
+  from configs import study_cpu
+  pre, fine = grid.plan(study_cpu.get_config())
+  assert [(f["pretrain"], f["fold"], c.data.folds, c.data.fold) for f, _, c in pre
+         ] == [("multiorgan", k, 5, k) for k in range(5)]
+  assert len(fine) == 2 * 2 * 5 * 3  # scratch/multi-organ x 100/50% x 5 folds x 3 seeds
+  pre_of = {f["fold"]: r for f, r, _ in pre}
+  for f, _, c in fine:
+    assert (c.data.folds, c.data.fold) == (5, f["fold"]) and c.eval_split == "test"
+    assert c.init_from == ("" if f["pretrain"] == "none" else pre_of[f["fold"]])
+  pre, fine = grid.plan(study_cpu.get_config("../shared/data,c3"))
+  assert sorted({f["pretrain"] for f, _, _ in pre}) == ["breast", "multiorgan"] and len(fine) == 3 * 2 * 5 * 3
+
+
+def test_a_pretraining_without_split_aware_sources_is_shared_by_the_folds():
+  from configs import study_cpu
+  g = study_cpu.get_config()
+  g.sources = {"multiorgan": "busi,pocus", "natural": "natural"}
+  g.fold_list = (0, 3)
+  pre, fine = grid.plan(g)
+  assert [(f["pretrain"], f.get("fold")) for f, _, _ in pre] == [("multiorgan", 0), ("multiorgan", 3),
+                                                                 ("natural", None)]
+  natural = next(r for f, r, _ in pre if f["pretrain"] == "natural")
+  assert {f["fold"] for f, _, c in fine if c.init_from == natural} == {0, 3}
+  g.fold_list = (5,)
+  with pytest.raises(UsjaxError, match="fold_list"):
+    grid.plan(g)
+
+
+def test_a_study_trains_fold_by_fold_each_pretraining_just_before_its_cells(tmp_path, monkeypatch):
+  from configs import study_cpu
+  g = study_cpu.get_config()
+  g.seeds, g.fold_list, g.results_dir = (0, 1), (0, 1, 2), str(tmp_path / "results")
+  trained = []
+  monkeypatch.setattr(grid.train, "run", _fake_train(trained))
+  monkeypatch.setattr(grid, "write_report", lambda *a, **k: {})
+  grid.run(g, str(tmp_path / "grid"))
+  pre, fine = grid.plan(g)
+  fields = {r: f for f, r, _ in pre + fine}
+  order = [(fields[r].get("seed"), fields[r]["fold"], r.startswith("pre_")) for r in trained]
+  scratch = [(s, k, False) for s in (0, 1) for k in (0, 1, 2)]
+  expected = []
+  for s, k, _ in scratch:  # per fold: scratch at 100 and 50%, the fold's pre-training (once), multi-organ cells
+    expected += [(s, k, False)] * 2 + ([(None, k, True)] if s == 0 else []) + [(s, k, False)] * 2
+  assert order == expected
+
+
+def test_a_per_fold_pretraining_never_reads_its_folds_test_images(tmp_path, monkeypatch):
+  """The ids the pre-training pipeline and its probes read, against the fold's test split."""
+  from configs import study_cpu
+  from test_duplicates import make_busi_with_copies
+  from usjax import probe_data
+  from usjax.data import pipeline, sources
+  make_busi_with_copies(tmp_path / "busi")
+  g = study_cpu.get_config()
+  for part in (g.pretrain, g.finetune):
+    part.data.busi_dir, part.data.data_dir, part.data.image_size = str(tmp_path / "busi"), str(tmp_path / "tfds"), 32
+  g.sources = {"breast": "busi"}
+  pre, fine = grid.plan(g)
+  fold = 2
+  cfg = next(c for f, _, c in pre if f["fold"] == fold)
+  test_cfg = next(c for f, _, c in fine if f["fold"] == fold)
+  ids = lambda split: {sources.open_split("busi", split, test_cfg.data)[i]["id"].decode()
+                       for i in range(len(sources.open_split("busi", split, test_cfg.data)))}
+  test, train, val = ids("test"), ids("train"), ids("val")
+  read = set()
+  opened = sources.open_split
+
+  class Recording:
+    def __init__(self, src):
+      self.src = src
+
+    def __len__(self):
+      return len(self.src)
+
+    def __getitem__(self, i):
+      ex = self.src[i]
+      read.add(ex["id"].decode())
+      return ex
+
+  monkeypatch.setattr(sources, "open_split", lambda *a, **k: Recording(opened(*a, **k)))
+  it = iter(pipeline.pretrain_dataset(cfg.data, 8, 0))
+  for _ in range(4 * len(train) // 8):
+    next(it)
+  assert read == train  # the pre-training's images: the fold's training split, all of it
+  probe_data.probe_sets(cfg.data, names=("busi",), min_train=1)
+  assert read == train | val and not read & test and len(test) > 0

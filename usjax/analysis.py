@@ -254,6 +254,8 @@ def _compare(claim, ref, treat, per_image, margin, n_boot, seed) -> dict:
   b = [per_image[p[1]["workdir"]] for p in pairs]
   d = bootstrap.paired_difference(a, b, n_boot, seed)
   verdict, note = _verdict(claim, d["lo"], d["hi"], margin)
+  if len(pairs) == 1:
+    note += "; one run: the CI leaves out run-to-run spread"
   n_images = sum(len(set(r["id"] for r in x) & set(r["id"] for r in y)) for x, y in zip(a, b))
   folds = {_h(p[0].get("fold")) for p in pairs} - {None}
   return {

@@ -81,3 +81,18 @@ def plot_overlays(images, masks, preds, titles, path: str, ncols: int = 4) -> st
         ax.contour(mask, levels=[0.5], colors=color, linewidths=1)
     ax.set_title(str(t), fontsize=8)
   return _save(fig, path)
+
+
+def plot_pairs(pairs: list[tuple[np.ndarray, np.ndarray, str]], path: str, ncols: int = 4) -> str:
+  """A contact sheet: each pair of grey images side by side under its title (e.g. the near-duplicate borderline
+  pairs of `launch/duplicates.py`, titled with their similarity)."""
+  nrows = max(1, math.ceil(len(pairs) / ncols))
+  fig, axes = _figure(2 * ncols, nrows, size=(1.6, 1.9))
+  for ax in axes.ravel():
+    ax.axis("off")
+  for k, (a, b, title) in enumerate(pairs):
+    row, col = divmod(k, ncols)
+    for side, img in enumerate((a, b)):
+      axes[row, 2 * col + side].imshow(img, cmap="gray", vmin=0, vmax=255)
+    axes[row, 2 * col].set_title(title, fontsize=7, loc="left")
+  return _save(fig, path, axes[0, 0], "" if pairs else "no pairs")

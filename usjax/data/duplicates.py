@@ -10,8 +10,9 @@ comparing them with the other image whole. The similarity of two images is the l
 Pairs at or above THRESHOLD are the same scan; groups are their connected components (union-find), and
 `folders.ManualBuilder` keeps each group inside one split or fold. The threshold was read off the contact sheet
 of borderline pairs that `launch/duplicates.py` draws on BUSI: above 0.95 the pairs were the same scan (with or
-without calipers and text) or consecutive frames of one lesion; between 0.90 and 0.95 distinct patients' scans
-with a similar layout begin to appear (a bright band over a dark lower half correlates strongly at 32x32).
+without calipers and text) or consecutive frames of one lesion; just below it (0.949, 0.943, 0.941) scans of
+different lesions and patients with a similar layout appear (a bright band over a dark lower half correlates
+strongly at 32x32). README: Data, near-duplicates, has the counts and the sheet.
 """
 from __future__ import annotations
 
