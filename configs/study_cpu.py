@@ -37,4 +37,6 @@ def get_config(arg: str = "../shared/data"):
   g.image_sizes = (64,)
   g.seeds = (0, 1, 2)
   g.results_dir = "results/study_cpu"
+  for part in (g.pretrain, g.finetune):
+    part.data.duplicate_threshold = 0.95  # near-duplicates grouped (grid_cpu keeps its results' ungrouped split)
   return g
