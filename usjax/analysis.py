@@ -11,7 +11,6 @@ import csv
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 
 import numpy as np
@@ -19,6 +18,7 @@ import numpy as np
 from usjax import bootstrap
 from usjax import plots
 from usjax import pretrain_analysis
+from usjax import storage
 
 METRICS = ("dice", "dice_lesion", "iou", "iou_lesion", "hd95", "hd95_undefined", "dice_benign", "dice_malignant",
            "dice_normal", "iou_benign", "iou_malignant", "iou_normal", "false_positive_rate", "num_images",
@@ -334,11 +334,8 @@ def _clean(x):
 
 
 def _write_text(path: str, text: str) -> None:
-  """Atomic, so a reader polling a running grid never sees half a file."""
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_")
-  with os.fdopen(fd, "w", newline="") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  """Atomic, so a reader polling a running grid never sees half a file; mode per the umask."""
+  storage.atomic_write(path, text)
 
 
 def write_csv(rows: list[dict], path: str) -> str:

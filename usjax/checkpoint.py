@@ -3,8 +3,10 @@
 A checkpoint directory holds `<step>/state` (params, batch statistics, optimiser state, step, RNG),
 `<step>/meta` (JSON: what kind of run wrote it, the model config) and `<step>/data` (the grain iterator
 position, one file per process). Saves are asynchronous and atomic (orbax writes to a temporary directory and
-renames it), so an interrupted save never replaces the previous good checkpoint. A checkpoint damaged later
-(a truncated file) is moved aside to `unreadable-<step>` on resume, which falls back to the next older one.
+renames it), so an interrupted save never replaces the previous good checkpoint; a save that cannot be written (a
+full disk) fails in one line and leaves no temporary folder. A checkpoint damaged later (a truncated file) is
+moved aside to `unreadable-<step>` on resume, which falls back to the next older one; a resume whose config
+changes the shapes of the run (batch, images, model) is refused unless `config.resume_anyway`.
 
 Rotation keeps the newest `keep` checkpoints and, besides them, the ones the divergence guard pins (`guard`:
 the last checkpoint before a loss spike survives however long the run goes on after it). `locate` is the one
@@ -12,10 +14,11 @@ answer to "which checkpoint of this workdir": transfer (`load_pretrained`), the 
 """
 from __future__ import annotations
 
-import contextlib
-import gc
+import json
 import os
-import sys
+import re
+import shutil
+import weakref
 from collections.abc import Sequence
 
 import grain
@@ -24,66 +27,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from usjax import UsjaxError, guard
+from usjax import UsjaxError, guard, orbax_errors, storage
 
 
 class CheckpointError(UsjaxError):
   """A checkpoint that is missing or does not fit the model: the message names the path."""
-
-
-def _first_line(e: BaseException, limit: int = 200) -> str:
-  """An exception as one short line: orbax and TensorStore messages run to dozens of lines of specs."""
-  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-  text = lines[0].split(" See full TensorStore details")[0] if lines else ""
-  text = text if len(text) <= limit else text[:limit - 3] + "..."
-  return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def _abandoned_read(u) -> bool:
-  """Whether an unraisable error is the aftermath of a failed orbax read (see `_quiet_failed_reads`)."""
-  code = getattr(u.object, "cr_code", None)
-  if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
-    return True
-  if isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value):
-    tb = u.exc_traceback
-    while tb is not None:
-      if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
-        return True
-      tb = tb.tb_next
-  return False
-
-
-_quiet_hook_installed = False
-
-
-@contextlib.contextmanager
-def _quiet_failed_reads():
-  """Drops the 'Exception ignored in ...' reports a failed orbax read leaves behind.
-
-  When one array of a checkpoint cannot be read, orbax abandons the reads of the others: their coroutines are
-  finalised later, and reads still in flight call back into the event loop orbax has closed meanwhile, and
-  Python prints each error (a 60-line TensorStore spec apiece) to stderr. The one-line warning of the caller
-  says all there is to say. After a failure the filter stays installed, since the call-backs may come at any
-  time; every other unraisable error still reaches the previous hook.
-  """
-  global _quiet_hook_installed
-  previous = sys.unraisablehook
-
-  def hook(u):
-    if not _abandoned_read(u):
-      previous(u)
-
-  if not _quiet_hook_installed:
-    sys.unraisablehook = hook
-  try:
-    yield
-  except BaseException:
-    gc.collect()  # finalise the abandoned coroutines now, under the filter
-    _quiet_hook_installed = True
-    raise
-  finally:
-    if not _quiet_hook_installed:
-      sys.unraisablehook = previous
 
 
 # ---------------------------------------------------------------------------------------------------- rotation
@@ -97,15 +45,113 @@ def manager(directory: str, keep: int = 3, create: bool = True) -> ocp.Checkpoin
   opts = ocp.CheckpointManagerOptions(preservation_policy=policy, create=create, enable_async_checkpointing=True)
   mngr = ocp.CheckpointManager(directory, options=opts)
   guard.attach(mngr, pin)
+  guard.unpin_missing(mngr)  # a pin left on a save that never completed (a run killed during it)
   return mngr
 
 
-# ---------------------------------------------------------------------------------------------------- save/resume
+# ---------------------------------------------------------------------------------------------------- save
+_IN_FLIGHT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # manager -> (step, bytes) of its async save
+_TEMPORARY = re.compile(r"^\d+\.orbax-checkpoint-tmp")  # orbax writes a step here, then renames it
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict, data_iter=None) -> None:
+  """Starts an asynchronous save of `step`, once the previous one has finished (`finish`).
+
+  The free space is checked first against the size of `state`, so a disk already too full fails before anything
+  is written; a write that fails later (the disk filled meanwhile) fails at the next `save` or `finish`. Either
+  way in one line naming the directory and the bytes a checkpoint needs (CheckpointError), with orbax's temporary
+  folders removed and the guard's pin moved off the missing step.
+  """
+  finish(mngr)
+  need, free = storage.tree_bytes(state), storage.free_bytes(mngr.directory)
+  if not _everywhere(free is None or free >= need):  # every process refuses, or none: they save together
+    guard.unpin_missing(mngr)
+    raise CheckpointError(storage.no_space(f"checkpoint step {step}", mngr.directory, need, free))
   items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
   if data_iter is not None:
     items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-  mngr.save(step, args=ocp.args.Composite(**items), force=True)
+  _IN_FLIGHT[mngr] = (step, need)
+  try:
+    with orbax_errors.quiet_failures():
+      mngr.save(step, args=ocp.args.Composite(**items), force=True)
+  except Exception as e:  # noqa: BLE001 (orbax and TensorStore raise plain Exception)
+    _save_failed(mngr, e)
+
+
+def finish(mngr: ocp.CheckpointManager) -> None:
+  """Waits for the save in flight; if it failed, CheckpointError in one line (see `save`)."""
+  try:
+    with orbax_errors.quiet_failures():
+      mngr.wait_until_finished()
+  except Exception as e:  # noqa: BLE001
+    _save_failed(mngr, e)
+  _IN_FLIGHT.pop(mngr, None)
+
+
+def remove_temporary(directory: str) -> list[str]:
+  """Removes the temporary folders of saves that never completed from a checkpoint directory (process 0)."""
+  if jax.process_index() != 0 or not os.path.isdir(directory):
+    return []
+  gone = [os.path.join(directory, n) for n in os.listdir(directory) if _TEMPORARY.match(n)]
+  for path in gone:
+    shutil.rmtree(path, ignore_errors=True)
+  return gone
+
+
+def _save_failed(mngr: ocp.CheckpointManager, e: Exception):
+  step, need = _IN_FLIGHT.pop(mngr, (None, 0))
+  remove_temporary(mngr.directory)
+  mngr.reload()
+  guard.unpin_missing(mngr)
+  what = "a checkpoint" if step is None else f"checkpoint step {step}"
+  if storage.is_no_space(e):
+    raise CheckpointError(storage.no_space(what, mngr.directory, need, storage.free_bytes(mngr.directory))) from None
+  raise CheckpointError(f"{what} could not be written to {mngr.directory} ({orbax_errors.first_line(e)}); its "
+                        f"temporary files were removed") from None
+
+
+# ---------------------------------------------------------------------------------------------------- resume
+# What fixes the shapes of a run's state and batches: a checkpoint of other values is another run. The model
+# keys that change numerics only (dtype, convolution lowering) are left out.
+_NUMERICS_ONLY = ("dtype", "conv_impl")
+
+
+def _shape_config(meta: dict) -> dict:
+  data, model = meta.get("data") or {}, meta.get("model") or {}
+  out = {
+      "batch_size": meta.get("batch_size"), "method": meta.get("method"), "data.image_size": data.get("image_size"),
+      "data.channels": data.get("channels"), **{f"model.{k}": v for k, v in model.items() if k not in _NUMERICS_ONLY}
+  }
+  return {k: json.loads(json.dumps(v)) for k, v in out.items() if v is not None}  # tuples read back as lists
+
+
+def resume_conflicts(saved: dict, meta: dict) -> list[tuple[str, object, object]]:
+  """(key, checkpoint's value, this run's value) for each shape-relevant value that differs; keys that one side
+  does not record (checkpoints of older versions) are not compared."""
+  a, b = _shape_config(saved), _shape_config(meta)
+  return [(k, a[k], b[k]) for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]
+
+
+def check_resume(mngr: ocp.CheckpointManager, meta: dict, anyway: bool = False) -> None:
+  """Refuses, in one line naming both values, to resume from a checkpoint written with other shape-relevant
+  values than `meta`'s (`resume_conflicts`); with `anyway` it warns and goes on."""
+  step = mngr.latest_step()
+  if step is None:
+    return
+  try:
+    saved = _read_meta(mngr.directory, step) or {}
+  except CheckpointError:  # damaged: restore_latest says so, and falls back to an older step
+    return
+  conflicts = resume_conflicts(saved, meta)
+  if not conflicts:
+    return
+  diff = ", ".join(f"{k}={old} (this config: {new})" for k, old, new in conflicts)
+  where = os.path.join(mngr.directory, str(step))
+  if anyway:
+    logging.warning("resuming %s, written with %s, as config.resume_anyway asks", where, diff)
+    return
+  raise CheckpointError(f"{where} was written with {diff}: resuming would silently continue another run; use a new "
+                        f"--workdir, or set --config.resume_anyway=True to go on with this config")
 
 
 def _restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter):
@@ -157,11 +203,11 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter=None):
   for step in steps:
     path = os.path.join(mngr.directory, str(step))
     try:
-      with _quiet_failed_reads():
+      with orbax_errors.quiet_failures():
         out = _restore(mngr, step, abstract_state, data_iter)
       error = None
     except Exception as e:  # noqa: BLE001 (orbax and TensorStore raise plain Exception on damaged files)
-      error = _first_line(e)
+      error = orbax_errors.first_line(e)
     if not _everywhere(error is None):  # all processes resume from the same step, or none does
       failed.append((step, error or "unreadable on another process"))
       logging.warning("checkpoint step %d in %s cannot be read (%s); %s", step, path, failed[-1][1],
@@ -223,7 +269,7 @@ def _read_meta(ckdir: str, step: int) -> dict | None:
   try:
     meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path)
   except Exception as e:  # noqa: BLE001 (a damaged file: orbax's error types vary)
-    raise CheckpointError(f"config.init_from: {path} cannot be read ({_first_line(e)})") from None
+    raise CheckpointError(f"config.init_from: {path} cannot be read ({orbax_errors.first_line(e)})") from None
   return meta if isinstance(meta, dict) else None
 
 
@@ -262,7 +308,8 @@ def _load_pretrained(mngr, ckdir, step, params, batch_stats, parts, encoder):
   try:
     stored = _flat(mngr.item_metadata(step)["state"].tree)
   except (KeyError, AttributeError, ValueError, FileNotFoundError) as e:  # not an orbax state checkpoint of ours
-    raise CheckpointError(f"config.init_from: {where} is not a usjax checkpoint ({_first_line(e, 120)})") from e
+    raise CheckpointError(f"config.init_from: {where} is not a usjax checkpoint "
+                          f"({orbax_errors.first_line(e, 120)})") from e
   for p in parts:
     if p not in params:
       raise CheckpointError(f"config.transfer: the model has no {p!r} to load into")
@@ -292,7 +339,7 @@ def _load_pretrained(mngr, ckdir, step, params, batch_stats, parts, encoder):
     target["params"]["encoder"]["stem"]["kernel"] = np.zeros(stored[stem], np.float32)
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
   try:
-    with _quiet_failed_reads():
+    with orbax_errors.quiet_failures():
       got = mngr.restore(
           step, args=ocp.args.Composite(
               state=ocp.args.PyTreeRestore(item=target, partial_restore=True, restore_args=restore_args)))["state"]
@@ -301,7 +348,7 @@ def _load_pretrained(mngr, ckdir, step, params, batch_stats, parts, encoder):
     hint = f"; steps {', '.join(map(str, sorted(older)))} remain: move {where} aside to use step {max(older)}" \
         if older else ""
     raise CheckpointError(f"config.init_from: checkpoint step {step} in {ckdir} cannot be read, damaged? "
-                          f"({_first_line(e, 120)}){hint}") from None
+                          f"({orbax_errors.first_line(e, 120)}){hint}") from None
   if want is not None:
     k = np.asarray(got["params"]["encoder"]["stem"]["kernel"])
     k = k.sum(2, keepdims=True) if want.shape[2] == 1 else np.repeat(k.mean(2, keepdims=True), want.shape[2], 2)

@@ -74,7 +74,7 @@ class Validation:
                        saved[0] if saved else None)
 
   def close(self) -> None:
-    self.mngr.wait_until_finished()
+    checkpoint.finish(self.mngr)
     self.mngr.close()
 
 

@@ -1,8 +1,16 @@
-"""Divergence guard: the loss-spike test, and the record that keeps the last good checkpoint through rotation.
+"""Divergence guard: the tests of a bad step, and the record that keeps the last good checkpoint through rotation.
 
 A run that diverges does not always do so at once: a loss can jump by orders of magnitude and stay finite for
 many steps, and meanwhile every save writes a diverged state and rotation deletes the older, good ones, so the
-run ends with nothing worth resuming from. `spike` flags such a step before anything turns non-finite;
+run ends with nothing worth resuming from. Three tests flag a bad step before anything turns non-finite, from
+the first step on: `blowup` (one update larger than `max_update_ratio` times the parameters it changes),
+`above_start` (a loss far above the run's first losses) and `spike` (far above the recent ones).
+
+The update test is the one rule that sees a contrastive pre-training blow up: once an update has thrown the
+weights far from where they were, the embeddings collapse and the NT-Xent loss sits at chance, log(2B - 1),
+about where it started, so no loss-based rule can tell the wreck from an untrained start. A collapse without
+such an update is a finding about the representation (`collapsed` in summary.json), not a divergence.
+
 `GoodStepTracker` records the first bad step of a run and pins the last checkpoint saved before it, and the
 preservation policy (`Pinned`, which `checkpoint.manager` combines with keep-the-newest) never deletes that
 checkpoint however long the run goes on. Both records live in `good_step.json` beside the checkpoints, so a
@@ -28,6 +36,9 @@ GOOD_STEP_FILE = "good_step.json"
 # Loss-spike guard defaults (config fields guard.loss_spike_factor and guard.window): see `spike`.
 SPIKE_FACTOR = 10.0
 SPIKE_WINDOW = 50
+# Parameter blow-up (config field guard.max_update_ratio): see `blowup`.
+MAX_UPDATE_RATIO = 10.0
+FIRST_LOSSES = 3  # how many of a run's first losses anchor `above_start`
 
 
 # ---------------------------------------------------------------------------------------------------- rotation
@@ -54,9 +65,14 @@ class Pinned(ocp.checkpoint_managers.PreservationPolicy):
     if self.path is None or jax.process_index() != 0:
       return
     tmp = f"{self.path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-      json.dump({"step": self.step, "bad_step": self.bad_step}, f)
-    os.replace(tmp, self.path)  # atomic: a reader never sees half a record
+    try:
+      with open(tmp, "w") as f:
+        json.dump({"step": self.step, "bad_step": self.bad_step}, f)
+      os.replace(tmp, self.path)  # atomic: a reader never sees half a record
+    except OSError:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      raise
 
 
 def read_pin(directory: str) -> Pinned:
@@ -105,6 +121,24 @@ def mark_bad(mngr: ocp.CheckpointManager, step: int) -> None:
   pin.write()
 
 
+def unpin_missing(mngr: ocp.CheckpointManager) -> None:
+  """After a save that failed: a pin on a step that does not exist moves to the newest step that does (and comes
+  before the first bad step). Where even that record cannot be written (a disk still full), it is removed: no
+  record names a missing checkpoint."""
+  pin = _PINS.get(mngr)
+  if pin is None or pin.step is None:
+    return
+  steps = [s for s in mngr.all_steps() if pin.bad_step is None or s < pin.bad_step]
+  if pin.step in steps:
+    return
+  pin.step = max(steps, default=None)
+  try:
+    pin.write()
+  except OSError:
+    if pin.path and os.path.exists(pin.path):
+      os.remove(pin.path)
+
+
 # ---------------------------------------------------------------------------------------------------- spikes
 def spike(loss: float, history: Sequence[float], factor: float = SPIKE_FACTOR, window: int = SPIKE_WINDOW) -> bool:
   """Whether `loss` is far above the recent losses: a sign of divergence before anything turns non-finite.
@@ -129,23 +163,49 @@ def spike(loss: float, history: Sequence[float], factor: float = SPIKE_FACTOR, w
   return loss - m > factor * max(abs(m), spread, 1e-12)
 
 
-class GoodStepTracker:
-  """The divergence guard of a run: loss-spike watch, and the pin on the last checkpoint before the first bad step.
+def above_start(loss: float, first: Sequence[float], factor: float = SPIKE_FACTOR) -> bool:
+  """Whether `loss` is far above the run's first losses: the spike test for the steps before `spike` has a window.
 
-  Per step, `observe(step, loss)` says whether the step is bad (`spike`) and records the first bad step with
-  the manager (`mark_bad`), from when on rotation keeps the newest checkpoint older than it; per save,
+  True when `loss` exceeds the largest of `first` by more than `factor` times their largest magnitude, taken as
+  at least 1 so that a loss starting near zero (SimSiam's -cosine, bounded by 1) does not make its own noise
+  the bound. A blow-up in the first steps would otherwise become the baseline `spike` measures against.
+  """
+  first = [x for x in first if math.isfinite(x)]
+  if not first:
+    return False
+  return loss - max(first) > factor * max(1.0, max(abs(x) for x in first))
+
+
+def blowup(update_ratio: float | None, max_ratio: float = MAX_UPDATE_RATIO) -> bool:
+  """Whether one optimiser update moved the parameters by more than `max_ratio` times their own norm.
+
+  Ordinary steps move them by a small fraction of it (Adam: about the learning rate over the parameters' RMS,
+  0.02-0.2 at usual rates); a step that moves them by ten times their size has thrown the network away, whatever
+  its loss does next. None (a step that reports no ratio) or `max_ratio` <= 0 gives no verdict.
+  """
+  return update_ratio is not None and max_ratio > 0 and not float(update_ratio) <= max_ratio
+
+
+class GoodStepTracker:
+  """The divergence guard of a run: the bad-step tests, and the pin on the last checkpoint before the first bad step.
+
+  Per step, `observe(step, loss, update_ratio)` says why the step is bad, if it is (non-finite loss, `blowup`,
+  `above_start`, `spike`; the loss tests are off with factor 0), and records the first bad step with the
+  manager (`mark_bad`), from when on rotation keeps the newest checkpoint older than it; per save,
   `saved(step)` pins the checkpoint (`mark_good`) while no bad step has been seen. Either way rotation never
   deletes the last checkpoint taken before the first bad step. Both records live in `good_step.json` beside
   the checkpoints: a run resumed from a checkpoint at or after the bad step (it descends from the spike) keeps
   them; one resumed from before it starts afresh.
   """
   def __init__(self, mngr: ocp.CheckpointManager, start_step: int, factor: float = SPIKE_FACTOR,
-               window: int = SPIKE_WINDOW):
-    if not factor > 0 or int(window) < 1:
-      raise UsjaxError(f"config.guard: loss_spike_factor must be positive and window at least 1, got {factor} and "
-                       f"{window}")
+               window: int = SPIKE_WINDOW, max_update_ratio: float = MAX_UPDATE_RATIO, first: Sequence[float] = ()):
+    if not factor >= 0 or int(window) < 1 or not max_update_ratio >= 0:
+      raise UsjaxError(f"config.guard: loss_spike_factor and max_update_ratio must be positive (0 = off) and window "
+                       f"at least 1, got {factor}, {max_update_ratio} and {window}")
     self.mngr, self.factor, self.window = mngr, float(factor), int(window)
+    self.max_update_ratio = float(max_update_ratio)
     self.pin = _pin(mngr)
+    self.first = [float(x) for x in first][:FIRST_LOSSES]  # the run's first losses; a resumed run passes them on
     self.history: list[float] = []
     self.first_bad: int | None = None
     self.bad_steps = 0
@@ -156,26 +216,38 @@ class GoodStepTracker:
         self.pin.bad_step = None
         self.pin.write()
 
-  def observe(self, step: int, loss: float) -> bool:
-    """Records the loss of `step`; True if it is a spike (or not finite). Spikes stay out of the history."""
+  def verdict(self, loss: float, update_ratio: float | None = None) -> str | None:
+    """Why a step with this loss and update is bad; None if it is not. Pure: records nothing."""
+    if not math.isfinite(loss):
+      return f"non-finite loss ({loss})"
+    if blowup(update_ratio, self.max_update_ratio):
+      return (f"parameter blow-up (one update {float(update_ratio):.3g}x the parameters' norm, over "
+              f"config.guard.max_update_ratio={self.max_update_ratio:g})")
+    if self.factor > 0 and above_start(loss, self.first, self.factor):
+      return (f"loss spike (loss={loss:.4g}, over {self.factor:g}x the run's first losses "
+              f"{', '.join(f'{x:.4g}' for x in self.first)}; config.guard)")
+    if self.factor > 0 and spike(loss, self.history, self.factor, self.window):
+      return f"loss spike (loss={loss:.4g}, over {self.factor:g}x the recent median and spread; config.guard)"
+    return None
+
+  def observe(self, step: int, loss: float, update_ratio: float | None = None) -> str | None:
+    """Records the loss of `step`; why the step is bad (see `verdict`), or None. Bad steps stay out of the history."""
     loss = float(loss)
-    bad = spike(loss, self.history, self.factor, self.window)
-    if not bad:
+    why = self.verdict(loss, update_ratio)
+    if why is None:
+      if len(self.first) < FIRST_LOSSES:
+        self.first.append(loss)
       self.history.append(loss)
       del self.history[:-self.window]
-      return False
+      return None
     self.bad_steps += 1
     if self.first_bad is None:
       self.first_bad = step
       mark_bad(self.mngr, step)
-      recent = [x for x in self.history if math.isfinite(x)][-self.window:]
-      median = float(np.median(recent)) if recent else float("nan")
       before = [s for s in self.mngr.all_steps() if s < step]
       kept = f"checkpoint step {max(before)} is kept" if before else "no checkpoint before it"
-      logging.warning(
-          "loss spike at step %d: loss %.4g against a median of %.4g over the last %d steps; %s in %s "
-          "(no later checkpoint replaces it)", step, loss, median, len(recent), kept, self.mngr.directory)
-    return True
+      logging.warning("%s at step %d; %s in %s (no later checkpoint replaces it)", why, step, kept, self.mngr.directory)
+    return why
 
   def saved(self, step: int) -> None:
     """Call after each `save`: pins `step` while the run has seen no bad step."""

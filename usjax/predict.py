@@ -23,7 +23,7 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
-from usjax import UsjaxError, checkpoint, evaluate, models, report
+from usjax import UsjaxError, checkpoint, evaluate, models, orbax_errors, report
 from usjax.data import DataError, folders, imageio, pipeline
 
 # configs/default.py's values, for checkpoints written before `meta["data"]` recorded them.
@@ -156,7 +156,7 @@ def load(workdir: str, *, image_size: int | None = None, channels: int | None = 
   path = os.path.join(ckdir, str(step))
   try:
     meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(path, "meta"))
-  except (FileNotFoundError, ValueError, OSError) as e:
+  except Exception as e:  # noqa: BLE001 (missing, or damaged: orbax's error types vary)
     raise PredictError(f"{path}: no readable meta ({type(e).__name__}); not a usjax checkpoint") from None
   if meta.get("task") != "finetune":
     raise PredictError(f"{path}: a {meta.get('task', 'unknown')} checkpoint; prediction needs a fine-tuning workdir")
@@ -167,13 +167,21 @@ def load(workdir: str, *, image_size: int | None = None, channels: int | None = 
   shapes = {k: shapes[k] for k in ("params", "batch_stats") if k in shapes}
   try:
     stored = _flat_shapes(ocp.PyTreeCheckpointHandler().metadata(epath.Path(path) / "state").tree)
-  except (FileNotFoundError, ValueError, OSError, AttributeError) as e:
+  except Exception as e:  # noqa: BLE001
     raise PredictError(f"{path}/state: not a readable usjax train state ({type(e).__name__})") from None
   for name, shape in _flat_shapes(shapes).items():
     if stored.get(name) != shape:
       raise PredictError(f"{path}: {name} is {stored.get(name, 'missing')}, the model of its meta expects {shape} "
                          f"(channels={cfg['channels']}: a wrong channels override?)")
-  variables = checkpoint.restore_on_one_device(path, shapes)
+  try:
+    with orbax_errors.quiet_failures():
+      variables = checkpoint.restore_on_one_device(path, shapes)
+  except Exception as e:  # noqa: BLE001 (orbax and TensorStore raise plain Exception on damaged files)
+    last = os.path.join(os.path.dirname(ckdir), "checkpoints")
+    hint = f"; --workdir={last} predicts with the run's last save instead" if ckdir != last and os.path.isdir(last) \
+        else ""
+    raise PredictError(f"{path}: checkpoint cannot be read, damaged? ({orbax_errors.first_line(e, 120)}){hint}") \
+        from None
   logging.info("loaded %s: U-Net/%s, %d px, %d channel(s), aspect %s", path, meta["model"]["encoder"], s,
                cfg["channels"], cfg["aspect"])
   selection = os.path.join(os.path.dirname(path), "selection.json")

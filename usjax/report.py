@@ -6,22 +6,27 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 
 import jax
 import numpy as np
 from absl import logging
 
+from usjax import storage
+
 
 def quiet_libraries() -> None:
-  """Keeps the console to this run's progress: INFO lines from orbax, TFDS and grain internals are dropped."""
+  """Keeps the console to this run's progress: INFO lines from orbax, TFDS and grain internals are dropped, and
+  orbax's ERROR lines too: its failures reach the caller as exceptions, which `checkpoint` and `predict` report
+  in one line, while orbax logs each from several threads with a traceback apiece (a full disk: hundreds)."""
   import logging as pylog
   noisy = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/array_record/", "/jax/_src/")
   harmless = ("Using custom data configuration", "OpenCV is not installed", "read only=", "read_only=True")
 
   class Filter(pylog.Filter):
     def filter(self, record):
+      if "/orbax/" in record.pathname and record.levelno >= pylog.ERROR:
+        return False
       if any(n in record.pathname for n in noisy):
         return record.levelno >= pylog.WARNING and not str(record.msg).startswith(harmless) and not any(
             h in str(record.msg) for h in harmless)
@@ -32,12 +37,9 @@ def quiet_libraries() -> None:
 
 
 def write_json(path: str, obj) -> None:
-  """Atomic write: a reader never sees half a file, an interrupted run never leaves one."""
-  d = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".json")
-  with os.fdopen(fd, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
-  os.replace(tmp, path)
+  """Atomic write: a reader never sees half a file, an interrupted run never leaves one; the mode follows the
+  umask, and a full disk fails in one line (`storage.atomic_write`)."""
+  storage.atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=_jsonable))
 
 
 def _jsonable(x):

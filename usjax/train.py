@@ -2,9 +2,9 @@
 
 The train state is a plain dict pytree {params, batch_stats, opt_state, step, rng}. Batches are sharded over the
 mesh's `data` axis and the state is replicated, so BatchNorm statistics and contrastive negatives span the global
-batch with no hand-written collectives. The state buffers are donated to each step. A non-finite loss or
-gradient leaves the state unchanged (the step selects the old one) and the loop stops before the next save, so a
-good checkpoint is never overwritten by a diverged one.
+batch with no hand-written collectives. The state buffers are donated to each step. A non-finite loss, gradient
+or update leaves the state unchanged (the step selects the old one), and the loop stops at a bad step (`guard`)
+before the next save, so a good checkpoint is never overwritten by a diverged one.
 """
 from __future__ import annotations
 
@@ -98,15 +98,17 @@ def train_step(state, batch, *, loss_fn, tx, after_step=None):
   inputs = (state["params"], state["batch_stats"], state.get("extra", {}), batch, key, state["step"])
   (loss, (batch_stats, extra, metrics)), grads = grad_fn(*inputs)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  grad_norm = optax.global_norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  grad_norm, update_norm = optax.global_norm(grads), optax.global_norm(updates)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+  # How far this update moves the parameters, relative to their size: the guard's blow-up test (guard.blowup).
+  update_ratio = update_norm / jnp.maximum(optax.global_norm(state["params"]), 1e-12)
   params = optax.apply_updates(state["params"], updates)
   new = {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}
   if "extra" in state:
     new["extra"] = after_step(extra, params, state["step"]) if after_step else extra
   new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, {k: state[k] for k in new})
   new.update(step=state["step"] + 1, rng=state["rng"])
-  return new, {"loss": loss, "grad_norm": grad_norm, "finite": finite, **metrics}
+  return new, {"loss": loss, "grad_norm": grad_norm, "update_ratio": update_ratio, "finite": finite, **metrics}
 
 
 def compile_step(loss_fn, tx, mesh, after_step=None):
@@ -123,46 +125,63 @@ def global_batch(local: dict | np.ndarray, mesh):
 
 # ---------------------------------------------------------------------------------------------------- loop
 def fit(cfg, workdir: str, task: str, state, step_fn, data_iter, to_batch, mesh, meta: dict, hook=None):
-  """Runs `cfg.num_steps` steps with progress, checkpoints and the NaN guard; resumes from the latest save.
+  """Runs `cfg.num_steps` steps with progress, checkpoints and the divergence guard; resumes from the latest save.
 
   `hook(step, state, rep)`, when given, runs on the steps where `hook.due(step, num_steps)` (validation), before
   that step's checkpoint, and `hook.state_dict()` is saved in the checkpoint's meta so a resumed run continues
-  it. The training history and wall time also live in the meta: after a resume they span the whole run.
+  it. The training history and wall time also live in the meta: after a resume they span the whole run. A
+  resume whose batch size, image size or model differ from the checkpoint's stops (`checkpoint.check_resume`)
+  unless `config.resume_anyway`. The data iterator is closed on the way out, whatever the way: its worker
+  processes then end quietly.
   """
+  try:
+    return _fit(cfg, workdir, task, state, step_fn, data_iter, to_batch, meta, hook)
+  finally:
+    if hasattr(data_iter, "close"):
+      data_iter.close()
+
+
+def _fit(cfg, workdir, task, state, step_fn, data_iter, to_batch, meta, hook):
+  meta = {**meta, "batch_size": cfg.batch_size}
   ckpt = checkpoint.manager(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
+  checkpoint.check_resume(ckpt, meta, cfg.get("resume_anyway", False))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
   restored = checkpoint.restore_latest(ckpt, abstract, data_iter)
-  start, earlier_s, history = 0, 0.0, []
+  start, earlier_s, history, first = 0, 0.0, [], []
   if restored is not None:
     state, saved_meta = restored
     start = int(state["step"])
     earlier_s, history = float(saved_meta.get("elapsed_s", 0.0)), list(saved_meta.get("history", []))
+    first = saved_meta.get("first_losses") or [r["loss"] for r in history[:guard.FIRST_LOSSES] if "loss" in r]
     if hook is not None:
       hook.resume(saved_meta)
     logging.info("resuming from %s at step %d", ckpt.directory, start)
   rep = report.Reporter(workdir, cfg.num_steps, cfg.batch_size, start)
   rep.history = history
-  tracker = guard.GoodStepTracker(ckpt, start, cfg.guard.loss_spike_factor, cfg.guard.window) \
-      if cfg.guard.loss_spike_factor > 0 else None
-  t0, compile_s, row, pending = time.perf_counter(), 0.0, {}, []
+  g = cfg.guard
+  tracker = guard.GoodStepTracker(ckpt, start, g.loss_spike_factor, g.window,
+                                  g.get("max_update_ratio", guard.MAX_UPDATE_RATIO), first)
+  t0, compile_s, row, pending, unlogged = time.perf_counter(), 0.0, {}, [], []
 
   def save(step):
-    extra_meta = {"history": rep.history, "elapsed_s": earlier_s + time.perf_counter() - t0}
+    extra_meta = {
+        "history": rep.history, "elapsed_s": earlier_s + time.perf_counter() - t0, "first_losses": tracker.first
+    }
+    tracker.saved(step)  # pinned first, so that rotation at the end of this save already spares it
     checkpoint.save(ckpt, step, state, {**meta, **extra_meta, **(hook.state_dict() if hook else {})}, data_iter)
-    if tracker is not None:
-      tracker.saved(step)
 
   def diverged(step, why):
-    last = ckpt.latest_step()
-    ckpt.wait_until_finished()
+    checkpoint.finish(ckpt)
+    last = max((s for s in ckpt.all_steps() if s < step), default=None)
     if jax.process_index() == 0:
       report.write_json(
           os.path.join(workdir, "summary.json"), {
               "task": task, "status": "diverged", "stopped_at_step": step, "reason": why, "last_good_checkpoint": last,
               "history": rep.history
           })
-    raise DivergedError(f"{why} by step {step}; stopped, the last good checkpoint (step {last}) in "
-                        f"{ckpt.directory} is kept")
+    kept = "no checkpoint was saved before it" if last is None else \
+        f"the last good checkpoint (step {last}) in {ckpt.directory} is kept"
+    raise DivergedError(f"{why} by step {step}; stopped, {kept}")
 
   with runtime.Interrupts() as interrupts:
     for step in range(start + 1, cfg.num_steps + 1):
@@ -174,31 +193,34 @@ def fit(cfg, workdir: str, task: str, state, step_fn, data_iter, to_batch, mesh,
         rep.mark(step)
       is_save = step % cfg.checkpoint_every == 0 or step == cfg.num_steps
       stop = step < cfg.num_steps and interrupts.requested()
-      if step % cfg.log_every == 0 or is_save or stop:
-        # Guards run before this step's checkpoint: no checkpoint is ever taken after a bad step, so rotation
-        # never removes the last good one.
+      is_log = step % cfg.log_every == 0 or is_save or stop
+      hook_due = hook is not None and hook.due(step, cfg.num_steps)
+      if is_log or hook_due:
+        # The guard judges every step before anything is made of its state (validation, a checkpoint): no
+        # checkpoint is ever taken after a bad step, so rotation never removes the last good one.
         host = jax.device_get(pending)
         pending = []
         for i, m in enumerate(host):
           at = step - len(host) + 1 + i
-          spiked = tracker is not None and tracker.observe(at, float(m["loss"]))
+          why = tracker.observe(at, float(m["loss"]), m.get("update_ratio"))
           if not m["finite"]:
-            diverged(at, f"non-finite loss or gradient (loss={m['loss']})")
-          if spiked:
-            diverged(
-                at, f"loss spike (loss={float(m['loss']):.4g}, over {cfg.guard.loss_spike_factor:g}x the recent "
-                f"median and spread; config.guard)")
-        row = rep.log(step, {k: np.mean([m[k] for m in host]) for k in host[-1] if k != "finite"})
-      if hook is not None and hook.due(step, cfg.num_steps):
+            why = f"non-finite loss, gradient or update (loss={m['loss']})"
+          if why:
+            diverged(at, why)
+        unlogged += host
+      if is_log:
+        row = rep.log(step, {k: np.mean([m[k] for m in unlogged]) for k in unlogged[-1] if k != "finite"})
+        unlogged = []
+      if hook_due:
         hook(step, state, rep)
       if is_save or stop:
         save(step)
       if stop:
-        ckpt.wait_until_finished()
+        checkpoint.finish(ckpt)
         ckpt.close()
         raise runtime.Preempted(f"stopped by {interrupts.signal or 'another process'} at step {step}: checkpoint "
                                 f"saved in {ckpt.directory}; run the same command again to resume")
-  ckpt.wait_until_finished()
+  checkpoint.finish(ckpt)
   ckpt.close()
   summary = {
       "task": task, "steps": cfg.num_steps, "batch_size": cfg.batch_size, "final_loss": row.get("loss"),
@@ -316,9 +338,25 @@ def check_config(cfg) -> None:
     names, _ = sources.parse_sources(cfg.data.pretrain_sources, cfg.data.pretrain_weights)
     for name in names:
       sources.check_name(name, cfg.data, "pretrain_sources")
+  check_data_dir(cfg.data.data_dir)
   if cfg.init_from and not os.path.exists(os.path.expanduser(cfg.init_from)):
     raise checkpoint.CheckpointError(f"config.init_from: no checkpoint at {cfg.init_from} (expected a pre-training "
                                      f"workdir or a .safetensors file)")
+
+
+def check_data_dir(data_dir: str) -> None:
+  """Fails in one line when `config.data.data_dir` cannot be created: a missing or read-only HOME under the default
+  ~/tensorflow_datasets. One that exists is left to the preparation (`staging.build`): reading needs no writing."""
+  path = os.path.expanduser(data_dir)
+  if path.startswith("~"):
+    raise UsjaxError(f"config.data.data_dir: {data_dir} names a home folder that cannot be found (HOME is not set?); "
+                     f"set --config.data.data_dir to a writable folder")
+  parent = os.path.abspath(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if parent != os.path.abspath(path) and not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
+    raise UsjaxError(f"config.data.data_dir: cannot create {os.path.abspath(path)} ({parent} is not a writable "
+                     f"folder); set --config.data.data_dir to a writable folder")
 
 
 def run(cfg, workdir: str) -> dict:

@@ -12,6 +12,7 @@ whole field of view and the true lesion shape; 'stretch' resizes non-uniformly; 
 from __future__ import annotations
 
 import math
+import signal
 
 import grain
 import jax
@@ -101,10 +102,18 @@ def local_batch_size(global_batch: int) -> int:
   return global_batch // pc
 
 
+def _quiet_worker(index: int, count: int) -> None:
+  """Worker processes ignore Ctrl-C, which the terminal sends to the whole process group: the main process
+  saves at the next step boundary and then shuts them down (`train.fit` closes the iterator), instead of each
+  worker dying with a traceback and leaving its shared-memory buffers behind."""
+  del index, count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _to_iter(ds: grain.MapDataset, num_workers: int):
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   if num_workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers), worker_init_fn=_quiet_worker)
   return it
 
 

@@ -82,11 +82,15 @@ def build(make: Callable[[str], tfds.core.DatasetBuilder], data_dir: str,
   if os.path.isdir(builder.data_path) and builder.is_prepared():
     return builder
   created = not os.path.exists(data_dir)
-  os.makedirs(data_dir, exist_ok=True)
-  remove_stale_staging(data_dir, os.path.dirname(os.fspath(builder.data_path)))
   from usjax import runtime  # imports JAX: before the staging folder, so that it is unowned for no time at all
   owner = runtime.owner()
-  staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=data_dir)
+  try:
+    os.makedirs(data_dir, exist_ok=True)
+    remove_stale_staging(data_dir, os.path.dirname(os.fspath(builder.data_path)))
+    staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=data_dir)
+  except OSError as e:  # a read-only or full file system, or a file in the way: one line, not a traceback
+    raise DataError(f'{data_dir}: cannot prepare data here ({e.strerror or e}); set config.data.data_dir to a '
+                    'writable folder') from None
   try:
     _write_owner(staging, owner)
     staged = make(staging)
