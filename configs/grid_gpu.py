@@ -9,8 +9,11 @@ fine-tunes. bf16 compute with fp32 weights. One fine-tune at a time does not fit
 batch 16 leaves an H200 mostly idle, so each arm's 12 cells (4 fractions x 3 seeds share every shape) train
 together in one program (`stack_runs = 12`: `usjax.stacked`, jax.vmap over their train states; each cell gets the
 result it would get alone, tests/test_stacked.py). A stacked group keeps no mid-run checkpoints: cut short, it
-trains again from step 0. `launch/gpu_study.sh` is the prepared device run (versions, GPU tests, this grid,
-results packed for `results/grid_gpu/`).
+trains again from step 0. `launch/gpu_study.sh` is the prepared device call (wheels, import check, this grid under
+one deadline, then the GPU tests, results packed for `results/grid_gpu/`).
+
+BUSI's near-duplicate groups stay inside one split (`data.duplicate_threshold`, README: Data); one split, not
+the cross-validated folds of configs/study_cpu.py, which would need five device calls.
 
 Status: sized from the measured H200 SimCLR rate (README: Benchmarks), not yet run; the stacked step's speed on a
 GPU is not measured either. The README says so until the run's results are committed. Finished cells recorded in
@@ -45,4 +48,8 @@ def get_config(data_root: str = "data_cache/compact"):
   g.finetune.num_steps = 2000
   g.finetune.model.dtype = "bfloat16"
   g.finetune.data.num_workers = 0
+  # BUSI's near-duplicates kept inside one split (grid_cpu keeps the ungrouped split its results came from). One
+  # grouped split, not the 5 folds of configs/study_cpu.py: 5x the cells do not fit one device call.
+  for part in (g.pretrain, g.finetune):
+    part.data.duplicate_threshold = 0.95
   return g

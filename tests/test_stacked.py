@@ -10,8 +10,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import finetune_busi, grid_cpu
-from usjax import UsjaxError, augment, finetune, grid, stacked, torch_weights, train
+from configs import finetune_busi, grid_cpu, grid_gpu
+from usjax import UsjaxError, augment, feed, finetune, grid, stacked, torch_weights, train
+from usjax.data import pipeline
 
 from test_end_to_end import tiny
 from test_torch_weights import random_value, torchvision_state_dict
@@ -61,6 +62,37 @@ def test_stack_and_unstack_are_inverse():
   assert s["w"].shape == (3, 2, 3) and s["step"].shape == (3,)
   for a, b in zip(stacked.unstack(s, 3), trees):
     jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_epoch_order_is_grains_shuffle():
+  """One epoch of `MapDataset.shuffle(seed)` over n items, against grain's own index_shuffle (the small n walk
+  longest: a 65,536-value block holds few values below them)."""
+  from grain._src.python.experimental.index_shuffle.python import index_shuffle_module
+  for n in (1, 2, 3, 44, 109, 436, 1000):
+    for seed in (0, 1, 7, 2**32 - 1):
+      want = [0] if n == 1 else [index_shuffle_module.index_shuffle(i, n - 1, seed, 4) for i in range(n)]
+      assert feed.epoch_order(n, seed).tolist() == want, (n, seed)
+  assert feed.epoch_order(70000, 3)[:50].tolist() == [index_shuffle_module.index_shuffle(i, 69999, 3, 4)
+                                                      for i in range(50)]
+
+
+def test_the_shared_split_feeds_each_run_the_batches_of_its_own_pipeline(data_dir):
+  """The group's one decoded copy gives each run, step by step, what its grain pipeline (label-fraction subset,
+  shuffled with its seed, PNGs decoded and resized) would give it, across epochs of the smaller subsets."""
+  cfgs = [small(data_dir, seed=s, fraction=f) for s, f in ((0, 100), (1, 50), (2, 10), (0, 10))]
+  indices = [feed.subset_indices(c.data) for c in cfgs]
+  shared = feed.SharedSplit(cfgs[0].data, np.concatenate(indices))
+  assert len(shared.rows) == len(indices[0]) and all(set(i) <= set(indices[0]) for i in indices)
+  feeds = [feed.Feed(shared, idx, c.seed, c.batch_size) for c, idx in zip(cfgs, indices)]
+  alone = [iter(pipeline.finetune_dataset(c.data, c.batch_size, c.seed)[0]) for c in cfgs]
+  for _ in range(3 * len(indices[0]) // cfgs[0].batch_size):
+    image, mask = feed.group_batch(shared, feeds)
+    assert image.shape == (4, 8, 32, 32, 1) and mask.shape == (4, 8, 32, 32, 1)
+    for i, it in enumerate(alone):
+      want = next(it)
+      np.testing.assert_array_equal(image[i], want["image"])
+      np.testing.assert_array_equal(mask[i], want["mask"])
+  assert not np.array_equal(image[2], image[3])  # same subset, other seed: another order
 
 
 def test_configs_that_differ_in_a_shape_cannot_stack(tmp_path, data_dir):
@@ -214,10 +246,26 @@ def test_grid_stacks_cells_that_differ_in_seed_fraction_and_arm(tmp_path):
   assert [len(grp) for grp in stacks] == [6, 6, 6, 6]
   assert [{f["pretrain"] for f, _, _ in grp} for grp in stacks] == [{"none"}, {"breast"}, {"breast_1200"},
                                                                     {"multiorgan"}]
-  # A cell with checkpoints of its own (an unstacked attempt) resumes alone; the arms may then share a stack.
+  # A cell with checkpoints of its own (an unstacked attempt) resumes alone; its arm's other cells stack.
   os.makedirs(tmp_path / fine[0][1] / "checkpoints" / "500")
   groups = grid.schedule(todo, 6, str(tmp_path))
-  assert [len(grp) for grp in groups[len(pre):]] == [1, 6, 6, 6, 5] and groups[len(pre)] == [fine[0]]
+  assert [len(grp) for grp in groups[len(pre):]] == [1, 5, 6, 6, 6] and groups[len(pre)] == [fine[0]]
+  assert {f["pretrain"] for f, _, _ in groups[len(pre) + 1]} == {"none"}
+
+
+def test_the_gpu_grid_trains_each_arm_in_one_program(tmp_path):
+  """grid.run hands `schedule` the cells seed by seed; each stacked program still holds one arm's 12 cells (4
+  fractions x 3 seeds), filled by fraction, then seed."""
+  pre, fine = grid.plan(grid_gpu.get_config())
+  todo = pre + sorted(fine, key=lambda x: x[0]["seed"])
+  groups = grid.schedule(todo, 12, str(tmp_path))
+  assert groups[:len(pre)] == [[p] for p in pre]
+  arms = [[f for f, _, _ in grp] for grp in groups[len(pre):]]
+  assert [{f["pretrain"] for f in arm} for arm in arms] == [{"none"}, {"breast"}, {"multiorgan"},
+                                                            {"multiorgan_natural"}]
+  want = [(lf, seed) for lf in (100, 50, 25, 10) for seed in (0, 1, 2)]
+  assert all([(f["label_fraction"], f["seed"]) for f in arm] == want for arm in arms)
+  assert len(grid.schedule(todo, 5, str(tmp_path))) == len(pre) + 4 * 3  # 12 cells in groups of 5, 5 and 2
 
 
 @pytest.mark.slow
