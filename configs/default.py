@@ -68,7 +68,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.norm = "batch"  # 'batch' (global-batch statistics) | 'group'
   c.model.with_decoder = False  # pre-train the whole U-Net (encoder+decoder) instead of the encoder
   c.model.proj_dims = (512, 128)  # projection head: hidden layers..., output
-  c.model.dtype = "float32"  # 'bfloat16' for mixed precision on GPU/TPU
+  # Compute dtype: 'float32', 'bfloat16' (mixed precision: weights, optimizer state, loss, BatchNorm statistics
+  # and metrics stay f32) or 'auto' (bf16 on GPU/TPU and on CPUs with native bf16, AVX512-BF16 or AMX; f32 on other
+  # CPUs). float32 by default: the committed results were measured in f32, and a resumed run takes the new value.
+  c.model.dtype = "float32"
   c.model.conv_impl = "auto"  # convolutions and stem pool: 'xla' (plain Flax), 'cpu' (usjax.cpu_ops: the
   # same functions, faster on XLA:CPU), 'auto' (cpu on the CPU backend, else xla)
 
@@ -126,5 +129,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.ema_decay = 0.0  # EMA of the weights, a selection candidate beside the raw ones (0 = off)
   c.tta = "auto"  # test-time left-right flip averaging: 'auto' (kept if validation Dice says
   # so), 'none' or 'hflip'
+  # Post-processing of the chosen model's masks (usjax.postprocess): 'auto' picks, on its validation
+  # probabilities, a minimum component area, a minimum peak probability and keep-largest, each kept only if it
+  # raises validation Dice over all images; 'none' thresholds at 0.5. 'none' by default: the committed results
+  # and the study in progress were measured without it.
+  c.postprocess = "none"
+  # Image-level lesion-presence head (global average pool of the deepest encoder feature -> Dense -> 1 logit),
+  # trained with the segmentation: loss + weight * BCE(logit, mask has a lesion pixel). Its threshold is chosen
+  # on validation (masks of images below it are emptied; off where that does not raise validation Dice).
+  # 0 = no head.
+  c.presence = ml_collections.ConfigDict()
+  c.presence.weight = 0.0
   c.eval_split = "val"
   return c

@@ -4,10 +4,13 @@
     python launch/predict.py --workdir=runs/finetune --input=/data/Dataset_BUSI_with_GT --output=runs/eval --evaluate
 
 Every PNG/JPEG under --input (any size, grayscale or RGB) gets `<name>_mask.png` (0/255) and `<name>_overlay.png`
-at its original size under --output, keeping sub-folders. With --evaluate, --input must be in the BUSI layout
-(`{benign,malignant,normal}/<name>.png` + `<name>_mask.png`): Dice, IoU and HD95 per image at the original
-resolution go to `per_image.json`, means overall and per class to `summary.json`, and overlays show the
-prediction in red and the ground truth in green.
+at its original size under --output, keeping sub-folders; `predictions.json` lists each image's lesion area,
+peak foreground probability and, for a model trained with the lesion-presence head, its presence probability.
+The post-processing and presence gate the run chose on validation (best/selection.json) are applied. With
+--evaluate, --input must be in the BUSI layout (`{benign,malignant,normal}/<name>.png` + `<name>_mask.png`):
+Dice, IoU, HD95 and the presence probabilities per image at the original resolution go to `per_image.json`,
+means overall and per class, the false-positive rate on normal images and the lesion-presence AUC to
+`summary.json`, and overlays show the prediction in red and the ground truth in green.
 """
 import json
 import os

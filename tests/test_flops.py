@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from usjax import cpu_ops, flops, models
+from usjax import cpu_ops, flops, models, winograd
 
 
 def test_matmul_and_its_gradient():
@@ -54,12 +54,12 @@ def test_resnet18_forward_matches_the_known_count():
 
 def test_winograd_counts_the_multiplies_it_does():
   """F(2x2, 3x3) does 16 multiplies per 2x2 outputs where the direct convolution does 36. The kernel's
-  transform G g G^T is elementwise sums (`cpu_ops._winograd_kernel`), not counted like other elementwise work."""
+  transform G g G^T is elementwise sums (`winograd._kernel`), not counted like other elementwise work."""
   x, k = jnp.ones((2, 16, 16, 64)), jnp.ones((3, 3, 64, 64))
   direct = 2 * 2 * 16 * 16 * 64 * (3 * 3 * 64)
-  np.testing.assert_allclose(flops.step_flops(cpu_ops.conv3x3_winograd, x, k), direct * 16 / 36, rtol=1e-9)
+  np.testing.assert_allclose(flops.step_flops(winograd.conv3x3, x, k), direct * 16 / 36, rtol=1e-9)
   dy = jnp.ones((2, 16, 16, 64))  # the weight gradient: 16 (C, tiles) @ (tiles, D) matmuls, as many multiplies
-  np.testing.assert_allclose(flops.step_flops(cpu_ops.conv3x3_winograd_weight_grad, x, dy), direct * 16 / 36, rtol=1e-9)
+  np.testing.assert_allclose(flops.step_flops(winograd.conv3x3_weight_grad, x, dy), direct * 16 / 36, rtol=1e-9)
 
 
 def test_dead_code_is_not_counted():

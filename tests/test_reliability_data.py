@@ -109,7 +109,8 @@ def test_a_live_preparation_records_its_owner(tmp_path, monkeypatch):
 def fake_predictor(batch_size: int = 2) -> predict.Predictor:
   """A Predictor whose network is a stand-in: the output folder handling is what is under test."""
   p = predict.Predictor(model=None, variables={}, image_size=32, channels=1, aspect="pad", batch_size=batch_size)
-  p.predict = lambda images: [np.zeros(im.shape[:2], bool) for im in images]
+  p.segment = lambda images: [{"mask": np.zeros(im.shape[:2], bool), "max_prob": 0.0, "presence": None}
+                               for im in images]
   return p
 
 

@@ -21,8 +21,8 @@ from usjax import pretrain_analysis
 from usjax import storage
 
 METRICS = ("dice", "dice_lesion", "iou", "iou_lesion", "hd95", "hd95_undefined", "dice_benign", "dice_malignant",
-           "dice_normal", "iou_benign", "iou_malignant", "iou_normal", "false_positive_rate", "num_images",
-           "train_images", "steps", "images_per_sec")
+           "dice_normal", "iou_benign", "iou_malignant", "iou_normal", "false_positive_rate", "presence_auc",
+           "presence_auc_from", "num_images", "train_images", "steps", "images_per_sec")
 PRETRAIN_ONLY = ("method", "transfer", "init_from")  # describe a pre-training: a scratch arm matches any value
 REPLICATES = ("seed", "fold")  # fields that name a replicate of an arm, not the arm: pooled, and paired on
 STATEMENTS = {
@@ -155,8 +155,11 @@ def group_stats(rows: list[dict], per_image: Mapping | None = None, by: tuple[st
     stat.update({
         k: _nanmean(r.get(k)
                     for r in runs)
-        for k in ("iou", "hd95", "dice_benign", "dice_malignant", "false_positive_rate")
+        for k in ("iou", "hd95", "dice_benign", "dice_malignant", "false_positive_rate", "presence_auc")
     })
+    # What the AUC ranks images by: the presence head's probability, or the peak foreground probability.
+    sources = {r.get("presence_auc_from") for r in runs if r.get("presence_auc_from")}
+    stat["presence_auc_from"] = sources.pop() if len(sources) == 1 else "mixed" if sources else None
     out.append(stat)
   return out
 
@@ -180,13 +183,16 @@ def _md(header: list[str], lines: list[list[str]]) -> str:
 
 def group_table(rows: list[dict], per_image: Mapping | None = None, by: tuple[str, ...] | None = None,
                 n_boot: int = 2000, seed: int = 0) -> str:
-  """Markdown table of the group means; HD95 in pixels, FPR = share of normal images with any predicted pixel."""
+  """Markdown table of the group means; HD95 in pixels, FPR = share of normal images with any predicted pixel,
+  presence AUC = how well the image-level lesion-presence score separates lesion from normal images, scored by
+  the presence head's probability ('head') or, without one, by the image's peak foreground probability ('max p')."""
   by = tuple(by) if by is not None else default_by(rows)
   stats = group_stats(rows, per_image, by, n_boot, seed)
   header = [
       *by, "n runs", "Dice mean [95% CI]", "Dice lesion images [95% CI]", "IoU", "HD95 (px)", "Dice benign",
-      "Dice malignant", "FPR on normal"
+      "Dice malignant", "FPR on normal", "Presence AUC (from)"
   ]
+  source = {"head": "head", "max_prob": "max p", "mixed": "mixed", None: ""}
   lines = [[
       *(s[k] for k in by), s["n_runs"], f"{_fmt(s['dice'])} [{_fmt(s['dice_lo'])}, {_fmt(s['dice_hi'])}]",
       f"{_fmt(s['dice_lesion'])} [{_fmt(s['dice_lesion_lo'])}, {_fmt(s['dice_lesion_hi'])}]",
@@ -194,7 +200,8 @@ def group_table(rows: list[dict], per_image: Mapping | None = None, by: tuple[st
       _fmt(s["hd95"], 1),
       _fmt(s["dice_benign"]),
       _fmt(s["dice_malignant"]),
-      _fmt(s["false_positive_rate"])
+      _fmt(s["false_positive_rate"]),
+      f"{_fmt(s['presence_auc'])} ({source[s['presence_auc_from']]})" if s["presence_auc_from"] else "–"
   ] for s in stats]
   return _md(header, lines)
 

@@ -4,6 +4,11 @@ map, a max-pool with an elementwise gradient). `models.layers` puts them in the 
 `models.UpsampleConv` and `nn.max_pool` (`config.model.conv_impl`: by default on the CPU backend only); every one
 is tested against the plain XLA or Flax operation it replaces (`tests/test_conv_lowering.py`), and
 `launch/benchmark.py --what=conv` times the convolution lowerings per pass (measurements: docs/performance.md).
+
+Mixed precision (`model.dtype='bfloat16'` on a CPU with native bf16): the network computes in f32 and only the
+convolutions' matmul operands are bf16 (`matmul_dtype`), rounded inside each lowering as the last step before
+its matmuls, with f32 sums. XLA:CPU's elementwise code is slower on bf16 arrays than on f32 ones (it converts
+each element to f32 and back around every operation), so bf16 activations would cost more than they save.
 """
 from __future__ import annotations
 
@@ -13,165 +18,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-
-def _same_pads(n: int, k: int, s: int):
-  out = -(-n // s)
-  total = max((out - 1) * s + k - n, 0)
-  return (total // 2, total - total // 2), out
+from usjax import winograd
+from usjax.conv_matmul import conv3x3_upsampled, conv_as_matmul, conv_weight_grad_by_taps, lax_conv, same_pads
+from usjax.precision import low_precision
 
 
-def _tap_windows(x, kh: int, kw: int, stride: int, axis: int = 1, barrier: bool = False) -> list[jax.Array]:
-  """The kh*kw strided input windows of a SAME convolution over spatial axes (axis, axis + 1), one per tap.
-
-  With `barrier`, the padded input is materialised once: otherwise XLA fuses its producer (a transpose, a
-  BatchNorm) into some of the window copies, which then each re-read the input transposed, a strided read where
-  a plain copy streams it."""
-  (ph, ho), (pw, wo) = _same_pads(x.shape[axis], kh, stride), _same_pads(x.shape[axis + 1], kw, stride)
-  pads = [(0, 0)] * x.ndim
-  pads[axis], pads[axis + 1] = ph, pw
-  x = jnp.pad(x, pads)
-  x = jax.lax.optimization_barrier(x) if barrier else x
-  rows = [jax.lax.slice_in_dim(x, i, i + stride * (ho - 1) + 1, stride, axis) for i in range(kh)]
-  return [jax.lax.slice_in_dim(r, j, j + stride * (wo - 1) + 1, stride, axis + 1) for r in rows for j in range(kw)]
-
-
-def conv_as_matmul(x, kernel, stride: int):
-  """SAME convolution as patches @ kernel. XLA's CPU convolution is slow on tiny feature maps (ResNet's last
-  stages) and on strided backward passes; one matmul over the gathered patches is not."""
-  kh, kw, _, cout = kernel.shape
-  cols = _tap_windows(x, kh, kw, stride)
-  patches = jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0]
-  return jnp.einsum("nhwk,ko->nhwo", patches, kernel.reshape(-1, cout))
-
-
-# Winograd F(2x2, 3x3) (Lavin & Gray, 2016): each 4x4 input tile gives 2x2 outputs with 16 multiplies instead
-# of 36. The input and output transforms (B^T d B, A^T m A) are additions only; G g G^T is on the kernel.
-_WINO_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
-_WINO_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-_WINO_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
-
-
-def _signed_sum(signs, terms):
-  """sum(s * t) over the nonzero coefficients s; those of +-1 are additions and subtractions."""
-  out = None
-  for s, t in zip(signs, terms):
-    if s:
-      t = t if abs(s) == 1 else t * abs(s)
-      out = (t if s > 0 else -t) if out is None else (out + t if s > 0 else out - t)
-  return out
-
-
-def _winograd_kernel(kernel) -> list[jax.Array]:
-  """G g G^T: the 16 transformed kernel elements, each (C, D), as sums of the nine (C, D) taps. Written as an
-  einsum, XLA runs it as matmuls only 3-4 wide, with transposes; as sums it is elementwise passes."""
-  k = kernel.astype(jnp.float32)
-  rows = [[_signed_sum(gi, [k[a, b] for a in range(3)]) for b in range(3)] for gi in _WINO_G]
-  return [_signed_sum(gj, row).astype(kernel.dtype) for row in rows for gj in _WINO_G]
-
-
-def _winograd_input(x, axis: int) -> list[jax.Array]:
-  """B^T d B of every 4x4 tile d (stride 2, one pixel of zero padding) of x's spatial axes (axis, axis + 1),
-  for even H and W: 16 arrays, one per tile element, with the (H/2, W/2) tile grid in place of those axes."""
-  h, w = x.shape[axis], x.shape[axis + 1]
-  pads = [(0, 0)] * x.ndim
-  pads[axis] = pads[axis + 1] = (1, 1)
-  xp = jnp.pad(x, pads)
-  rows = [jax.lax.slice_in_dim(xp, i, i + h - 1, 2, axis) for i in range(4)]
-  d = [[jax.lax.slice_in_dim(r, j, j + w - 1, 2, axis + 1) for j in range(4)] for r in rows]
-  bd = [[_signed_sum(b, [d[i][j] for i in range(4)]) for j in range(4)] for b in _WINO_BT]
-  return [_signed_sum(b, row) for row in bd for b in _WINO_BT]
-
-
-def _winograd_conv(x, u):
-  """Winograd F(2x2, 3x3) of x with the transformed kernel u (16 (C, D) elements, `_winograd_kernel`)."""
-  n, h, w, c = x.shape
-  # 16 separate matmuls, not one batched one: stacking their inputs for a batched matmul costs a copy of the 4x
-  # larger transformed map
-  v = [t.reshape(-1, c) for t in _winograd_input(x, 1)]
-  m = [(v[t] @ u[t]).reshape(n, h // 2, w // 2, -1) for t in range(16)]
-  mrows = [[_signed_sum(a, [m[4 * i + j] for i in range(4)]) for j in range(4)] for a in _WINO_AT]
-  y = jnp.stack([jnp.stack([_signed_sum(a, row) for a in _WINO_AT], axis=3) for row in mrows], axis=2)
-  return y.reshape(n, h, w, -1)
-
-
-def conv3x3_winograd(x, kernel):
-  """SAME stride-1 3x3 convolution by Winograd F(2x2, 3x3), for even H and W: 2.25x fewer multiplies, done as
-  16 channel matmuls. Where it runs: `cpu_conv_paths`; with fewer than 64 channels the transforms cost what the
-  matmuls save."""
-  return _winograd_conv(x, _winograd_kernel(kernel.astype(x.dtype)))
-
-
-def conv3x3_winograd_input_grad(dy, kernel):
-  """dL/dx of `conv3x3_winograd(x, kernel)`: the Winograd convolution of dy with the kernel flipped in space and
-  transposed in channels. G with its columns reversed is G with rows 0 and 3 swapped, so that kernel's
-  transformed elements are this kernel's, permuted, each transposed inside its matmul, so the pass makes no
-  transposed copy of the kernel in memory."""
-  u, p = _winograd_kernel(kernel.astype(dy.dtype)), (3, 1, 2, 0)
-  return _winograd_conv(dy, [u[4 * p[i] + p[j]].T for i in range(4) for j in range(4)])
-
-
-def conv3x3_winograd_weight_grad(x, dy):
-  """dL/dkernel of `conv3x3_winograd(x, kernel)` from the output gradient dy: the gradient of each of the 16
-  transformed kernel elements is a (C, tiles) @ (tiles, D) matmul of the transformed input and A dY A^T, and
-  G^T (.) G takes it back to the 3x3 kernel. 4 multiplies per output pixel and channel pair instead of 9, and a
-  transformed input 4x the input's size where the shifted-window matmuls (`conv_weight_grad_by_taps`) copy 9x.
-  The input is transformed channels-first, so that the matmuls need no transposed operand."""
-  c, d = x.shape[-1], dy.shape[-1]
-  v = [t.reshape(c, -1) for t in _winograd_input(jnp.transpose(x, (3, 0, 1, 2)), 2)]
-  a_cols = [(_WINO_AT[0][i], _WINO_AT[1][i]) for i in range(4)]  # row i of A = AT^T
-  dy_ab = [[dy[:, a::2, b::2].reshape(-1, d) for b in range(2)] for a in range(2)]
-  dy_aj = [[_signed_sum(a_cols[j], dy_ab[a]) for j in range(4)] for a in range(2)]
-  dm = [_signed_sum(a_cols[i], [dy_aj[0][j], dy_aj[1][j]]) for i in range(4) for j in range(4)]
-  du = [(v[t] @ dm[t]).astype(jnp.float32) for t in range(16)]
-  # G^T (du) G, as sums of the (C, D) elements like `_winograd_kernel`
-  rows = [[_signed_sum([gi[a] for gi in _WINO_G], du[j::4]) for j in range(4)] for a in range(3)]
-  return jnp.stack([jnp.stack([_signed_sum([gj[b] for gj in _WINO_G], row) for b in range(3)]) for row in rows])
-
-
-# Nearest x2 upsampling, then a 3x3 SAME convolution: output row 2i+a reads only low-res rows (i-1, i) for a = 0
-# and (i, i+1) for a = 1, with the kernel rows that land on the same low-res row summed. [phase][tap][kernel row]
-_UP2X_ROWS = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
-
-
-def conv3x3_upsampled(x, kernel):
-  """`conv(upsample2x(x), kernel)` (3x3, SAME, stride 1) computed on x itself: each of the four output phases of
-  the upsampling is a 2x2 convolution of x, so a low-res pixel costs 16 multiplies per channel pair instead of
-  the 36 of its four upsampled copies, and the 4x larger upsampled map is never built. The four phases are
-  one (N*(H+1)*(W+1), 4C) @ (4C, 4D) matmul over x's 2x2 windows."""
-  n, h, w, c = x.shape
-  r = jnp.asarray(_UP2X_ROWS, jnp.float32)
-  k = jnp.einsum("api,bqj,ijco->pqcabo", r, r, kernel.astype(jnp.float32)).astype(x.dtype).reshape(4 * c, -1)
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  patches = jnp.concatenate([xp[:, p:p + h + 1, q:q + w + 1] for p in range(2) for q in range(2)], axis=-1)
-  z = (patches.reshape(-1, 4 * c) @ k).reshape(n, h + 1, w + 1, 2, 2, -1)
-  y = jnp.stack([jnp.stack([z[:, a:a + h, b:b + w, a, b] for b in range(2)], axis=3) for a in range(2)], axis=2)
-  return y.reshape(n, 2 * h, 2 * w, -1)
-
-
-def lax_conv(x, kernel, stride: int):
-  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def conv_weight_grad_by_taps(x, dy, kernel_shape, stride: int):
-  """dL/dkernel of a SAME convolution as one (kw*C, N*H*W) @ (N*H*W, D) matmul per kernel row.
-
-  XLA lowers the weight gradient as a convolution whose window is the whole feature map, which XLA:CPU runs far
-  below its matmul rate on mid-sized maps (ResNet's 32x32 and 16x16 stages). Matmuls over a channels-first copy
-  of the input are plain large matmuls and never materialise the 9x larger im2col matrix. A kernel row's kw
-  windows are copied in one pass and share one matmul, with kw*C output rows, where one matmul per tap has a
-  C x D output that leaves a matmul short of work at 64 channels."""
-  kh, kw, c, d = kernel_shape
-  dy2 = dy.reshape(-1, d)
-  wins = _tap_windows(jnp.transpose(x, (3, 0, 1, 2)), kh, kw, stride, axis=2, barrier=True)
-  if c <= 4:  # the stem: one (taps x C) row per tap and channel in a single matmul, not kh matmuls of kw*C rows
-    return jnp.einsum("tck,kd->tcd", jnp.stack([w.reshape(c, -1) for w in wins]), dy2).reshape(kh, kw, c, d)
-  rows = [jnp.concatenate(wins[i * kw:(i + 1) * kw], axis=0).reshape(kw * c, -1) @ dy2 for i in range(kh)]
-  return jnp.stack(rows).reshape(kh, kw, c, d)
-
-
-def cpu_conv_paths(x_shape, kernel_shape, stride: int) -> tuple[str, str, str]:
+def cpu_conv_paths(x_shape, kernel_shape, stride: int, dtype=jnp.float32) -> tuple[str, str, str]:
   """Which lowering (lax | matmul | winograd | taps) the forward, input-gradient and weight-gradient passes use
-  on CPU.
+  on CPU, with matmul operands in `dtype`.
 
   Chosen per shape from `launch/benchmark.py --what=conv`, on both cores and on one (`taskset -c 0`, the work a
   pass costs when the step runs another pass beside it): XLA's convolution is fastest on large maps with few
@@ -179,74 +33,100 @@ def cpu_conv_paths(x_shape, kernel_shape, stride: int) -> tuple[str, str, str]:
   >= 64 channels in and out (ResNet-18's 32x32 to 4x4 stages) once its 16 matmuls have >= 64 rows, below which
   they are too short to pay for the transforms; im2col matmuls win on tiny maps and strided convolutions;
   shifted-window ("taps") matmuls win the other weight gradients on maps up to 64x64, and for the single-channel
-  stem at any size."""
+  stem at any size. With bf16 operands they also win the weight gradient of the 128x128 stage's 16-channel
+  convolutions (0.8x XLA's f32 time; not the 1-channel head's, 2x)."""
   kh, kw, cin, cout = kernel_shape
-  out_hw = _same_pads(x_shape[1], kh, stride)[1] * _same_pads(x_shape[2], kw, stride)[1]
+  out_hw = same_pads(x_shape[1], kh, stride)[1] * same_pads(x_shape[2], kw, stride)[1]
   small = out_hw <= 16 or (stride > 1 and kh > 1 and cin > 3)
   fwd = dx = "matmul" if small else "lax"
   if small and kh > 1 and cin > 4:
     dw = "matmul"
   else:
-    dw = "taps" if out_hw <= 64 * 64 or cin <= 4 else "lax"
+    bf16_wide = low_precision(dtype) and cout >= 16
+    dw = "taps" if out_hw <= 64 * 64 or cin <= 4 or bf16_wide else "lax"
   tiles = x_shape[0] * out_hw // 4  # rows of each of Winograd's 16 matmuls
-  if winograd_fits(x_shape, kernel_shape, stride) and min(cin, cout) >= 64 and tiles >= 64:
+  if winograd.fits(x_shape, kernel_shape, stride) and min(cin, cout) >= 64 and tiles >= 64:
     fwd = dx = dw = "winograd"
   return fwd, dx, dw
 
 
-def winograd_fits(x_shape, kernel_shape, stride: int) -> bool:
-  return kernel_shape[:2] == (3, 3) and stride == 1 and x_shape[1] % 2 == 0 and x_shape[2] % 2 == 0
+def cpu_conv_dtypes(x_shape, kernel_shape, stride: int, dtype=jnp.float32) -> tuple:
+  """The matmul operand dtype of each pass (forward, input gradient, weight gradient): `dtype`, except two
+  passes that bf16 makes slower (`--what=conv`). Winograd's bf16 input gradient copies its 16 transformed
+  kernel elements transposed (`winograd.conv3x3_input_grad`), a cost that only matmuls of >= 256 rows repay
+  (ResNet-18's 4x4 stage: 1.2-1.4x the f32 time). The stem's weight gradient (up to 4 input channels) has
+  matmuls too narrow for bf16 to gain."""
+  if not low_precision(dtype):
+    return (dtype,) * 3
+  _, dx_path, _ = cpu_conv_paths(x_shape, kernel_shape, stride, dtype)
+  out_hw = same_pads(x_shape[1], kernel_shape[0], stride)[1] * same_pads(x_shape[2], kernel_shape[1], stride)[1]
+  dx = jnp.dtype(jnp.float32) if dx_path == "winograd" and x_shape[0] * out_hw // 4 < 256 else dtype
+  dw = jnp.dtype(jnp.float32) if kernel_shape[2] <= 4 else dtype
+  return dtype, dx, dw
 
 
 def conv_by(path: str):
-  """The forward lowering `path` (lax | matmul | winograd) as f(x, kernel, stride)."""
+  """The forward lowering `path` (lax | matmul | winograd) as f(x, kernel, stride, dtype=None), in f32."""
   if path == "winograd":
-    return lambda x, kernel, stride: conv3x3_winograd(x, kernel)
+    return lambda x, kernel, stride, dtype=None: winograd.conv3x3(x, kernel, dtype)
   return conv_as_matmul if path == "matmul" else lax_conv
 
 
-def conv_input_grad(path: str, dy, x, kernel, stride: int):
+def conv_input_grad(path: str, dy, x, kernel, stride: int, dtype=None):
+  """dL/dx of the convolution by the lowering `path`, in f32, with matmul operands in `dtype` (default x's)."""
+  dtype = dtype or x.dtype
   if path == "winograd":
-    return conv3x3_winograd_input_grad(dy, kernel)
-  return jax.vjp(lambda x: conv_by(path)(x, kernel, stride), x)[1](dy)[0]
+    return winograd.conv3x3_input_grad(dy, kernel, dtype)
+  x32 = x.astype(jnp.float32)
+  return jax.vjp(lambda x: conv_by(path)(x, kernel, stride, dtype), x32)[1](dy.astype(jnp.float32))[0]
 
 
-def conv_weight_grad(path: str, dy, x, kernel, stride: int):
+def conv_weight_grad(path: str, dy, x, kernel, stride: int, dtype=None):
+  """dL/dkernel of the convolution by the lowering `path`, in f32, with matmul operands in `dtype`."""
+  dtype = dtype or x.dtype
   if path == "taps":
-    return conv_weight_grad_by_taps(x, dy, kernel.shape, stride).astype(kernel.dtype)
+    return conv_weight_grad_by_taps(x, dy, kernel.shape, stride, dtype)
   if path == "winograd":
-    return conv3x3_winograd_weight_grad(x, dy).astype(kernel.dtype)
-  return jax.vjp(lambda k: conv_by(path)(x, k, stride), kernel)[1](dy)[0]
+    return winograd.conv3x3_weight_grad(x, dy, dtype)
+  k32 = kernel.astype(jnp.float32)
+  return jax.vjp(lambda k: conv_by(path)(x, k, stride, dtype), k32)[1](dy.astype(jnp.float32))[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def cpu_conv(x, kernel, stride: int):
-  """SAME NHWC/HWIO convolution whose three passes each take the fastest CPU lowering for their shape."""
-  return conv_by(cpu_conv_paths(x.shape, kernel.shape, stride)[0])(x, kernel, stride)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def cpu_conv(x, kernel, stride: int, matmul_dtype=None):
+  """SAME NHWC/HWIO convolution whose three passes each take the fastest CPU lowering for their shape, with
+  matmul operands in `matmul_dtype` (default: x's) and results in x's dtype."""
+  dtype = jnp.dtype(matmul_dtype or x.dtype)
+  fwd_dtype = cpu_conv_dtypes(x.shape, kernel.shape, stride, dtype)[0]
+  y = conv_by(cpu_conv_paths(x.shape, kernel.shape, stride, dtype)[0])(x, kernel, stride, fwd_dtype)
+  return y.astype(x.dtype)
 
 
-def _cpu_conv_fwd(x, kernel, stride):
-  return cpu_conv(x, kernel, stride), (x, kernel)
+def _cpu_conv_fwd(x, kernel, stride, matmul_dtype):
+  return cpu_conv(x, kernel, stride, matmul_dtype), (x, kernel)
 
 
-def _cpu_conv_bwd(stride, res, dy):
+def _cpu_conv_bwd(stride, matmul_dtype, res, dy):
   x, kernel = res
-  _, dx_path, dw_path = cpu_conv_paths(x.shape, kernel.shape, stride)
-  return conv_input_grad(dx_path, dy, x, kernel, stride), conv_weight_grad(dw_path, dy, x, kernel, stride)
+  dtype = jnp.dtype(matmul_dtype or x.dtype)
+  _, dx_path, dw_path = cpu_conv_paths(x.shape, kernel.shape, stride, dtype)
+  _, dx_dtype, dw_dtype = cpu_conv_dtypes(x.shape, kernel.shape, stride, dtype)
+  dx = conv_input_grad(dx_path, dy, x, kernel, stride, dx_dtype).astype(x.dtype)
+  return dx, conv_weight_grad(dw_path, dy, x, kernel, stride, dw_dtype).astype(kernel.dtype)
 
 
 cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, precision=None):
+                         dimension_numbers=None, feature_group_count=1, precision=None, matmul_dtype=None):
   """`jax.lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`: the convolutions the models make
   (SAME, NHWC/HWIO, equal strides, no dilation or groups) go to `cpu_conv`, any other to XLA's."""
   nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
   if (isinstance(padding, str) and padding == "SAME" and lhs.ndim == 4 and len(set(window_strides)) == 1 and
       set(lhs_dilation or (1,)) == set(rhs_dilation or (1,)) == {1} and feature_group_count == 1 and
       jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc):
-    return cpu_conv(lhs, rhs, window_strides[0])
+    return cpu_conv(lhs, rhs, window_strides[0], matmul_dtype)
   return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                                       feature_group_count, precision=precision)
 
@@ -258,7 +138,9 @@ Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 class UpsampleConv(nn.Conv):
   """`models.UpsampleConv` (`nn.Conv` of `concat([upsample2x(x), skip])`, 3x3, SAME, stride 1), with the same
   parameters, computed without building that concatenation: `conv3x3_upsampled` of x with the kernel's first
-  input channels, plus `cpu_conv` of the skip with the others."""
+  input channels, plus `cpu_conv` of the skip with the others; matmul operands in `matmul_dtype`."""
+  matmul_dtype: jnp.dtype | None = None
+
   @nn.compact
   def __call__(self, x, skip=None):
     if (tuple(self.kernel_size), self.strides, self.padding) not in (((3, 3), 1, "SAME"), ((3, 3), (1, 1), "SAME")):
@@ -270,10 +152,22 @@ class UpsampleConv(nn.Conv):
     kernel = self.param("kernel", self.kernel_init, (3, 3, cin, self.features), self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
     x, skip, kernel, bias = self.promote_dtype(x, skip, kernel, bias, dtype=self.dtype)
-    y = conv3x3_upsampled(x, kernel[:, :, :c])
+    y = conv3x3_upsampled(x, kernel[:, :, :c], self.matmul_dtype).astype(x.dtype)
     if skip is not None:
-      y = y + cpu_conv(skip, kernel[:, :, c:], 1)
+      y = y + cpu_conv(skip, kernel[:, :, c:], 1, self.matmul_dtype)
     return y if bias is None else y + bias
+
+
+@functools.cache
+def conv_layers(matmul_dtype=None) -> tuple:
+  """(conv, up_conv) for `models.layers`: `Conv` and `UpsampleConv`, with their matmuls' operands in
+  `matmul_dtype` where one is given (the same objects for the same dtype, so models built twice compare
+  equal)."""
+  if matmul_dtype is None:
+    return Conv, UpsampleConv
+  conv = functools.partial(conv_general_dilated, matmul_dtype=jnp.dtype(matmul_dtype))
+  return (functools.partial(nn.Conv, conv_general_dilated=conv),
+          functools.partial(UpsampleConv, matmul_dtype=jnp.dtype(matmul_dtype)))
 
 
 def _pool_windows(x) -> list[jax.Array]:

@@ -4,12 +4,19 @@ Convention for empty masks (BUSI's normal images): an empty prediction on an emp
 score (1.0), any predicted pixel on an empty ground truth scores 0.0; never NaN. The literature reports Dice both
 ways, so both are kept: over all images (`dice`, normal images included) and over the images that show a lesion
 (`dice_lesion`, non-empty ground truth only).
+
+A run's final scores come from its probability maps (`probabilities`), through the post-processing and
+presence gate chosen on validation (`usjax.postprocess`), on the host (`score_probabilities`). Image-level lesion
+detection is scored by the AUC of the presence probability (`presence_auc`): the head's where the model has one,
+else the peak foreground probability of the image (`max_prob`); `presence_auc_from` says which.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from usjax import postprocess
 
 
 def dice_iou(pred: jax.Array, true: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -53,7 +60,25 @@ def summarize(per_image: dict[str, np.ndarray]) -> dict[str, float]:
   if "empty_true" in per_image and np.any(per_image["empty_true"]):
     empty = np.asarray(per_image["empty_true"], bool)
     out["false_positive_rate"] = float(np.mean(~np.asarray(per_image["empty_pred"], bool)[empty]))
+  source = next((k for k in ("presence", "max_prob") if k in per_image), None)
+  if source and "empty_true" in per_image:
+    value = auc(per_image[source], ~np.asarray(per_image["empty_true"], bool))
+    if np.isfinite(value):  # both normal and lesion images present
+      out["presence_auc"], out["presence_auc_from"] = value, "head" if source == "presence" else "max_prob"
   return out
+
+
+def auc(scores, positive) -> float:
+  """Area under the ROC curve of `scores` for the `positive` images, by the rank formula: (sum of the positives'
+  ranks - n_pos (n_pos + 1) / 2) / (n_pos n_neg), tied scores sharing their mean rank (counted half). NaN when
+  either class is missing."""
+  scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
+  n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+  if n_pos == 0 or n_neg == 0:
+    return float("nan")
+  _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+  ranks = (np.cumsum(counts) - (counts - 1) / 2)[np.ravel(inverse)]  # mean 1-based rank of each distinct value
+  return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def evaluate(score_fn, batches, to_global, keep_examples: int = 8) -> tuple[dict[str, np.ndarray], dict]:
@@ -106,21 +131,90 @@ def hd95(pred: np.ndarray, true: np.ndarray) -> float:
   return float(np.percentile(dist, 95))
 
 
-def make_scorer(model, out_sharding=None, tta: bool = False):
-  """Jitted `(variables, uint8 images, masks) -> (dice, iou, pred)` of a segmentation model in eval mode.
+def split_outputs(out) -> tuple[jax.Array, jax.Array | None]:
+  """A U-Net's output -> (segmentation logits, presence logits or None): the pair with the presence head, the
+  logits alone without it."""
+  return out if isinstance(out, tuple) else (out, None)
 
-  With `tta`, the foreground probability is the mean of the image's and its left-right mirror's (flipped back):
-  a lesion has no handedness, and ultrasound rows (depth) are never flipped.
+
+def forward_probs(model, variables, x, tta: bool = False) -> tuple[jax.Array, jax.Array | None]:
+  """(foreground probability [B, H, W, 1], presence probability [B] or None) of float images in eval mode.
+
+  With `tta`, each is the mean of the image's and its left-right mirror's (the map flipped back): a lesion has
+  no handedness, and ultrasound rows (depth) are never flipped.
   """
+  logits, presence = split_outputs(model.apply(variables, x, train=False))
+  prob, presence = jax.nn.sigmoid(logits), None if presence is None else jax.nn.sigmoid(presence)
+  if tta:
+    logits_f, presence_f = split_outputs(model.apply(variables, jnp.flip(x, 2), train=False))
+    prob = 0.5 * (prob + jnp.flip(jax.nn.sigmoid(logits_f), 2))
+    presence = None if presence is None else 0.5 * (presence + jax.nn.sigmoid(presence_f))
+  return prob, presence
+
+
+def make_scorer(model, out_sharding=None, tta: bool = False):
+  """Jitted `(variables, uint8 images, masks) -> (dice, iou, pred)` of a segmentation model in eval mode, with
+  flip averaging where `tta` (`forward_probs`); no post-processing (model selection while training)."""
   def score(variables, images, masks):
-    x = images.astype(jnp.float32) / 255.0
-    prob = jax.nn.sigmoid(model.apply(variables, x, train=False))
-    if tta:
-      prob = 0.5 * (prob + jnp.flip(jax.nn.sigmoid(model.apply(variables, jnp.flip(x, 2), train=False)), 2))
+    prob, _ = forward_probs(model, variables, images.astype(jnp.float32) / 255.0, tta)
     pred = prob > 0.5
     return (*dice_iou(pred, masks > 0), pred)
 
   return jax.jit(score, out_shardings=out_sharding)
+
+
+def make_prober(model, out_sharding=None, tta: bool = False):
+  """Jitted `(variables, uint8 images) -> {'prob' [B, H, W], 'max_prob' [B], 'presence' [B] with the head}`."""
+  def probe(variables, images):
+    prob, presence = forward_probs(model, variables, images.astype(jnp.float32) / 255.0, tta)
+    out = {"prob": prob[..., 0], "max_prob": jnp.max(prob, axis=(1, 2, 3))}
+    return out if presence is None else {**out, "presence": presence}
+
+  return jax.jit(probe, out_shardings=out_sharding)
+
+
+def probabilities(prob_fn, variables, batches, to_global, ids, labels, keep_examples: int = 8) -> dict:
+  """Per image of a split, in split order: the probability map [N, H, W], the ground truth [N, H, W] (bool),
+  'max_prob', 'presence' (with the head), 'index', 'id' and 'label', and the first `keep_examples` images.
+  `prob_fn` is `make_prober`'s; padding images (index -1) are dropped after the cross-host gather."""
+  from jax.experimental import multihost_utils
+  gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  out: dict[str, list] = {"index": [], "prob": [], "mask": [], "max_prob": [], "presence": [], "image": []}
+  for batch in batches:
+    got = prob_fn(variables, to_global(batch["image"]))
+    index = gather(to_global(batch["index"]))
+    keep = index >= 0
+    out["index"].append(index[keep])
+    out["mask"].append(gather(to_global(batch["mask"]))[keep][..., 0] > 0)
+    for k in ("prob", "max_prob", "presence"):
+      if k in got:
+        out[k].append(gather(got[k])[keep])
+    if sum(len(x) for x in out["image"]) < keep_examples:
+      out["image"].append(gather(to_global(batch["image"]))[keep])
+  res = {k: np.concatenate(v) for k, v in out.items() if v}
+  res["image"] = res["image"][:keep_examples]
+  res["id"], res["label"] = np.asarray(ids)[res["index"]], np.asarray(labels)[res["index"]]
+  return res
+
+
+def score_probabilities(split: dict, rule=None, threshold: float | None = None) -> tuple[dict[str, np.ndarray], dict]:
+  """`probabilities`' output scored through the post-processing `rule` and the presence gate at `threshold`
+  (`postprocess.final_mask`; None, None: plain thresholding at 0.5) -> (per-image scores as `score_split` gives
+  them, plus 'max_prob' and 'presence', and the overlay examples)."""
+  presence = split.get("presence")
+  pred = np.stack([
+      postprocess.final_mask(p, rule, None if presence is None else float(presence[i]), threshold)
+      for i, p in enumerate(split["prob"])
+  ])
+  true = split["mask"]
+  dice, iou = (np.asarray(a) for a in dice_iou(pred, true))  # the training-time scorer's exact arithmetic
+  scores = {k: split[k] for k in ("index", "id", "label", "max_prob", "presence") if k in split}
+  scores.update(dice=dice, iou=iou, empty_true=~true.reshape(len(true), -1).any(1),
+                empty_pred=~pred.reshape(len(pred), -1).any(1),
+                hd95=np.array([hd95(p, t) for p, t in zip(pred, true)], np.float32))
+  n = len(split["image"])
+  examples = {"image": split["image"], "mask": true[:n, ..., None], "pred": pred[:n, ..., None]} if n else {}
+  return scores, examples
 
 
 def score_split(score_fn, variables, batches, to_global, ids, labels) -> tuple[dict[str, np.ndarray], dict]:
@@ -132,8 +226,9 @@ def score_split(score_fn, variables, batches, to_global, ids, labels) -> tuple[d
 
 
 def per_image_rows(scores: dict[str, np.ndarray]) -> list[dict]:
-  """JSON rows (id, class, Dice, IoU, HD95, whether the image shows a lesion) of `score_split`'s output."""
-  keys = [k for k in ("id", "label", "dice", "iou", "hd95") if k in scores]
+  """JSON rows (id, class, Dice, IoU, HD95, the presence probabilities where scored, whether the image shows a
+  lesion) of `score_split`'s or `score_probabilities`' output."""
+  keys = [k for k in ("id", "label", "dice", "iou", "hd95", "presence", "max_prob") if k in scores]
   rows = [{k: scores[k][i].item() for k in keys} for i in range(len(scores["dice"]))]
   if "empty_true" in scores:
     for r, empty in zip(rows, scores["empty_true"]):

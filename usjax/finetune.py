@@ -2,9 +2,11 @@
 
 Every `config.val_every` steps the validation split is scored with the trained weights and, with
 `config.ema_decay`, their EMA; the best by validation Dice is kept (in memory and in <workdir>/best) and is what
-the run scores at the end, with left-right flip averaging only where it raises validation Dice (`config.tta`).
-The evaluation split (`config.eval_split`, 'val' by default) is read once, after training; a study asks for
-'test', and then the last step's test score is recorded beside the chosen model's.
+the run scores at the end, with left-right flip averaging only where it raises validation Dice (`config.tta`),
+then post-processing (`config.postprocess`) and, with the lesion-presence head (`config.presence.weight`), the
+presence gate, each chosen on the validation probabilities (`usjax.postprocess`) and recorded in
+best/selection.json. The evaluation split (`config.eval_split`, 'val' by default) is read once, after training;
+a study asks for 'test', and then the last step's test score is recorded beside the chosen model's.
 """
 from __future__ import annotations
 
@@ -17,23 +19,33 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from usjax import UsjaxError, augment, checkpoint, evaluate, methods, models, objectives, report, torch_weights, train
+from usjax import (UsjaxError, augment, checkpoint, evaluate, methods, models, objectives, postprocess, report,
+                   torch_weights, train)
 from usjax.data import pipeline
 
 
-def segmentation_loss(params, batch_stats, extra, batch, key, step, *, model, aug_cfg, ema_decay=0.0):
-  """Dice + BCE on image/mask pairs that share one random geometric transform.
+def segmentation_loss(params, batch_stats, extra, batch, key, step, *, model, aug_cfg, ema_decay=0.0,
+                      presence_weight=0.0):
+  """Dice + BCE on image/mask pairs that share one random geometric transform, plus `presence_weight` times the
+  lesion-presence BCE where the model has the presence head.
 
   With `ema_decay`, `extra` carries an EMA of the weights (a model-selection candidate): its batch statistics
   follow here, its parameters in `ema_after_step` once the optimiser has moved them.
   """
   images, masks = augment.augment_batch_pairs(key, train.to_float(batch[0]), batch[1].astype(jnp.float32), aug_cfg)
-  logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
-                                 mutable=["batch_stats"])
+  out, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                              mutable=["batch_stats"])
+  logits, presence = evaluate.split_outputs(out)
   dice, _ = evaluate.dice_iou(logits > 0, masks > 0.5)
+  loss, metrics = objectives.dice_bce(logits, masks), {"train_dice": dice.mean()}
+  if presence is not None:
+    if presence_weight <= 0:  # a head that nothing trains would gate on noise
+      raise UsjaxError("config.presence.weight must be > 0 for a model with the presence head")
+    metrics["presence_bce"] = objectives.presence_bce(presence, masks)
+    loss = loss + presence_weight * metrics["presence_bce"]
   if extra:
     extra = {**extra, "ema_batch_stats": methods.ema(extra["ema_batch_stats"], new_vars["batch_stats"], ema_decay)}
-  return objectives.dice_bce(logits, masks), (new_vars["batch_stats"], extra, {"train_dice": dice.mean()})
+  return loss, (new_vars["batch_stats"], extra, metrics)
 
 
 def ema_after_step(extra, params, step, *, decay):
@@ -129,17 +141,18 @@ def finetune(cfg, workdir: str) -> dict:
   logging.info("fine-tuning U-Net/%s (%.2fM parameters) on %s, %d%% labels = %d training images", cfg.model.encoder,
                models.count_params(state["params"]) / 1e6, cfg.data.finetune_source, cfg.data.label_fraction, n_train)
   aug_cfg = augment.AugmentConfig.from_dict(cfg.augment)
-  loss_fn = functools.partial(segmentation_loss, model=model, aug_cfg=aug_cfg, ema_decay=cfg.ema_decay)
+  loss_fn = functools.partial(segmentation_loss, model=model, aug_cfg=aug_cfg, ema_decay=cfg.ema_decay,
+                              presence_weight=cfg.presence.weight)
   after = functools.partial(ema_after_step, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
   step_fn = train.compile_step(loss_fn, tx, mesh, after)
   meta = {
-      "task": "finetune", "model": cfg.model.to_dict(), "source": cfg.data.finetune_source,
+      "task": "finetune", "model": train.model_config(cfg), "source": cfg.data.finetune_source,
       "data": train.data_meta(cfg), "init_from": cfg.init_from, "transfer": cfg.transfer if cfg.init_from else "none"
   }
 
   # Validation: the split is small (BUSI: 63 images), so its batches are prepared once and kept.
   to_global = lambda a: train.global_batch(a, mesh)
-  scorers = {tta: evaluate.make_scorer(model, NamedSharding(mesh, P("data")), tta) for tta in (False, True)}
+  scorers, probers = make_scorers(model, mesh)
   val_ids, val_labels = pipeline.split_labels(cfg.data, "val")
   selector = evaluate.Selector(cfg.val_every, scorers[False],
                                list(pipeline.eval_batches(cfg.data, "val", cfg.batch_size)), to_global, val_ids,
@@ -155,51 +168,98 @@ def finetune(cfg, workdir: str) -> dict:
   state, rep, summary = train.fit(cfg, workdir, "finetune", state, step_fn, iter(train_ds),
                                   lambda b: train.global_batch((b["image"], b["mask"]), mesh), mesh, meta, hook)
 
-  # The chosen model: the best (step, weights) on validation, then flip averaging only if validation says so.
-  best_vars, chosen = selector.best_variables, dict(selector.best)
-  val_plain = selector.score(best_vars)
-  use_tta = cfg.tta == "hflip"
-  if cfg.tta == "auto":
-    val_tta = selector.score(best_vars, scorers[True])
-    use_tta = val_tta["dice"] > val_plain["dice"]
-    chosen["val_dice_tta"] = val_tta["dice"]
-  chosen["tta"] = use_tta
-  val = val_tta if use_tta and cfg.tta == "auto" else selector.score(best_vars, scorers[use_tta])
-  chosen.update(val_dice=val["dice"], val_dice_lesion=val.get("dice_lesion"))
   hook.close()
+  last_vars = {"params": state["params"], "batch_stats": state["batch_stats"]}
+  return finish(cfg, workdir, selector, scorers, probers, to_global, last_vars, rep, summary, train_images=n_train,
+                transfer=transfer or None)
+
+
+def make_scorers(model, mesh) -> tuple[dict, dict]:
+  """The jitted scorers, without and with flip averaging (keyed by `tta`): Dice on the device for model
+  selection while training (`evaluate.make_scorer`), probability maps for the final choices and scoring
+  (`evaluate.make_prober`)."""
+  sharding = NamedSharding(mesh, P("data"))
+  return ({tta: evaluate.make_scorer(model, sharding, tta) for tta in (False, True)},
+          {tta: evaluate.make_prober(model, sharding, tta) for tta in (False, True)})
+
+
+def finish(cfg, workdir, selector, scorers, probers, to_global, last_vars, rep, summary: dict, who: str = "",
+           **fields) -> dict:
+  """The end of a fine-tuning run, alone or stacked (`usjax.stacked`): the model chosen on validation, then the
+  one read of the evaluation split. -> the summary, also written with per_image.json and examples.npz.
+
+  The choice: the best (step, weights), then flip averaging, post-processing and the presence gate, each kept
+  only where it raises validation Dice over all images (the last two on the chosen model's validation
+  probabilities), all recorded in best/selection.json, which `usjax.predict` applies. `fields` (train_images,
+  transfer) go into the summary; `who` prefixes the log lines.
+  """
+  best_vars, chosen = selector.best_variables, dict(selector.best)
+  val = selector.score(best_vars)
+  use_tta = cfg.tta == "hflip"
+  if cfg.tta != "none":
+    val_tta = selector.score(best_vars, scorers[True])
+    if cfg.tta == "auto":
+      use_tta = val_tta["dice"] > val["dice"]
+      chosen["val_dice_tta"] = val_tta["dice"]
+    val = val_tta if use_tta else val
+  chosen.update(tta=use_tta, val_dice=val["dice"], val_dice_lesion=val.get("dice_lesion"))
+  head, search = cfg.presence.weight > 0, cfg.postprocess == "auto"
+  val_split = evaluate.probabilities(probers[use_tta], best_vars, selector.batches, to_global, selector.ids,
+                                     selector.labels) if head or search or cfg.eval_split == "val" else None
+  if head or search:
+    chosen.update(postprocess.select(val_split["prob"], val_split["mask"], val_split.get("presence"), search))
+  else:
+    chosen.update(presence_threshold=None, postprocess=dict(postprocess.NONE))
   if jax.process_index() == 0:  # what launch/predict.py applies with the best weights
     report.write_json(os.path.join(workdir, "best", "selection.json"), chosen)
   logging.info(
-      "selected on validation: step %d, %s weights, flip averaging %s: validation Dice %.4f "
-      "(lesion images %.4f)", chosen["step"], chosen["weights"], "on" if use_tta else "off", val["dice"],
-      val.get("dice_lesion", float("nan")))
+      "%sselected on validation: step %d, %s weights, flip averaging %s, post-processing %s, presence gate %s: "
+      "validation Dice %.4f (lesion images %.4f)%s", who, chosen["step"], chosen["weights"],
+      "on" if use_tta else "off", chosen["postprocess"], _fmt(chosen["presence_threshold"], "off"), val["dice"],
+      val.get("dice_lesion", float("nan")),
+      f", {chosen['val_dice_postprocessed']:.4f} post-processed" if "val_dice_postprocessed" in chosen else "")
 
   # The one read of the evaluation split (the test split only where the config asks for it).
   if cfg.eval_split == "val":
-    scores, examples = evaluate.score_split(scorers[use_tta], best_vars, selector.batches, to_global, val_ids,
-                                            val_labels)
+    split = val_split
   else:
     ids, labels = pipeline.split_labels(cfg.data, cfg.eval_split)
     batches = list(pipeline.eval_batches(cfg.data, cfg.eval_split, cfg.batch_size))
-    scores, examples = evaluate.score_split(scorers[use_tta], best_vars, batches, to_global, ids, labels)
-    last_vars = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    split = evaluate.probabilities(probers[use_tta], best_vars, batches, to_global, ids, labels)
     last, _ = evaluate.score_split(scorers[False], last_vars, batches, to_global, ids, labels)
     summary["last_step"] = {
         k: v for k, v in evaluate.summarize(last).items() if k in ("dice", "dice_lesion", "iou", "iou_lesion")
     }
+  scores, examples = evaluate.score_probabilities(split, chosen["postprocess"], chosen["presence_threshold"])
+  if chosen["presence_threshold"] is not None or chosen["postprocess"] != postprocess.NONE:
+    # The same model's masks thresholded at 0.5 alone: what the gate and post-processing changed.
+    plain, _ = evaluate.score_probabilities(split)
+    summary["ungated"] = {
+        k: v for k, v in evaluate.summarize(plain).items() if k in ("dice", "dice_lesion", "false_positive_rate")
+    }
   summary.update(evaluate.summarize(scores), source=cfg.data.finetune_source, label_fraction=cfg.data.label_fraction,
-                 train_images=n_train, eval_split=cfg.eval_split, init_from=cfg.init_from or None, transfer=transfer or
-                 None, selected=chosen, val_history=selector.history)
+                 train_images=fields.get("train_images"), eval_split=cfg.eval_split, init_from=cfg.init_from or None,
+                 transfer=fields.get("transfer"), selected=chosen, val_history=selector.history)
   rep.scalars(cfg.num_steps, {k: summary[k] for k in ("dice", "dice_lesion", "iou") if k in summary}, cfg.eval_split)
   if jax.process_index() == 0:
     report.write_json(os.path.join(workdir, "per_image.json"), evaluate.per_image_rows(scores))
     np.savez_compressed(os.path.join(workdir, "examples.npz"), **examples)
   logging.info(
-      "%s split, the validation-chosen model: Dice %.4f over %d images, %.4f over the %d with a lesion; "
-      "IoU %.4f", cfg.eval_split, summary["dice"], summary["num_images"], summary.get("dice_lesion", float("nan")),
-      summary.get("num_lesion_images", 0), summary["iou"])
+      "%s%s split, the validation-chosen model: Dice %.4f over %d images, %.4f over the %d with a lesion; IoU %.4f; "
+      "false positives on %s of the normal images; presence AUC %s (from %s)", who, cfg.eval_split, summary["dice"],
+      summary["num_images"], summary.get("dice_lesion", float("nan")), summary.get("num_lesion_images", 0),
+      summary["iou"], _pct(summary.get("false_positive_rate")), _fmt(summary.get("presence_auc")),
+      summary.get("presence_auc_from", "-"))
   rep.close(workdir, summary)
   return summary
+
+
+def _pct(x) -> str:
+  return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def _fmt(x, none: str = "-") -> str:
+  return none if x is None else f"{x:.3f}"
 
 
 def candidates(state) -> dict:

@@ -59,7 +59,7 @@ def step_flops(fn, *args) -> float:
   Unlike XLA's cost analysis it counts on every backend: on GPU that analysis no longer sees the convolutions
   once they became cuDNN calls. Element-wise work (normalisation, activations, the optimiser) is not counted, as in MFU.
   On an accelerator this is the model's count. On CPU it counts what runs: a Winograd convolution
-  (`cpu_ops.conv3x3_winograd`) does 2.25x fewer multiplies than the model's direct one, and the decoder's
+  (`winograd.conv3x3`) does 2.25x fewer multiplies than the model's direct one, and the decoder's
   convolution of an upsampled map (`cpu_ops.conv3x3_upsampled`) about 2.25x fewer.
   """
   return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from usjax import cpu_ops
+from usjax import cpu_ops, precision
 
 ModuleDef = Any
 # torchvision's ResNet initialisation: He normal, fan-out.
@@ -195,7 +195,12 @@ def make_encoder(name: str, norm: str, dtype, conv: ModuleDef = nn.Conv, pool: C
 
 
 class UNet(nn.Module):
-  """Segmentation network: encoder -> decoder -> 1-channel logits at input resolution."""
+  """Segmentation network: encoder -> decoder -> 1-channel logits at input resolution.
+
+  With `presence_head`, also an image-level lesion-presence logit [B] from the encoder's deepest feature (global
+  average pool -> Dense -> 1), and the output is the pair (logits, presence logit); without it (the default)
+  the output is the logits alone, as for every checkpoint written before the head existed.
+  """
   encoder: str = "resnet18"
   decoder_widths: Sequence[int] = (256, 128, 64, 32, 16)
   norm: str = "batch"
@@ -204,16 +209,22 @@ class UNet(nn.Module):
   conv: ModuleDef = nn.Conv
   up_conv: ModuleDef = UpsampleConv
   pool: Callable = max_pool
+  presence_head: bool = False
 
   @nn.compact
-  def __call__(self, x, train: bool = True) -> jax.Array:
+  def __call__(self, x, train: bool = True):
     encoder = make_encoder(self.encoder, self.norm, self.dtype, self.conv, self.pool)
     feats = encoder(x.astype(self.dtype), train)
     widths = self.decoder_widths if self.encoder != "plain" else self.decoder_widths[1:]
     y = UNetDecoder(widths, self.norm, self.dtype, self.conv, self.up_conv, name="decoder")(feats, x.shape[1:3], train)
     logits = self.conv(self.num_classes, (3, 3), kernel_init=nn.initializers.lecun_normal(), dtype=self.dtype,
-                       name="seg_head")(y)
-    return logits.astype(jnp.float32)
+                       name="seg_head")(y).astype(jnp.float32)
+    if not self.presence_head:
+      return logits
+    # A top-level module of its own, so transfer (encoder, decoder) leaves it at initialisation and says so.
+    pooled = jnp.mean(feats[-1].astype(jnp.float32), axis=(1, 2))
+    presence = nn.Dense(1, dtype=self.dtype, name="presence_head")(pooled)[:, 0]
+    return logits, presence.astype(jnp.float32)
 
 
 class MLPHead(nn.Module):
@@ -268,34 +279,48 @@ def count_params(params) -> int:
 
 # ---------------------------------------------------------------------------------------------------- from config
 CONV_IMPLS = ("auto", "xla", "cpu")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = precision.DTYPES
 
 
-def layers(conv_impl: str = "auto") -> dict[str, Any]:
-  """The `conv`, `up_conv` and `pool` arguments of `config.model.conv_impl`: 'xla' the plain Flax layers (XLA's
-  convolutions and pool), 'cpu' the lowerings of `usjax.cpu_ops` (the same functions and parameters, faster on
-  XLA:CPU), 'auto' the CPU lowerings on the CPU backend and XLA's elsewhere."""
+def _conv_impl(conv_impl: str) -> str:
+  """'xla' or 'cpu': `config.model.conv_impl`, with 'auto' the CPU lowerings on the CPU backend."""
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f"model.conv_impl must be one of {', '.join(CONV_IMPLS)}, got {conv_impl!r}")
   if conv_impl == "auto":
-    conv_impl = "cpu" if jax.default_backend() == "cpu" else "xla"
-  if conv_impl == "cpu":
-    return {"conv": cpu_ops.Conv, "up_conv": cpu_ops.UpsampleConv, "pool": cpu_ops.max_pool_3x3_s2}
+    return "cpu" if jax.default_backend() == "cpu" else "xla"
+  return conv_impl
+
+
+def layers(conv_impl: str = "auto", dtype=jnp.float32) -> dict[str, Any]:
+  """The `conv`, `up_conv` and `pool` arguments of `config.model.conv_impl`: 'xla' the plain Flax layers (XLA's
+  convolutions and pool), 'cpu' the lowerings of `usjax.cpu_ops` (the same functions and parameters, faster on
+  XLA:CPU), 'auto' the CPU lowerings on the CPU backend and XLA's elsewhere. A bf16 `dtype` makes the CPU
+  lowerings' matmul operands bf16 (the modules' own dtype: `_common`)."""
+  if _conv_impl(conv_impl) == "cpu":
+    conv, up_conv = cpu_ops.conv_layers(None if dtype == jnp.float32 else dtype)
+    return {"conv": conv, "up_conv": up_conv, "pool": cpu_ops.max_pool_3x3_s2}
   return {"conv": nn.Conv, "up_conv": UpsampleConv, "pool": max_pool}
 
 
 def _common(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
-  """The arguments every network of a model config shares: norm, dtype and the layers of its conv_impl. Checkpoint
-  metas of older runs lack some keys: they get the defaults those runs had."""
+  """The arguments every network of a model config shares: norm, the layers of its conv_impl and the compute
+  dtype of its model.dtype on this machine (`precision.compute_dtype`: 'auto' is bf16 only where it is
+  native). With the CPU lowerings, bf16 is their matmuls' operand dtype and the modules compute in f32: XLA:CPU's
+  elementwise code runs slower on bf16 arrays than on f32 ones (`usjax.cpu_ops`). Checkpoint metas of older runs
+  lack some keys: they get the defaults those runs had."""
+  conv_impl = model_cfg.get("conv_impl", "auto")
+  dtype = precision.compute_dtype(model_cfg.get("dtype", "float32"))
   return {
-      "norm": model_cfg.get("norm", "batch"), "dtype": DTYPES[model_cfg.get("dtype", "float32")],
-      **layers(model_cfg.get("conv_impl", "auto"))
+      "norm": model_cfg.get("norm", "batch"), "dtype": jnp.float32 if _conv_impl(conv_impl) == "cpu" else dtype,
+      **layers(conv_impl, dtype)
   }
 
 
 def unet_from_config(model_cfg: Mapping[str, Any]) -> UNet:
-  """The segmentation U-Net of a model config (`config.model`, or a checkpoint's `meta['model']`)."""
-  return UNet(encoder=model_cfg["encoder"], decoder_widths=tuple(model_cfg["decoder_widths"]), **_common(model_cfg))
+  """The segmentation U-Net of a model config (`config.model`, or a checkpoint's `meta['model']`); the
+  lesion-presence head where `presence_head` (`train.model_config` adds it; metas of older runs lack it)."""
+  return UNet(encoder=model_cfg["encoder"], decoder_widths=tuple(model_cfg["decoder_widths"]),
+              presence_head=bool(model_cfg.get("presence_head", False)), **_common(model_cfg))
 
 
 def pretrain_net_from_config(model_cfg: Mapping[str, Any], pred_dims: Sequence[int] = ()) -> PretrainNet:

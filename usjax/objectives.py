@@ -48,6 +48,13 @@ def dice_bce(logits: jax.Array, masks: jax.Array) -> jax.Array:
   return soft_dice_loss(logits, masks) + bce
 
 
+def presence_bce(presence_logits: jax.Array, masks: jax.Array) -> jax.Array:
+  """Image-level lesion presence: binary cross entropy of one logit per image [B] against whether its mask
+  [B, H, W, ...] has any lesion pixel (masks as seen after augmentation, which may crop a lesion out)."""
+  target = jnp.any(masks.reshape(masks.shape[0], -1) > 0.5, axis=1).astype(jnp.float32)
+  return optax.sigmoid_binary_cross_entropy(presence_logits.astype(jnp.float32), target).mean()
+
+
 def info_nce(q: jax.Array, k: jax.Array, queue: jax.Array, temperature: float = 0.2) -> jax.Array:
   """MoCo's InfoNCE (He et al. 2020, eq. 1): each query against its key and the K queued negatives.
 

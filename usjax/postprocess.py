@@ -6,6 +6,10 @@ map: drop connected components smaller than `min_area` (a fraction of the image)
 probability is below `min_peak`, keep only the largest component. `choose` tries them in turn on the chosen
 model's validation probabilities and keeps a step only where it raises validation Dice over all images; the rule
 is recorded with the model (best/selection.json) and applied wherever that model predicts.
+
+A model with the lesion-presence head (`models.UNet(presence_head=True)`) also gets a gate: below a threshold on
+its presence probability the mask is emptied. `choose_threshold` picks it on validation like the rule, `select`
+chooses both for a run (the gate first, then the rule on what the gate keeps) and `final_mask` applies them.
 """
 from __future__ import annotations
 
@@ -20,8 +24,13 @@ MIN_AREAS = (0.0, 0.001, 0.002, 0.005, 0.01)  # fraction of the image: 0.002 is 
 MIN_PEAKS = (0.0, 0.6, 0.7, 0.8, 0.9)
 
 
-def apply(prob: np.ndarray, rule: Mapping | None = None, threshold: float = 0.5) -> np.ndarray:
-  """Binary mask [H, W] from a probability map [H, W] (or [H, W, 1]) under `rule` (keys of NONE)."""
+def apply(prob: np.ndarray, rule: Mapping | None = None, threshold: float = 0.5,
+          area: float | None = None) -> np.ndarray:
+  """Binary mask [H, W] from a probability map [H, W] (or [H, W, 1]) under `rule` (keys of NONE).
+
+  `min_area` is a fraction of `area` pixels, by default the map's own: a map mapped back to an image's original
+  size passes the area of the network's square there, so a rule chosen at model resolution means the same.
+  """
   rule = {**NONE, **(rule or {})}
   prob = np.asarray(prob, np.float32).reshape(np.shape(prob)[:2])
   mask = prob > threshold
@@ -32,7 +41,7 @@ def apply(prob: np.ndarray, rule: Mapping | None = None, threshold: float = 0.5)
   if rule["min_area"] or rule["largest"]:
     labels, n = ndimage.label(mask)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    keep = sizes >= rule["min_area"] * mask.size
+    keep = sizes >= rule["min_area"] * (mask.size if area is None else area)
     if rule["largest"] and keep.any():
       keep = np.arange(n) == int(np.argmax(np.where(keep, sizes, -1)))
     mask = np.isin(labels, np.flatnonzero(keep) + 1)
@@ -67,3 +76,66 @@ def choose(probs: Sequence[np.ndarray], masks: Sequence[np.ndarray], min_gain: f
     if scores[value] > best + min_gain:
       rule[key], best = value, scores[value]
   return rule, tried
+
+
+# ---------------------------------------------------------------------------------------------------- the gate
+def gated_dice(dices: Sequence[float], empty_true: Sequence[bool], presence: Sequence[float],
+               threshold: float | None) -> np.ndarray:
+  """Per-image Dice once the masks of images whose presence probability is below `threshold` are emptied: an
+  emptied mask scores 1 on a normal image and 0 on a lesion image (None: no gate)."""
+  dices = np.asarray(dices, np.float64)
+  if threshold is None:
+    return dices
+  gated = np.asarray(presence, np.float64) < threshold
+  return np.where(gated, np.asarray(empty_true, bool).astype(np.float64), dices)
+
+
+def choose_threshold(presence: Sequence[float], dices: Sequence[float], empty_true: Sequence[bool],
+                     min_gain: float = 0.0) -> tuple[float | None, float, float]:
+  """The presence threshold that maximises validation Dice over all images, or None where no gate raises it by
+  more than `min_gain`. -> (threshold, Dice without the gate, Dice with it).
+
+  Candidates are the midpoints between consecutive distinct validation presence probabilities (a threshold on
+  an observed value would sit on the edge of that image's decision); among equal Dice the lowest, which empties
+  the fewest masks, wins.
+  """
+  values = np.unique(np.asarray(presence, np.float64))
+  off = float(np.mean(dices)) if len(dices) else 1.0
+  best_t, best = None, -np.inf
+  for t in (values[:-1] + values[1:]) / 2:
+    score = float(np.mean(gated_dice(dices, empty_true, presence, t)))
+    if score > best:
+      best_t, best = float(t), score
+  if best_t is None or best <= off + min_gain:
+    return None, off, off
+  return best_t, off, best
+
+
+def final_mask(prob: np.ndarray, rule: Mapping | None = None, presence: float | None = None,
+               threshold: float | None = None, area: float | None = None) -> np.ndarray:
+  """The mask a run reports: `apply(prob, rule)`, emptied where the presence gate is set and `presence` is below
+  it."""
+  mask = apply(prob, rule, area=area)
+  if threshold is not None and presence is not None and presence < threshold:
+    return np.zeros_like(mask)
+  return mask
+
+
+def select(probs: Sequence[np.ndarray], masks: Sequence[np.ndarray], presence: Sequence[float] | None = None,
+           search_rule: bool = True) -> dict:
+  """Post-processing for a run, chosen on its validation probabilities: the presence gate (with a head's
+  `presence`), then the rule (`search_rule`, else none) on the masks the gate keeps. -> what selection.json
+  records: 'presence_threshold' (None: no gate), 'postprocess' (the rule), 'postprocess_tried' and the
+  validation Dice over all images before and after ('val_dice_raw', 'val_dice_postprocessed')."""
+  masks = [np.asarray(m, bool).reshape(np.shape(p)[:2]) for p, m in zip(probs, masks)]
+  raw = [dice(apply(p), m) for p, m in zip(probs, masks)]
+  threshold = None
+  if presence is not None:
+    threshold, _, _ = choose_threshold(presence, raw, [not m.any() for m in masks])
+  if threshold is not None:  # a gated image's map is all background: no rule can draw on it
+    probs = [np.zeros_like(p) if q < threshold else p for p, q in zip(probs, presence)]
+  rule, tried = choose(probs, masks) if search_rule else (dict(NONE), {"none": mean_dice(probs, masks, NONE)})
+  return {
+      "presence_threshold": threshold, "postprocess": rule, "postprocess_tried": tried,
+      "val_dice_raw": float(np.mean(raw)) if raw else None, "val_dice_postprocessed": mean_dice(probs, masks, rule)
+  }

@@ -5,6 +5,8 @@ Each image gets the preprocessing its checkpoint was trained with (channels, `as
 that geometry (bilinear on the logits, then the 0 threshold), so masks and scores are at the image's original
 size, which is what a reader measures, not what the network saw. Batches are padded to a fixed size, so the
 forward pass compiles once whatever the number and sizes of the images.
+What the run chose on validation (best/selection.json) is applied: flip averaging, post-processing and, with the
+lesion-presence head, the gate on its presence probability, which the JSON outputs record per image.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
-from usjax import UsjaxError, checkpoint, evaluate, models, orbax_errors, report
+from usjax import UsjaxError, checkpoint, evaluate, models, orbax_errors, postprocess, report
 from usjax.data import DataError, folders, imageio, pipeline
 
 # configs/default.py's values, for checkpoints written before `meta["data"]` recorded them.
@@ -112,36 +114,63 @@ class Predictor:
   checkpoint: str = ""
 
   tta: bool = False  # left-right flip averaging, where the run's model selection kept it
+  rule: dict | None = None  # post-processing (usjax.postprocess), where it kept one
+  presence_threshold: float | None = None  # the presence gate (a model with the head), where it kept one
 
   def __post_init__(self):
-    def forward(v, x):  # logits; with tta, those of the flip-averaged foreground probability
+    def forward(v, x):  # logits (with tta, of the flip-averaged probability), peak and presence probabilities
       x = x.astype(jnp.float32) / 255.0
-      logits = self.model.apply(v, x, train=False)[..., 0]
-      if not self.tta:
-        return logits
-      prob = 0.5 * (jax.nn.sigmoid(logits) +
-                    jnp.flip(jax.nn.sigmoid(self.model.apply(v, jnp.flip(x, 2), train=False)[..., 0]), 2))
-      return jnp.log(prob) - jnp.log1p(-prob)
+      if self.tta:
+        prob, presence = evaluate.forward_probs(self.model, v, x, True)
+        logits = jnp.log(prob[..., 0]) - jnp.log1p(-prob[..., 0])
+      else:
+        logits, presence = evaluate.split_outputs(self.model.apply(v, x, train=False))
+        logits, presence = logits[..., 0], None if presence is None else jax.nn.sigmoid(presence)
+      return logits, jax.nn.sigmoid(jnp.max(logits, axis=(1, 2))), presence
 
     self._forward = jax.jit(forward)
 
-  def logits(self, squares: np.ndarray) -> np.ndarray:
-    """[N, S, S, C] uint8 -> [N, S, S] float32, in batches padded to `batch_size` (one compile)."""
+  def outputs(self, squares: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """[N, S, S, C] uint8 -> (logits [N, S, S], peak probability [N], presence probability [N] or None without the
+    head), in batches padded to `batch_size` (one compile)."""
     out = []
     for i in range(0, len(squares), self.batch_size):
       chunk = squares[i:i + self.batch_size]
       padded = np.zeros((self.batch_size, *squares.shape[1:]), np.uint8)
       padded[:len(chunk)] = chunk
-      out.append(np.asarray(self._forward(self.variables, padded))[:len(chunk)])
-    return np.concatenate(out) if out else np.zeros((0, self.image_size, self.image_size), np.float32)
+      out.append([None if a is None else np.asarray(a)[:len(chunk)] for a in self._forward(self.variables, padded)])
+    if not out:
+      return np.zeros((0, self.image_size, self.image_size), np.float32), np.zeros(0, np.float32), None
+    return tuple(None if parts[0] is None else np.concatenate(parts) for parts in zip(*out))
+
+  def segment(self, images: list[np.ndarray]) -> list[dict]:
+    """[H, W, C] uint8 images (any sizes, 1 or 3 channels) -> per image {'mask': [H, W] bool at its size,
+    'max_prob': its peak foreground probability, 'presence': the head's lesion-presence probability (None
+    without the head)}, through the run's post-processing and presence gate."""
+    squares = np.stack([to_model_input(im, self.image_size, self.channels, self.aspect) for im in images]) \
+        if images else np.zeros((0, self.image_size, self.image_size, self.channels), np.uint8)
+    logits, peak, presence = self.outputs(squares)
+    out = []
+    for i, (lg, im) in enumerate(zip(logits, images)):
+      lg = from_square(lg, im.shape[:2], self.aspect, fill=-np.inf)
+      p = None if presence is None else float(presence[i])
+      if self.rule and self.rule != postprocess.NONE:
+        from scipy.special import expit
+        mask = postprocess.apply(expit(lg), self.rule, area=self._square_area(im.shape[:2]))
+      else:  # the logits' sign: the same 0.5 threshold as ever, without rounding at the boundary
+        mask = lg > 0
+      gated = self.presence_threshold is not None and p is not None and p < self.presence_threshold
+      out.append({"mask": np.zeros_like(mask) if gated else mask, "max_prob": float(peak[i]), "presence": p})
+    return out
 
   def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
     """[H, W, C] uint8 images (any sizes, 1 or 3 channels) -> [H, W] bool masks at the same sizes."""
-    squares = np.stack([to_model_input(im, self.image_size, self.channels, self.aspect) for im in images]) \
-        if images else np.zeros((0, self.image_size, self.image_size, self.channels), np.uint8)
-    return [
-        from_square(lg, im.shape[:2], self.aspect, fill=-np.inf) > 0 for lg, im in zip(self.logits(squares), images)
-    ]
+    return [r["mask"] for r in self.segment(images)]
+
+  def _square_area(self, shape: tuple[int, int]) -> float:
+    """The network's square in the image's own pixels (what the rule's minimum area is a fraction of)."""
+    h, w = shape
+    return float(h * w if self.aspect == "stretch" else max(h, w)**2 if self.aspect == "pad" else min(h, w)**2)
 
 
 def load(workdir: str, *, image_size: int | None = None, channels: int | None = None, aspect: str | None = None,
@@ -185,11 +214,17 @@ def load(workdir: str, *, image_size: int | None = None, channels: int | None = 
   logging.info("loaded %s: U-Net/%s, %d px, %d channel(s), aspect %s", path, meta["model"]["encoder"], s,
                cfg["channels"], cfg["aspect"])
   selection = os.path.join(os.path.dirname(path), "selection.json")
-  tta = False
-  if os.path.isfile(selection):
+  chosen = {}
+  if os.path.isfile(selection):  # runs from before model selection have none: plain thresholding
     with open(selection) as f:
-      tta = bool(json.load(f).get("tta", False))
-  return Predictor(model, variables, s, cfg["channels"], cfg["aspect"], batch_size, path, tta)
+      chosen = json.load(f)
+  rule, threshold = chosen.get("postprocess"), chosen.get("presence_threshold")
+  if threshold is not None and not model.presence_head:
+    raise PredictError(f"{selection}: a presence gate for a model without the presence head")
+  logging.info("applying what validation chose: flip averaging %s, post-processing %s, presence gate %s",
+               "on" if chosen.get("tta") else "off", rule or "none", "off" if threshold is None else f"{threshold:.3f}")
+  return Predictor(model, variables, s, cfg["channels"], cfg["aspect"], batch_size, path, bool(chosen.get("tta")),
+                   rule, threshold)
 
 
 # ---------------------------------------------------------------------------------------------------- outputs
@@ -296,8 +331,9 @@ def evaluate_folder(workdir, folder: str, out_dir: str, *, save_predictions: boo
   """Scores a checkpoint on a folder in the BUSI layout, at each image's original resolution.
 
   `workdir` is a fine-tuning workdir or a loaded `Predictor`. Writes `per_image.json` (id, class, Dice, IoU,
-  HD95) and `summary.json` (means, per class, false-positive rate on normal images) to `out_dir`, and with
-  `save_predictions` the masks and overlays (prediction red, ground truth green) under the class sub-folders.
+  HD95, presence and peak probabilities) and `summary.json` (means, per class, false-positive rate on normal
+  images, lesion-presence AUC) to `out_dir`, and with `save_predictions` the masks and overlays (prediction red,
+  ground truth green) under the class sub-folders.
   """
   from usjax.data import busi
   root = busi.find_root(folder)
@@ -308,9 +344,9 @@ def evaluate_folder(workdir, folder: str, out_dir: str, *, save_predictions: boo
   with _outputs(out_dir, root):  # a file that fails its full decode later takes the outputs back
     for chunk in _chunks(items, p.batch_size):
       images = [imageio.read_image(it.paths[0], 3) for it in chunk]
-      for it, image, pred in zip(chunk, images, p.predict(images)):
-        true = np.logical_or.reduce([imageio.read_mask(m) for m in it.paths[1:]])
-        rows.append({"id": it.id, "label": busi.CLASSES[it.label], **score(pred, true)})
+      for it, image, out in zip(chunk, images, p.segment(images)):
+        pred, true = out["mask"], np.logical_or.reduce([imageio.read_mask(m) for m in it.paths[1:]])
+        rows.append({"id": it.id, "label": busi.CLASSES[it.label], **score(pred, true), **_probabilities(out)})
         if save_predictions:
           _write_outputs(out_dir, os.path.splitext(it.id)[0], image, pred, true)
     scores = {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
@@ -321,6 +357,11 @@ def evaluate_folder(workdir, folder: str, out_dir: str, *, save_predictions: boo
     report.write_json(os.path.join(out_dir, "per_image.json"), evaluate.per_image_rows(scores))
     report.write_json(os.path.join(out_dir, "summary.json"), summary)
   return summary
+
+
+def _probabilities(out: dict) -> dict:
+  """The JSON fields of `Predictor.segment`'s probabilities: 'presence' (with the head) and 'max_prob'."""
+  return {k: out[k] for k in ("presence", "max_prob") if out[k] is not None}
 
 
 def _output_stems(paths: list[str], folder: str) -> list[str]:
@@ -335,7 +376,8 @@ def predict_folder(workdir, folder: str, out_dir: str) -> list[dict]:
 
   Outputs keep the original size and relative sub-path. Files named like ground-truth masks (`*_mask.png`,
   `*_mask_1.png`) or earlier overlays are skipped, and so is `out_dir` when it lies inside `folder`. Also writes
-  `predictions.json`: per image its outputs, size and predicted lesion area in pixels.
+  `predictions.json`: per image its outputs, size, predicted lesion area in pixels, peak foreground probability
+  (`max_prob`) and, for a model with the head, its lesion-presence probability (`presence`).
   """
   folders.require_dir(folder)
   out_abs = os.path.realpath(out_dir)
@@ -354,11 +396,11 @@ def predict_folder(workdir, folder: str, out_dir: str) -> list[dict]:
   with _outputs(out_dir, folder):  # a file that fails its full decode later takes the outputs back
     for chunk in _chunks(list(zip(paths, _output_stems(paths, folder))), p.batch_size):
       images = [imageio.read_image(path, 3) for path, _ in chunk]
-      for (path, stem), image, pred in zip(chunk, images, p.predict(images)):
+      for (path, stem), image, out in zip(chunk, images, p.segment(images)):
+        pred = out["mask"]
         rows.append({
-            "image": os.path.relpath(path,
-                                     folder), **_write_outputs(out_dir, stem, image, pred), "height": pred.shape[0],
-            "width": pred.shape[1], "lesion_pixels": int(pred.sum())
+            "image": os.path.relpath(path, folder), **_write_outputs(out_dir, stem, image, pred),
+            "height": pred.shape[0], "width": pred.shape[1], "lesion_pixels": int(pred.sum()), **_probabilities(out)
         })
     report.write_json(os.path.join(out_dir, "predictions.json"), rows)
   return rows

@@ -4,14 +4,19 @@ On an accelerator one U-Net step at a small batch leaves the chip mostly idle; r
 study grid's seeds and label fractions) fill it when they train together. Every leaf of the train state and of
 the batch gets a leading run axis; the step is `train.train_step` under `jax.vmap`, so each run keeps its own
 BatchNorm statistics, optimiser state and RNG (its state's `rng`), and a run's non-finite step leaves only its
-own state unchanged. Each run has its own data iterator, initialisation (`init_from`) and validation-based model
-selection, and writes what `finetune.finetune` writes: <workdir>/best, summary.json, history.json,
-per_image.json and examples.npz.
+own state unchanged. Each run has its own initialisation (`init_from`) and validation-based model selection, and
+writes what `finetune.finetune` writes: <workdir>/best, summary.json, history.json, per_image.json and
+examples.npz.
+
+Data: the group decodes the training split once into host memory and each run's batches are gathers from it, in
+the order the run's own grain pipeline would give them (`usjax.feed`); augmentation runs on the device.
 
 Checkpointing: a stacked group is all-or-nothing. The stack saves no checkpoints while it trains (only each
 run's best weights, in <workdir>/best); a run whose summary.json exists is skipped, and the others of the group
 train again from step 0 (an interrupted group restarts). A run that diverges (a non-finite or spiking loss) gets
-a 'diverged' summary.json at once; the other runs finish, then the group raises `train.DivergedError`.
+a 'diverged' summary.json at once; the other runs finish, then the group raises `train.DivergedError`. A group
+stopped by SIGTERM (a time limit) stops at the next step boundary, logs how far it got and its measured step rate,
+and records them in `timing.json` beside the runs (marked `cut`) before raising `runtime.Preempted`.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from usjax import UsjaxError, augment, evaluate, finetune, guard, models, report, runtime, train
+from usjax import UsjaxError, augment, evaluate, feed, finetune, guard, models, report, runtime, train
 from usjax.data import pipeline
 
 # What stacked runs may differ in; every other config key must be equal (one compiled step serves them all).
@@ -101,12 +106,12 @@ def check_stackable(cfgs, workdirs) -> None:
 # ---------------------------------------------------------------------------------------------------- one run
 class _Run:
   """One member of the stack: its initial state, data, validation hook and reporter, and its final scoring."""
-  def __init__(self, cfg, workdir: str, model, tx, mesh, scorers):
+  def __init__(self, cfg, workdir: str, model, tx, mesh, scorers, probers, shared: feed.SharedSplit, indices):
     if cfg.eval_split not in ("val", "test"):
       raise UsjaxError(f"config.eval_split must be 'val' or 'test', got {cfg.eval_split!r}")
     if cfg.tta not in ("auto", "none", "hflip"):
       raise UsjaxError(f"config.tta must be 'auto', 'none' or 'hflip', got {cfg.tta!r}")
-    self.cfg, self.workdir, self.mesh, self.scorers = cfg, workdir, mesh, scorers
+    self.cfg, self.workdir, self.mesh, self.scorers, self.probers = cfg, workdir, mesh, scorers, probers
     self.transfer = {}
     s = cfg.data.image_size
     self.state = train.init_state(model, tx, cfg.seed, (2, s, s, cfg.data.channels), mesh,
@@ -116,15 +121,14 @@ class _Run:
       self.state["extra"] = {
           "ema_params": copy(self.state["params"]), "ema_batch_stats": copy(self.state["batch_stats"])
       }
-    train_ds, self.n_train = pipeline.finetune_dataset(cfg.data, cfg.batch_size, cfg.seed)
-    self.data = iter(train_ds)
+    self.feed, self.n_train = feed.Feed(shared, indices, cfg.seed, cfg.batch_size), len(indices)
     logging.info(
         "stacked fine-tuning run %s: U-Net/%s (%.2fM parameters) on %s, %d%% labels = %d training images, "
         "%s", workdir, cfg.model.encoder,
         models.count_params(self.state["params"]) / 1e6, cfg.data.finetune_source, cfg.data.label_fraction,
         self.n_train, f"from {cfg.init_from}" if cfg.init_from else "from scratch")
     self.meta = {
-        "task": "finetune", "model": cfg.model.to_dict(), "source": cfg.data.finetune_source,
+        "task": "finetune", "model": train.model_config(cfg), "source": cfg.data.finetune_source,
         "data": train.data_meta(cfg), "init_from": cfg.init_from, "transfer": cfg.transfer if cfg.init_from else "none"
     }
     self.to_global = lambda a: train.global_batch(a, mesh)
@@ -167,46 +171,11 @@ class _Run:
         return
 
   def finish(self, summary: dict, last_vars) -> dict:
-    """Model choice on validation, then the one read of the evaluation split (as `finetune.finetune`)."""
-    cfg, workdir, selector, scorers, to_global = self.cfg, self.workdir, self.selector, self.scorers, self.to_global
-    best_vars, chosen = selector.best_variables, dict(selector.best)
-    val_plain = selector.score(best_vars)
-    use_tta = cfg.tta == "hflip"
-    if cfg.tta == "auto":
-      val_tta = selector.score(best_vars, scorers[True])
-      use_tta = val_tta["dice"] > val_plain["dice"]
-      chosen["val_dice_tta"] = val_tta["dice"]
-    chosen["tta"] = use_tta
-    val = val_tta if use_tta and cfg.tta == "auto" else selector.score(best_vars, scorers[use_tta])
-    chosen.update(val_dice=val["dice"], val_dice_lesion=val.get("dice_lesion"))
+    """Model choice on validation, then the one read of the evaluation split: `finetune.finish`, as alone."""
     self.hook.close()
-    if jax.process_index() == 0:
-      report.write_json(os.path.join(workdir, "best", "selection.json"), chosen)
-    if cfg.eval_split == "val":
-      scores, examples = evaluate.score_split(scorers[use_tta], best_vars, selector.batches, to_global, self.val_ids,
-                                              self.val_labels)
-    else:
-      ids, labels = pipeline.split_labels(cfg.data, cfg.eval_split)
-      batches = list(pipeline.eval_batches(cfg.data, cfg.eval_split, cfg.batch_size))
-      scores, examples = evaluate.score_split(scorers[use_tta], best_vars, batches, to_global, ids, labels)
-      last, _ = evaluate.score_split(scorers[False], last_vars, batches, to_global, ids, labels)
-      summary["last_step"] = {
-          k: v for k, v in evaluate.summarize(last).items() if k in ("dice", "dice_lesion", "iou", "iou_lesion")
-      }
-    summary.update(evaluate.summarize(scores), source=cfg.data.finetune_source, label_fraction=cfg.data.label_fraction,
-                   train_images=self.n_train, eval_split=cfg.eval_split, init_from=cfg.init_from or None,
-                   transfer=self.transfer or None, selected=chosen, val_history=selector.history)
-    self.rep.scalars(cfg.num_steps, {k: summary[k] for k in ("dice", "dice_lesion", "iou") if k in summary},
-                     cfg.eval_split)
-    if jax.process_index() == 0:
-      report.write_json(os.path.join(workdir, "per_image.json"), evaluate.per_image_rows(scores))
-      np.savez_compressed(os.path.join(workdir, "examples.npz"), **examples)
-    logging.info(
-        "stacked run %s: selected step %d (%s weights, flip averaging %s), validation Dice %.4f; %s Dice "
-        "%.4f", workdir, chosen["step"], chosen["weights"], "on" if use_tta else "off", val["dice"], cfg.eval_split,
-        summary["dice"])
-    self.rep.close(workdir, summary)
-    return summary
+    return finetune.finish(self.cfg, self.workdir, self.selector, self.scorers, self.probers, self.to_global,
+                           last_vars, self.rep, summary, who=f"stacked run {self.workdir}: ",
+                           train_images=self.n_train, transfer=self.transfer or None)
 
 
 # ---------------------------------------------------------------------------------------------------- the group
@@ -233,7 +202,7 @@ def finetune_stacked(cfgs, workdirs) -> list[dict]:
   todo = [i for i, w in enumerate(workdirs) if _summary(w) is None]
   if todo:
     runtime.maybe_initialize_distributed()
-    created, locks = [], []
+    created, locks, t0 = [], [], time.perf_counter()
     try:
       for i in todo:
         if not runtime.check_workdir(workdirs[i]):
@@ -243,6 +212,8 @@ def finetune_stacked(cfgs, workdirs) -> list[dict]:
     except UsjaxError as e:
       for lock in locks:
         lock()
+      if isinstance(e, runtime.Preempted) and getattr(e, "timing", None):
+        _record_cut([workdirs[i] for i in todo], time.perf_counter() - t0, e.timing)
       if not isinstance(e, train.DivergedError) and jax.process_index() == 0:
         for w in created:
           if _summary(w) is None:
@@ -254,16 +225,69 @@ def finetune_stacked(cfgs, workdirs) -> list[dict]:
   return [_summary(w) for w in workdirs]
 
 
+def _record_cut(workdirs, seconds: float, timing: dict) -> None:
+  """A stopped group's time and measured rate, into the grid's `timing.json` beside its runs."""
+  parents = {os.path.dirname(w) for w in workdirs}
+  if len(parents) == 1 and jax.process_index() == 0:
+    from usjax import grid  # grid imports this module: imported here, when a group is stopped
+    grid._log_time(parents.pop(), "", [os.path.basename(w) for w in workdirs], "finetune", seconds, **timing)
+
+
+def cut_timing(steps_done: int, num_steps: int, images_per_step: int, compile_s: float, loop_s: float) -> dict:
+  """What a stopped group measured: steps done (`cut` unless all), compilation, and the rate of the steps after
+  the first (which includes compilation); the rates are None until a second step has run."""
+  step_s = loop_s / (steps_done - 1) if steps_done > 1 and loop_s > 0 else None
+  return {
+      "cut": steps_done < num_steps, "steps_done": steps_done, "steps": num_steps, "compile_s": round(compile_s, 1),
+      "step_s": None if step_s is None else round(step_s, 4),
+      "images_per_sec": None if step_s is None else round(images_per_step / step_s, 1)
+  }
+
+
+class _Clock:
+  """How far the group got, and the `runtime.Preempted` that stops it when a signal asked (SIGTERM at a time
+  limit): it carries `cut_timing`, which `finetune_stacked` records."""
+  def __init__(self, interrupts, n: int, cfg):
+    self.interrupts, self.n, self.cfg = interrupts, n, cfg
+    self.step, self.compile_s, self.loop_s = 0, 0.0, 0.0
+
+  def stop_if_asked(self, where: str) -> None:
+    if not self.interrupts.requested():
+      return
+    timing = cut_timing(self.step, self.cfg.num_steps, self.n * self.cfg.batch_size, self.compile_s, self.loop_s)
+    logging.warning("stacked group of %d runs stopped %s: %s", self.n, where,
+                    ", ".join(f"{k}={v}" for k, v in timing.items()))
+    e = runtime.Preempted(f"stopped by {self.interrupts.signal or 'another process'} {where}: stacked runs keep no "
+                          f"checkpoints, so running the same command again trains the unfinished runs from step 0")
+    e.timing = timing
+    raise e
+
+
 def _train(cfgs, workdirs) -> None:
+  """Trains the group. A SIGTERM or Ctrl-C from here on (data, initialisation, compilation, the steps) stops it
+  at the next step boundary; one during the final scoring lets the runs finish, then stops the caller."""
+  with runtime.Interrupts() as interrupts:
+    clock = _Clock(interrupts, len(cfgs), cfgs[0])
+    _train_group(cfgs, workdirs, clock)
+    clock.stop_if_asked("after its runs finished")
+
+
+def _train_group(cfgs, workdirs, clock: _Clock) -> None:
   cfg, n = cfgs[0], len(cfgs)  # every shared setting is read from the first run's config
   mesh = train.make_mesh()
   model, tx = train.build_model(cfg), train.make_optimizer(cfg, cfg.num_steps)
   repl = NamedSharding(mesh, P())
-  scorers = {tta: evaluate.make_scorer(model, NamedSharding(mesh, P("data")), tta) for tta in (False, True)}
+  scorers, probers = finetune.make_scorers(model, mesh)
+  t_data = time.perf_counter()
+  indices = [feed.subset_indices(c.data) for c in cfgs]
+  shared = feed.SharedSplit(cfg.data, np.concatenate(indices))
+  logging.info("stacked group: %d training images decoded once for %d runs in %.1f s", len(shared.rows), n,
+               time.perf_counter() - t_data)
   runs = []
   try:
-    for c, w in zip(cfgs, workdirs):
-      runs.append(_Run(c, w, model, tx, mesh, scorers))
+    for c, w, idx in zip(cfgs, workdirs, indices):
+      clock.stop_if_asked("while its runs were set up")
+      runs.append(_Run(c, w, model, tx, mesh, scorers, probers, shared, idx))
   except BaseException:
     for r in runs:
       r.hook.close()
@@ -272,7 +296,8 @@ def _train(cfgs, workdirs) -> None:
   for r in runs:
     r.state = None  # the stack holds the only copy
   aug_cfg = augment.AugmentConfig.from_dict(cfg.augment)
-  loss_fn = functools.partial(finetune.segmentation_loss, model=model, aug_cfg=aug_cfg, ema_decay=cfg.ema_decay)
+  loss_fn = functools.partial(finetune.segmentation_loss, model=model, aug_cfg=aug_cfg, ema_decay=cfg.ema_decay,
+                              presence_weight=cfg.presence.weight)
   after = functools.partial(finetune.ema_after_step, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
   step_fn = compile_stacked_step(loss_fn, tx, mesh, after)
   # Each run's variables as a state of its own (what `finetune.candidates` reads), copied out of the stack.
@@ -281,43 +306,43 @@ def _train(cfgs, workdirs) -> None:
   logging.info("training %d fine-tuning runs stacked in one program (%d steps, batch %d each)", n, cfg.num_steps,
                cfg.batch_size)
 
-  t0, compile_s, pending = time.perf_counter(), 0.0, []
+  t0, pending = time.perf_counter(), []
   try:
-    with runtime.Interrupts() as interrupts:
-      for step in range(1, cfg.num_steps + 1):
-        host = [next(r.data) for r in runs]
-        batch = (np.stack([b["image"] for b in host]), np.stack([b["mask"] for b in host]))
-        state, metrics = step_fn(state, global_batch(batch, mesh))
-        pending.append(metrics)
-        if step == 1:
-          jax.block_until_ready(metrics["loss"])
-          compile_s = time.perf_counter() - t0
-          for r in runs:
-            r.rep.mark(step)
-        if step < cfg.num_steps and interrupts.requested():
-          raise runtime.Preempted(f"stopped by {interrupts.signal or 'another process'} at step {step}: stacked runs "
-                                  f"keep no checkpoints, so running the same command again trains these {n} runs "
-                                  f"again from step 0")
-        # The steps where `train.fit` logs (and would save), so history.json has the same rows as an unstacked run.
-        if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or step == cfg.num_steps:
-          got = jax.device_get(pending)
-          pending = []
-          for i, r in enumerate(runs):
-            if r.diverged:
-              continue
-            mine = [{k: v[i] for k, v in m.items()} for m in got]
-            r.check(step, mine)
-            if not r.diverged:
-              r.row = r.rep.log(step, {k: np.mean([m[k] for m in mine]) for k in mine[-1] if k != "finite"})
-        if runs[0].hook.due(step, cfg.num_steps):
-          for r, member in zip(runs, members(state)):
-            if not r.diverged:
-              r.hook(step, member, r.rep)
+    clock.stop_if_asked("before its first step")
+    for step in range(1, cfg.num_steps + 1):
+      state, metrics = step_fn(state, global_batch(feed.group_batch(shared, [r.feed for r in runs]), mesh))
+      pending.append(metrics)
+      clock.step = step
+      if step == 1:
+        jax.block_until_ready(metrics["loss"])
+        clock.compile_s = time.perf_counter() - t0
+        for r in runs:
+          r.rep.mark(step)
+      if step < cfg.num_steps and clock.interrupts.requested():
+        jax.block_until_ready(metrics["loss"])  # the rate counts finished steps only
+        clock.loop_s = time.perf_counter() - t0 - clock.compile_s
+        clock.stop_if_asked(f"at step {step}")
+      # The steps where `train.fit` logs (and would save), so history.json has the same rows as an unstacked run.
+      if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or step == cfg.num_steps:
+        got = jax.device_get(pending)
+        pending = []
+        for i, r in enumerate(runs):
+          if r.diverged:
+            continue
+          mine = [{k: v[i] for k, v in m.items()} for m in got]
+          r.check(step, mine)
+          if not r.diverged:
+            r.row = r.rep.log(step, {k: np.mean([m[k] for m in mine]) for k in mine[-1] if k != "finite"})
+      if runs[0].hook.due(step, cfg.num_steps):
+        for r, member in zip(runs, members(state)):
+          if not r.diverged:
+            r.hook(step, member, r.rep)
   except BaseException:
     for r in runs:  # let the best weights already being written finish
       r.hook.close()
     raise
   wall_s = time.perf_counter() - t0
+  clock.loop_s = wall_s - clock.compile_s
 
   last = members(state)
   for r, last_vars in zip(runs, last):
@@ -326,7 +351,7 @@ def _train(cfgs, workdirs) -> None:
       continue
     summary = {
         "task": "finetune", "steps": cfg.num_steps, "batch_size": cfg.batch_size, "final_loss": r.row.get("loss"),
-        "images_per_sec": r.rep.mean_rate(), "compile_s": compile_s, "wall_s": wall_s, "resumed_at": None,
+        "images_per_sec": r.rep.mean_rate(), "compile_s": clock.compile_s, "wall_s": wall_s, "resumed_at": None,
         "devices": jax.device_count(), "processes": jax.process_count(), "stacked_runs": n
     }
     r.finish(summary, {"params": last_vars["params"], "batch_stats": last_vars["batch_stats"]})

@@ -52,9 +52,15 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
   raise UsjaxError(f"config.optim.name must be 'adamw', 'lars' or 'sgd', got {o.name!r}")
 
 
+def model_config(cfg) -> dict:
+  """`cfg.model` as fine-tuning builds it and records it in checkpoint metas, with `presence_head`: whether the
+  U-Net has the lesion-presence head (`config.presence.weight > 0`), so prediction rebuilds the same network."""
+  return {**cfg.model.to_dict(), "presence_head": cfg.presence.weight > 0}
+
+
 def build_model(cfg) -> models.UNet:
   """The segmentation U-Net of `cfg.model` (pre-training networks come from `methods.make_method`)."""
-  return models.unet_from_config(cfg.model)
+  return models.unet_from_config(model_config(cfg))
 
 
 def init_state(model, tx, seed: int, input_shape, mesh, params_override=None) -> dict:
@@ -326,8 +332,10 @@ def check_config(cfg) -> None:
   if cfg.task == "finetune":
     choices.update({
         "eval_split": ("val", "test"), "tta": ("auto", "none", "hflip"), "transfer": ("encoder", "encoder+decoder"),
-        "data.label_fraction": (100, 50, 25, 10)
+        "data.label_fraction": (100, 50, 25, 10), "postprocess": ("auto", "none")
     })
+    if not cfg.presence.weight >= 0:
+      raise UsjaxError(f"config.presence.weight must be >= 0, got {cfg.presence.weight!r}")
   for key, allowed in choices.items():
     value = functools.reduce(getattr, key.split("."), cfg)
     if value not in allowed:
