@@ -26,6 +26,11 @@ def _keys(n, seed=0):
   return jax.random.split(jax.random.key(seed), n)
 
 
+def _uniforms(n, count, seed=0):
+  """[n, count]: the uniforms of n random draws of a transform that takes `count`, as training draws them."""
+  return jax.vmap(lambda k: augment_intensity.uniforms(k, count))(_keys(n, seed))
+
+
 def _disks(batch, size, seed=0):
   """Binary masks with one off-centre disk each, like a lesion."""
   rng = np.random.default_rng(seed)
@@ -41,13 +46,17 @@ def _disks(batch, size, seed=0):
 # Geometry.
 
 
-def test_flip_matches_numpy_and_is_an_involution():
+def test_geometry_flips_match_numpy_and_follow_the_recipe():
   x = _image((16, 12, 3))
-  key = jax.random.key(0)
-  np.testing.assert_array_equal(augment.flip(key, x, p=1.0), np.flip(x, 1))
-  np.testing.assert_array_equal(augment.flip(key, augment.flip(key, x, p=1.0), p=1.0), x)
-  np.testing.assert_array_equal(augment.flip(key, x, p=0.0), x)
-  np.testing.assert_array_equal(augment.flip(key, x, p=1.0, vertical=True), np.flip(x, 0))
+  full = dict(crop_scale=(1.0, 1.0), crop_ratio=(0.75, 0.75))  # 16 x 12: the whole image, an exact identity
+  u = lambda fh, fv: jnp.array([0.0, 0.0, 0.0, 0.0, fh, fv])  # a flip is on where its uniform is below 1/2
+  both = augment.AugmentConfig(vflip=True, **full)
+  warp = lambda cfg, fh, fv: _jit(lambda x: augment.warp(x, augment.geometry(u(fh, fv), 16, 12, cfg)), x)
+  np.testing.assert_array_equal(warp(both, 0.2, 0.9), np.flip(x, 1))
+  np.testing.assert_array_equal(warp(both, 0.9, 0.2), np.flip(x, 0))
+  np.testing.assert_array_equal(warp(both, 0.2, 0.2), np.flip(x, (0, 1)))
+  np.testing.assert_array_equal(warp(both, 0.9, 0.9), x)
+  np.testing.assert_array_equal(warp(augment.AugmentConfig(hflip=False, **full), 0.2, 0.2), x)  # off in the recipe
 
 
 def test_flip_matrix_warp_is_exact_flip():
@@ -62,8 +71,8 @@ def test_flip_matrix_warp_is_exact_flip():
 
 def test_full_crop_is_identity():
   x = _image((16, 16, 1))
-  out = _jit(augment.random_resized_crop, jax.random.key(3), x, scale=(1.0, 1.0), ratio=(1.0, 1.0))
-  np.testing.assert_allclose(out, x, atol=1e-6)
+  box = augment.crop_box(_uniforms(1, augment.CROP_DRAWS, seed=3)[0], 16, 16, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+  np.testing.assert_allclose(_jit(augment.crop_and_resize, x, box), x, atol=1e-6)
   y = _image((12, 20, 3))
   np.testing.assert_allclose(_jit(augment.crop_and_resize, y, (0.0, 0.0, 12.0, 20.0)), y, atol=1e-6)
 
@@ -91,7 +100,7 @@ def test_crop_2x_upscale_of_linear_image_by_hand():
 
 
 def test_sampled_crop_boxes_respect_scale_and_bounds():
-  boxes = _jit(jax.vmap(lambda k: augment.sample_crop_box(k, 32, 48)), _keys(256))
+  boxes = _jit(jax.vmap(lambda u: augment.crop_box(u, 32, 48)), _uniforms(256, augment.CROP_DRAWS))
   y0, x0, h, w = np.asarray(boxes).T
   assert (y0 >= 0).all() and (x0 >= 0).all()
   assert (y0 + h <= 32 + 1e-4).all() and (x0 + w <= 48 + 1e-4).all()
@@ -112,23 +121,25 @@ def test_photometric_cores_match_numpy():
   np.testing.assert_allclose(augment_intensity.adjust_gamma(x, 1.7), x**1.7, rtol=1e-5, atol=1e-6)
 
 
-def test_random_photometric_factors_stay_in_range():
+def test_random_photometric_factors_span_their_ranges():
   x = 0.5 * _image((16, 16, 1), seed=3) + 0.1
-  key = jax.random.key(4)
-  ratio = np.asarray(augment_intensity.brightness(key, x, 0.4)) / x
-  assert 0.6 - 1e-5 <= ratio.min() and ratio.max() <= 1.4 + 1e-5
-  np.testing.assert_allclose(ratio, ratio.flat[0], rtol=1e-5)
-  g = np.log(np.asarray(augment_intensity.gamma(key, x, 0.5, 2.0))) / np.log(x)
-  assert 0.5 - 1e-4 <= g.min() and g.max() <= 2.0 + 1e-4
-  np.testing.assert_allclose(g, g.flat[0], rtol=1e-4)
+  ends = jnp.array([[0.0], [1.0 - 1e-7]])  # the lowest and the highest draw
+  ratio = [np.asarray(augment_intensity.brightness(u, x, 0.4)) / x for u in ends]
+  np.testing.assert_allclose(ratio[0], 0.6, rtol=1e-5)
+  np.testing.assert_allclose(ratio[1], 1.4, rtol=1e-5)
+  mean = x.mean(axis=(0, 1), keepdims=True)
+  np.testing.assert_allclose(augment_intensity.contrast(jnp.array([0.25]), x, 0.4), (x - mean) * 0.8 + mean, atol=1e-6)
+  g = [np.log(np.asarray(augment_intensity.gamma(u, x, 1.0))) / np.log(x) for u in ends]
+  np.testing.assert_allclose(g[0], 0.5, rtol=1e-4)  # 1 / (1 + strength)
+  np.testing.assert_allclose(g[1], 2.0, rtol=1e-4)  # 1 + strength
 
 
 def test_gaussian_blur_matches_scipy():
   x = _image((20, 16, 2), seed=5)
   sigma, radius = 1.3, 4
   out, off, on = _jit(
-      lambda k: (augment_intensity.apply_gaussian_blur(x, sigma, radius), augment_intensity.gaussian_blur(k, x, p=0.0),
-                 augment_intensity.gaussian_blur(k, x, p=1.0)), jax.random.key(0))
+      lambda u: (augment_intensity.apply_gaussian_blur(x, sigma, radius), augment_intensity.gaussian_blur(u, x, p=0.0),
+                 augment_intensity.gaussian_blur(u, x, p=1.0)), _uniforms(1, 2)[0])
   ref = sp_ndimage.gaussian_filter(x, sigma=(sigma, sigma, 0), mode='reflect', truncate=radius / sigma)
   np.testing.assert_allclose(out, ref, atol=1e-5)
   np.testing.assert_array_equal(off, x)
@@ -140,9 +151,9 @@ def test_gaussian_blur_matches_scipy():
 
 def test_speckle_preserves_mean_and_variance_grows_with_strength():
   x = jnp.full((32, 32, 1), 0.4)
-  keys = _keys(16)
+  levels, z = _uniforms(16, 1), jax.vmap(lambda k: jax.random.normal(k, (32, 32, 1)))(_keys(16, seed=1))
   strengths = (0.1, 0.3, 0.6)
-  outs = _jit(jax.vmap(lambda k: jnp.stack([augment_intensity.speckle(k, x, s) for s in strengths])), keys)
+  outs = _jit(jax.vmap(lambda u, z: jnp.stack([augment_intensity.speckle(u, z, x, s) for s in strengths])), levels, z)
   stds = []
   for out in np.moveaxis(np.asarray(outs), 1, 0):
     np.testing.assert_allclose(out.mean(), 0.4, rtol=0.03)
@@ -150,12 +161,12 @@ def test_speckle_preserves_mean_and_variance_grows_with_strength():
   assert (stds[0] < stds[1]).all() and (stds[1] < stds[2]).all()
   # The per-example level is U(0, strength), so std ~ strength * 0.4 * level.
   assert stds[2].max() < 0.6 * 0.4 * 1.2
-  np.testing.assert_array_equal(augment_intensity.speckle(keys[0], x, 0.0), x)
+  np.testing.assert_array_equal(augment_intensity.speckle(levels[0], z[0], x, 0.0), x)
 
 
 def test_depth_gain_depends_on_depth_only():
   x = 0.4 * _image((24, 16, 3), seed=6) + 0.05
-  outs = _jit(jax.vmap(lambda k: augment_intensity.depth_gain(k, x, max_db=6.0)), _keys(4, seed=1))
+  outs = _jit(jax.vmap(lambda u: augment_intensity.depth_gain(u, x, max_db=6.0)), _uniforms(4, 4, seed=1))
   for out in np.asarray(outs):
     ratio = out / x
     np.testing.assert_allclose(ratio, ratio[:, :1, :1] * np.ones_like(ratio), rtol=1e-5)
@@ -166,7 +177,8 @@ def test_depth_gain_depends_on_depth_only():
 
 def test_fan_mask_zeroes_top_corners():
   x = jnp.ones((32, 32, 1))
-  out, off = _jit(jax.vmap(lambda k: (augment.fan_mask(k, x, p=1.0), augment.fan_mask(k, x, p=0.0))), _keys(64))
+  out, off = _jit(jax.vmap(lambda u: (x * augment.fan(u, 32, 32, p=1.0), x * augment.fan(u, 32, 32, p=0.0))),
+                  _uniforms(64, augment.FAN_DRAWS))
   out = np.asarray(out)
   assert (out[:, 0, 0] == 0).all() and (out[:, 0, -1] == 0).all()
   assert (out[:, 16, 15:17] == 1).all()  # the beam axis stays
@@ -175,10 +187,8 @@ def test_fan_mask_zeroes_top_corners():
 
 def test_shadow_darkens_downwards_from_a_depth():
   x = jnp.ones((32, 32, 1))
-  out, off = _jit(
-      jax.vmap(
-          lambda k: (augment_intensity.shadow_dropout(k, x, p=1.0), augment_intensity.shadow_dropout(k, x, p=0.0))),
-      _keys(32))
+  out, off = _jit(jax.vmap(lambda u: (augment_intensity.shadow(u, x, p=1.0), augment_intensity.shadow(u, x, p=0.0))),
+                  _uniforms(32, 5))
   out = np.asarray(out)
   assert (out <= 1.0).all() and (out[:, 0] > 0.99).all()
   assert (np.diff(out, axis=1) <= 1e-6).all()  # never lighter deeper down

@@ -3,9 +3,10 @@
 Transforms are pure functions of one example [H, W, C] (float32 in [0, 1])
 with static shapes, so the pipeline jits and vmaps over a batch with
 per-example keys; random on/off decisions are `jnp.where` blends. Each random
-`fn(key, image, ...)` has a core `_fn(u, ...)` driven by a few uniforms, so a
-composite view makes one PRNG call for everything: each call is a threefry
-instance in the compiled graph, and on CPU those dominated compile time.
+transform is driven by a few pre-drawn uniforms `u`, so a composite view makes
+one PRNG call for everything (`_sample_view`): each call is a threefry
+instance in the compiled graph, and on CPU those dominated compile time. The
+tests call the same transforms with uniforms of their own.
 
 Geometry (crop + flips + rotation) is a 3x3 affine mapping output pixel
 coordinates (row, col, 1) to input ones, so one sample applies identically to
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy import ndimage
 
-from usjax.augment_intensity import PHOTO_DRAWS, _draw, _scale, _split, photometric
+from usjax.augment_intensity import PHOTO_DRAWS, photometric, split_uniforms, to_ranges
 
 Array = jax.Array
 
@@ -61,21 +62,21 @@ def warp(image: Array, matrix: Array, order: int = 1) -> Array:
   return jax.vmap(sample, in_axes=2, out_axes=2)(image)
 
 
-def _crop_box(u, height, width, scale, ratio) -> Array:
-  frac, log_r, u_y, u_x = _scale(u, scale, (math.log(ratio[0]), math.log(ratio[1])), (0, 1), (0, 1))
-  area, aspect = height * width * frac, jnp.exp(log_r)  # aspect = w / h
-  w = jnp.clip(jnp.sqrt(area * aspect), 1.0, width)
-  h = jnp.clip(jnp.sqrt(area / aspect), 1.0, height)
-  return jnp.stack([u_y * (height - h), u_x * (width - w), h, w])
+CROP_DRAWS = 4
 
 
-def sample_crop_box(key, height: int, width: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)) -> Array:
-  """Random (y0, x0, h, w): area fraction ~ U(scale), aspect log-uniform.
+def crop_box(u, height: int, width: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)) -> Array:
+  """(y0, x0, h, w) from CROP_DRAWS uniforms: area fraction ~ U(scale), aspect log-uniform (SimCLR's random
+  resized crop, resampled by `crop_and_resize`).
 
   An oversized side is clipped to the image instead of rejection sampling (a
   data-dependent loop), at the cost of a smaller area for extreme draws.
   """
-  return _crop_box(_draw(key, 4), height, width, scale, ratio)
+  frac, log_r, u_y, u_x = to_ranges(u, scale, (math.log(ratio[0]), math.log(ratio[1])), (0, 1), (0, 1))
+  area, aspect = height * width * frac, jnp.exp(log_r)  # aspect = w / h
+  w = jnp.clip(jnp.sqrt(area * aspect), 1.0, width)
+  h = jnp.clip(jnp.sqrt(area / aspect), 1.0, height)
+  return jnp.stack([u_y * (height - h), u_x * (width - w), h, w])
 
 
 def crop_and_resize(image: Array, box) -> Array:
@@ -83,24 +84,14 @@ def crop_and_resize(image: Array, box) -> Array:
   return warp(image, crop_matrix(box, *image.shape[:2]), order=1)
 
 
-def random_resized_crop(key, image: Array, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)) -> Array:
-  """SimCLR's random resized crop; the output keeps the input size."""
-  box = sample_crop_box(key, *image.shape[:2], scale, ratio)
-  return crop_and_resize(image, box)
+GEOMETRY_DRAWS = CROP_DRAWS + 2
 
 
-def flip(key, image: Array, p: float = 0.5, vertical: bool = False) -> Array:
-  """Flips left-right (up-down if `vertical`) with probability p."""
-  flipped = jnp.flip(image, axis=0 if vertical else 1)
-  return jnp.where(_draw(key, 1)[0] < p, flipped, image)
-
-
-_GEOMETRY_DRAWS = 6
-
-
-def _geometry(u, height, width, cfg) -> Array:
-  u_crop, u_flip = _split(u, 4, 2)
-  box = _crop_box(u_crop, height, width, cfg.crop_scale, cfg.crop_ratio)
+def geometry(u, height: int, width: int, cfg: AugmentConfig) -> Array:
+  """One random crop + flips (each on with probability 1/2 where `cfg` allows it) from GEOMETRY_DRAWS uniforms,
+  as a single affine that applies identically to an image and its mask."""
+  u_crop, u_flip = split_uniforms(u, CROP_DRAWS, 2)
+  box = crop_box(u_crop, height, width, cfg.crop_scale, cfg.crop_ratio)
   fh = (u_flip[0] < 0.5) & cfg.hflip
   fv = (u_flip[1] < 0.5) & cfg.vflip
   # Flip the output grid, then map it through the crop: a flipped crop.
@@ -115,11 +106,6 @@ def rotation_matrix(degrees, height: int, width: int) -> Array:
   return jnp.array([[c, -s, cy - c * cy + s * cx], [s, c, cx - s * cy - c * cx], [0.0, 0.0, 1.0]], jnp.float32)
 
 
-def sample_geometry(key, height: int, width: int, cfg: AugmentConfig):
-  """One random crop + flips as a single affine, shareable with a mask."""
-  return _geometry(_draw(key, _GEOMETRY_DRAWS), height, width, cfg)
-
-
 def fan_field(height: int, width: int, apex_row, apex_col, half_angle, radius) -> Array:
   """[H, W, 1] indicator of a sector (apex, half angle, outer radius)."""
   rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32), indexing='ij')
@@ -128,23 +114,22 @@ def fan_field(height: int, width: int, apex_row, apex_col, half_angle, radius) -
   return inside.astype(jnp.float32)[..., None]
 
 
-def _fan(u, height, width, p):
-  """Random convex-probe sector (or all ones with probability 1 - p).
+FAN_DRAWS = 5
+
+
+def fan(u, height: int, width: int, p: float = 0.5) -> Array:
+  """[H, W, 1]: a random convex-probe sector with probability p (u[0] < p), else all ones; FAN_DRAWS uniforms.
+  Multiplying by it zeroes everything outside the sector.
 
   Apex at most 0.3 H above the top and half angle at most 40 degrees keep
   both top corners outside for square-ish images.
   """
-  u_on, depth, shift, degrees, reach = _scale(u, (0, 1), (0.05, 0.3), (-0.05, 0.05), (25.0, 40.0), (0.9, 1.2))
+  u_on, depth, shift, degrees, reach = to_ranges(u, (0, 1), (0.05, 0.3), (-0.05, 0.05), (25.0, 40.0), (0.9, 1.2))
   apex_row = -height * depth
   # A reach below 1 cuts the bottom with the sector's curved far edge.
   field = fan_field(height, width, apex_row, (width - 1) / 2 + width * shift, jnp.deg2rad(degrees),
                     (height - apex_row) * reach)
   return jnp.where(u_on < p, field, 1.0)
-
-
-def fan_mask(key, image: Array, p: float = 0.5) -> Array:
-  """With probability p, zeroes everything outside a random sector."""
-  return image * _fan(_draw(key, 5), *image.shape[:2], p)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,9 +187,8 @@ class AugmentConfig:
     return dataclasses.replace(base or cls(), **{k: cast(k, v) for k, v in dict(d).items()})
 
 
-# Uniform draws per view beyond the geometry: intensity transforms, fan.
-_FAN_DRAWS = 5
-_VIEW_DRAWS = _GEOMETRY_DRAWS + PHOTO_DRAWS + _FAN_DRAWS
+# Uniform draws per view: geometry, intensity transforms, fan.
+_VIEW_DRAWS = GEOMETRY_DRAWS + PHOTO_DRAWS + FAN_DRAWS
 
 
 def _sample_view(key, height, width, cfg):
@@ -216,21 +200,21 @@ def _sample_view(key, height, width, cfg):
   n_noise = height * width if cfg.speckle > 0 else 0
   n_rot = 1 if cfg.rotate > 0 else 0  # drawn only when on: views without it are unchanged
   u = jax.random.uniform(key, (_VIEW_DRAWS + n_noise + n_rot,))
-  u_geo, u_photo, u_fan, u_noise, u_rot = _split(u, _GEOMETRY_DRAWS, PHOTO_DRAWS, _FAN_DRAWS, n_noise, n_rot)
+  u_geo, u_photo, u_fan, u_noise, u_rot = split_uniforms(u, GEOMETRY_DRAWS, PHOTO_DRAWS, FAN_DRAWS, n_noise, n_rot)
   eps = jnp.finfo(jnp.float32).eps
   z = math.sqrt(2) * jax.scipy.special.erfinv(jnp.clip(2.0 * u_noise - 1.0, -1.0 + eps, 1.0 - eps))
-  fan = _fan(u_fan, height, width, cfg.fan_prob) if cfg.fan_prob > 0 else 1.0
-  matrix = _geometry(u_geo, height, width, cfg)
+  sector = fan(u_fan, height, width, cfg.fan_prob) if cfg.fan_prob > 0 else 1.0
+  matrix = geometry(u_geo, height, width, cfg)
   if n_rot:
     matrix = matrix @ rotation_matrix(cfg.rotate * (2.0 * u_rot[0] - 1.0), height, width)
-  return (matrix, u_photo, fan, z.reshape(height, width, 1) if n_noise else None)
+  return (matrix, u_photo, sector, z.reshape(height, width, 1) if n_noise else None)
 
 
 def augment_view(key, image: Array, cfg: AugmentConfig) -> Array:
   """One random view of one example [H, W, C]."""
-  matrix, u_photo, fan, z = _sample_view(key, *image.shape[:2], cfg)
+  matrix, u_photo, sector, z = _sample_view(key, *image.shape[:2], cfg)
   image = photometric(u_photo, z, warp(image, matrix), cfg)
-  return jnp.clip(image * fan, 0.0, 1.0)
+  return jnp.clip(image * sector, 0.0, 1.0)
 
 
 def two_views(key, images: Array, cfg: AugmentConfig):
@@ -249,10 +233,10 @@ def augment_pair(key, image: Array, mask: Array, cfg: AugmentConfig):
   follows the image's interpolated edge. A fan mask, when enabled, zeroes the
   label too: a lesion blanked out of the image cannot be segmented.
   """
-  matrix, u_photo, fan, z = _sample_view(key, *image.shape[:2], cfg)
+  matrix, u_photo, sector, z = _sample_view(key, *image.shape[:2], cfg)
   image = photometric(u_photo, z, warp(image, matrix), cfg)
   mask = (warp(mask, matrix) >= 0.5).astype(mask.dtype)
-  return jnp.clip(image * fan, 0.0, 1.0), mask * fan
+  return jnp.clip(image * sector, 0.0, 1.0), mask * sector
 
 
 def augment_batch_pairs(key, images: Array, masks: Array, cfg: AugmentConfig):

@@ -3,38 +3,38 @@
 The display controls (brightness, contrast, gamma), a Gaussian blur and the ultrasound physics that act on intensity
 (speckle, acoustic shadow, depth-dependent gain), plus `photometric`, which composes them for one view. These touch
 the image only; the spatial transforms applied to an image and its mask alike (crop, flips, rotation, fan sector), the
-recipe and the composed views are in `usjax.augment`, which draws the uniforms for everything in one PRNG call (see its
-docstring for the `fn(key, ...)` / `_fn(u, ...)` convention). The uniform helpers `_scale`, `_split` and `_draw` live
-here, the lower of the two modules, and are shared with it.
+recipe and the composed views are in `usjax.augment`.
+
+Every random transform is a pure function of a few pre-drawn uniforms `u` (and, for speckle, normals `z`): a
+composed view draws everything in one PRNG call (`augment._sample_view`; each call is a threefry instance in the
+compiled graph, and on CPU those dominated compile time), and a test draws them with `uniforms`. Training and the
+tests run the same functions. The helpers that draw and slice the uniforms live here, the lower of the two modules.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-if TYPE_CHECKING:
-  from usjax.augment import AugmentConfig
-
 Array = jax.Array
 
 
-def _scale(u, *ranges):
+def to_ranges(u, *ranges):
   """Maps uniforms u[i] in [0, 1) onto the given (low, high) ranges."""
   return tuple(lo + (hi - lo) * u[i] for i, (lo, hi) in enumerate(ranges))
 
 
-def _split(u, *counts):
+def split_uniforms(u, *counts):
   """Consecutive slices of a pre-drawn uniform vector."""
   offsets = [sum(counts[:i]) for i in range(len(counts) + 1)]
   return [u[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
 
-def _draw(key, n: int) -> Array:
+def uniforms(key, n: int) -> Array:
+  """`n` uniforms in [0, 1): what one transform's `u` holds."""
   return jax.random.uniform(key, (n,))
 
 
@@ -53,21 +53,21 @@ def adjust_gamma(image: Array, g) -> Array:
   return jnp.clip(image, 0.0, 1.0)**g
 
 
-def brightness(key, image: Array, max_delta: float) -> Array:
-  """Gain factor ~ U(1 - max_delta, 1 + max_delta)."""
-  factor, = _scale(_draw(key, 1), (max(0.0, 1 - max_delta), 1 + max_delta))
-  return adjust_brightness(image, factor)
+def brightness(u, image: Array, strength: float) -> Array:
+  """Gain factor ~ U(1 - strength, 1 + strength), from u[0]."""
+  return adjust_brightness(image, to_ranges(u, (max(0, 1 - strength), 1 + strength))[0])
 
 
-def contrast(key, image: Array, lower: float, upper: float) -> Array:
-  factor, = _scale(_draw(key, 1), (lower, upper))
-  return adjust_contrast(image, factor)
+def contrast(u, image: Array, strength: float) -> Array:
+  """Contrast factor ~ U(1 - strength, 1 + strength), from u[0]."""
+  return adjust_contrast(image, to_ranges(u, (max(0, 1 - strength), 1 + strength))[0])
 
 
-def gamma(key, image: Array, lower: float, upper: float) -> Array:
-  """Log-uniform exponent: brightening and darkening equally likely."""
-  log_g, = _scale(_draw(key, 1), (math.log(lower), math.log(upper)))
-  return adjust_gamma(image, jnp.exp(log_g))
+def gamma(u, image: Array, strength: float) -> Array:
+  """Exponent log-uniform in [1 / (1 + strength), 1 + strength], from u[0]: brightening and darkening equally
+  likely."""
+  log_g = math.log1p(strength)
+  return adjust_gamma(image, jnp.exp(to_ranges(u, (-log_g, log_g))[0]))
 
 
 def _correlation_matrix(kernel, n: int) -> Array:
@@ -99,15 +99,11 @@ def apply_gaussian_blur(image: Array, sigma, radius: int) -> Array:
   return _separable(image, k / jnp.sum(k))
 
 
-def _gaussian_blur(u, image, sigma, p):
-  u_on, s = _scale(u, (0, 1), sigma)
+def gaussian_blur(u, image: Array, sigma=(0.1, 2.0), p: float = 0.5) -> Array:
+  """Blurs with probability p (u[0] < p); sigma ~ U(sigma) from u[1], radius 3 * max sigma."""
+  u_on, s = to_ranges(u, (0, 1), sigma)
   blurred = apply_gaussian_blur(image, s, max(1, math.ceil(3 * sigma[1])))
   return jnp.where(u_on < p, blurred, image)
-
-
-def gaussian_blur(key, image: Array, sigma=(0.1, 2.0), p: float = 0.5):
-  """Blurs with probability p; sigma ~ U(sigma), radius 3 * max sigma."""
-  return _gaussian_blur(_draw(key, 2), image, sigma, p)
 
 
 _BINOMIAL = (0.25, 0.5, 0.25)
@@ -132,41 +128,29 @@ def _gamma_field(z, sigma: float, smooth: bool) -> Array:
   return field
 
 
-def _speckle(u, z, image, strength, smooth=True):
+def speckle(u, z, image: Array, strength: float, smooth: bool = True) -> Array:
+  """Multiplicative speckle from the standard normals z [H, W, 1], at level u[0] * `strength` (per example).
+
+  One field for all channels: speckle belongs to the tissue, not a channel.
+  """
   if strength <= 0:
     return image
   field = _gamma_field(z, strength, smooth)
   return jnp.clip(image * (1.0 + u[0] * (field - 1.0)), 0.0, 1.0)
 
 
-def speckle(key, image: Array, strength: float, smooth: bool = True) -> Array:
-  """Multiplicative speckle with per-example level U(0, strength).
+def depth_gain(u, image: Array, max_db: float) -> Array:
+  """Time-gain-compensation-like gain that depends on depth only.
 
-  One field for all channels: speckle belongs to the tissue, not a channel.
+  Piecewise linear in dB between len(u) levels in [-max_db, max_db] (from u) spread over the depth, like a
+  scanner's bank of TGC sliders.
   """
-  if strength <= 0:
-    return image
-  k_level, k_field = jax.random.split(key)
-  z = jax.random.normal(k_field, image.shape[:2] + (1,))
-  return _speckle(_draw(k_level, 1), z, image, strength, smooth)
-
-
-def _depth_gain(u, image, max_db):
   knots = u.shape[0]
   db = -max_db + 2.0 * max_db * u
   rows = jnp.arange(image.shape[0], dtype=jnp.float32)
   db_rows = jnp.interp(rows, jnp.linspace(0.0, image.shape[0] - 1.0, knots), db)
   gain = 10.0**(db_rows / 20.0)
   return jnp.clip(image * gain[:, None, None], 0.0, 1.0)
-
-
-def depth_gain(key, image: Array, max_db: float, knots: int = 4) -> Array:
-  """Time-gain-compensation-like gain that depends on depth only.
-
-  Piecewise linear in dB between `knots` random levels in [-max_db, max_db]
-  spread over the depth, like a scanner's bank of TGC sliders.
-  """
-  return _depth_gain(_draw(key, knots), image, max_db)
 
 
 def shadow_field(height: int, width: int, center, half_width, start_row, strength, softness) -> Array:
@@ -178,20 +162,16 @@ def shadow_field(height: int, width: int, center, half_width, start_row, strengt
   return (1.0 - strength * across * below)[..., None]
 
 
-def _shadow(u, image, p):
-  height, width = image.shape[:2]
-  u_on, center, half_width, start_row, strength = _scale(u, (0, 1), (0, width), (0.03 * width, 0.12 * width),
-                                                         (0.2 * height, 0.8 * height), (0.5, 0.95))
-  field = shadow_field(height, width, center, half_width, start_row, strength, jnp.maximum(1.0, 0.3 * half_width))
-  return image * jnp.where(u_on < p, field, 1.0)
-
-
-def shadow_dropout(key, image: Array, p: float = 0.2) -> Array:
-  """With probability p, darkens a band below a random depth.
+def shadow(u, image: Array, p: float = 0.2) -> Array:
+  """With probability p (u[0] < p), darkens a band below a depth; u[1:5] place and size it.
 
   Mimics acoustic shadowing: calcifications and some lesions block the beam.
   """
-  return _shadow(_draw(key, 5), image, p)
+  height, width = image.shape[:2]
+  u_on, center, half_width, start_row, strength = to_ranges(u, (0, 1), (0, width), (0.03 * width, 0.12 * width),
+                                                            (0.2 * height, 0.8 * height), (0.5, 0.95))
+  field = shadow_field(height, width, center, half_width, start_row, strength, jnp.maximum(1.0, 0.3 * half_width))
+  return image * jnp.where(u_on < p, field, 1.0)
 
 
 # Uniform draws per stage: speckle level, shadow, depth knots, blur,
@@ -200,29 +180,26 @@ _PHOTO_COUNTS = (1, 5, 4, 2, 1, 1, 1)
 PHOTO_DRAWS = sum(_PHOTO_COUNTS)
 
 
-def photometric(u, z, image: Array, cfg: AugmentConfig) -> Array:
+def photometric(u, z, image: Array, cfg) -> Array:
   """Intensity transforms in acquisition order: tissue, receiver, display.
 
   Speckle (from the normals z) and shadows arise in the tissue, depth gain in
   the receiver, blur mimics a coarser probe, then the display controls act.
-  Disabled transforms are skipped at trace time (cfg is static). u holds
-  PHOTO_DRAWS uniforms; z is [H, W, 1] (None when speckle is off).
+  Disabled transforms are skipped at trace time (`cfg`, an `augment.AugmentConfig`,
+  is static). u holds PHOTO_DRAWS uniforms; z is [H, W, 1] (None when speckle is off).
   """
-  u_sp, u_sh, u_dg, u_bl, u_br, u_co, u_ga = _split(u, *_PHOTO_COUNTS)
-  image = _speckle(u_sp, z, image, cfg.speckle)
+  u_sp, u_sh, u_dg, u_bl, u_br, u_co, u_ga = split_uniforms(u, *_PHOTO_COUNTS)
+  image = speckle(u_sp, z, image, cfg.speckle)
   if cfg.shadow_prob > 0:
-    image = _shadow(u_sh, image, cfg.shadow_prob)
+    image = shadow(u_sh, image, cfg.shadow_prob)
   if cfg.depth_gain_db > 0:
-    image = _depth_gain(u_dg, image, cfg.depth_gain_db)
+    image = depth_gain(u_dg, image, cfg.depth_gain_db)
   if cfg.blur_prob > 0:
-    image = _gaussian_blur(u_bl, image, (0.1, 2.0), cfg.blur_prob)
+    image = gaussian_blur(u_bl, image, (0.1, 2.0), cfg.blur_prob)
   if cfg.brightness > 0:
-    b = cfg.brightness
-    image = adjust_brightness(image, _scale(u_br, (max(0, 1 - b), 1 + b))[0])
+    image = brightness(u_br, image, cfg.brightness)
   if cfg.contrast > 0:
-    c = cfg.contrast
-    image = adjust_contrast(image, _scale(u_co, (max(0, 1 - c), 1 + c))[0])
+    image = contrast(u_co, image, cfg.contrast)
   if cfg.gamma > 0:
-    log_g = math.log1p(cfg.gamma)
-    image = adjust_gamma(image, jnp.exp(_scale(u_ga, (-log_g, log_g))[0]))
+    image = gamma(u_ga, image, cfg.gamma)
   return jnp.clip(image, 0.0, 1.0)
