@@ -21,7 +21,7 @@ def finetune_augment() -> dict:
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "pretrain"  # 'pretrain' | 'finetune'
-  c.method = "simclr"  # 'simclr' | 'moco' | 'simsiam' | 'byol'
+  c.method = "simclr"  # a name in usjax.methods.METHODS: 'simclr' | 'moco' | 'simsiam' | 'byol'
 
   c.seed = 0
   c.batch_size = 32  # global: split over all devices and hosts
@@ -56,7 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.synthetic_size = 64  # the embedded synthetic set: image side, count, seed
   c.data.synthetic_num_images = 600
   c.data.synthetic_seed = 0
-  c.data.busi_dir = ""  # folders of downloaded real data (README: Data)
+  # Folders of downloaded real data (README: Data), one per source of usjax.data.sources.SOURCES that needs one
+  # (its `dir_key`).
+  c.data.busi_dir = ""
   c.data.pocus_dir = ""
   c.data.camus_dir = ""
   c.data.us_folder_dir = ""
@@ -98,7 +100,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 1e-6
   c.optim.warmup_steps = 10
 
-  # Methods (usjax/methods.py). Recipe defaults of the papers, scaled to small batches where noted.
+  # Methods (usjax/methods.py): one section per registered method, named like it and read by its from_config
+  # alone. Recipe defaults of the papers, scaled to small batches where noted.
   c.simclr = ml_collections.ConfigDict()
   c.simclr.temperature = 0.5  # SimCLR: 0.5 for small batches (0.1 with batch 4096 + LARS)
 
@@ -113,7 +116,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.byol = ml_collections.ConfigDict()
   c.byol.pred_dims = (512, 128)
-  c.byol.momentum = 0.996  # tau_base of the cosine schedule to 1 at num_steps
+  c.byol.momentum = 0.996  # tau_base of the cosine schedule to 1 at num_steps (methods.BYOL.tau_base)
 
   c.augment = ml_collections.ConfigDict(pretrain_augment())
 

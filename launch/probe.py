@@ -21,7 +21,8 @@ flags.DEFINE_string("workdir", None, "Pre-training or fine-tuning workdir (or it
 flags.DEFINE_integer("step", None, "Checkpoint step to probe (default: the latest).")
 flags.DEFINE_bool("random", False, "Probe a randomly initialised encoder (of --encoder) instead of a checkpoint.")
 flags.DEFINE_string("data_root", os.path.join(os.path.dirname(ROOT), "shared", "data"),
-                    "Folder holding busi/ and pocus/ as downloaded; a missing one is skipped.")
+                    "Folder holding each source as downloaded, in a sub-folder of its name (busi/, pocus/); a "
+                    "missing one is skipped.")
 flags.DEFINE_list("sources", ["busi", "pocus"], "Labelled sources to probe on.")
 flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "Where prepared data sets live (config.data.data_dir).")
 flags.DEFINE_string("eval_split", "val", "Split to score on (never the fine-tuning test split while tuning).")
@@ -71,6 +72,7 @@ def main(argv):
 def run(f) -> dict:
   from configs import default
   from usjax import UsjaxError, predict, probe_data
+  from usjax.data import sources
   if f.random == bool(f.workdir):
     raise UsjaxError("give exactly one of --workdir (a checkpoint to probe) and --random (a random encoder)")
   cfg = default.get_config()
@@ -87,8 +89,9 @@ def run(f) -> dict:
   data.data_dir, data.image_size, data.channels, data.aspect = f.data_dir, pre["image_size"], pre["channels"], \
       pre["aspect"]
   root = os.path.abspath(os.path.expanduser(f.data_root))
-  for name, key in (("busi", "busi_dir"), ("pocus", "pocus_dir")):
-    setattr(data, key, os.path.join(root, name) if os.path.isdir(os.path.join(root, name)) else "")
+  for name in f.sources:  # each source's folder setting (usjax.data.sources), from its sub-folder of --data_root
+    if key := sources.SOURCE_DIR_KEY.get(name):
+      setattr(data, key, os.path.join(root, name) if os.path.isdir(os.path.join(root, name)) else "")
   probe = probe_data.ProbeData(data, model, names=tuple(f.sources), eval_split=f.eval_split, batch_size=f.batch_size,
                                k=f.k, temperature=f.temperature, l2=f.l2, balanced=f.balanced)
   if f.random:

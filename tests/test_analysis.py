@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from usjax import analysis, bootstrap
+from usjax import analysis, bootstrap, claims
 
 N_BOOT = 400
 
@@ -139,7 +139,7 @@ def test_claims_verdicts(tmp_path):
     ("C2", -0.05, -0.021, "ruled out"), ("C2", -0.03, 0.0, "inconclusive")
 ])
 def test_verdicts_in_words(claim, lo, hi, verdict):
-  assert analysis._verdict(claim, lo, hi, 0.02)[0] == verdict
+  assert claims._verdict(claim, lo, hi, 0.02)[0] == verdict
 
 
 def test_folds_and_seeds_pool_into_one_arm_paired_by_replicate(tmp_path):

@@ -8,6 +8,7 @@ can be rebuilt at any moment.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -16,21 +17,15 @@ from collections.abc import Mapping
 import numpy as np
 
 from usjax import bootstrap
+from usjax import metrics
 from usjax import plots
 from usjax import pretrain_analysis
 from usjax import storage
+from usjax.claims import REPLICATES, arm_name, claims as claims_of_arms, fmt, groups, hashable, markdown
+from usjax.claims import claims_markdown  # noqa: F401 (the report's claims table, also named here)
+from usjax.data import sources
 
-METRICS = ("dice", "dice_lesion", "iou", "iou_lesion", "hd95", "hd95_undefined", "dice_benign", "dice_malignant",
-           "dice_normal", "iou_benign", "iou_malignant", "iou_normal", "false_positive_rate", "presence_auc",
-           "presence_auc_from", "num_images", "train_images", "steps", "images_per_sec")
-PRETRAIN_ONLY = ("method", "transfer", "init_from")  # describe a pre-training: a scratch arm matches any value
-REPLICATES = ("seed", "fold")  # fields that name a replicate of an arm, not the arm: pooled, and paired on
-STATEMENTS = {
-    "C1": "pre-training beats training from scratch at the same label fraction",
-    "C2": "pre-trained with 50% of the labels is comparable to scratch with 100%",
-    "C3": "multi-organ pre-training beats breast-only pre-training at the same label fraction",
-}
-_NUM = (int, float, np.integer, np.floating)
+RUN_FIELDS = ("num_images", "train_images", "steps", "images_per_sec")  # what a run measured besides its scores
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -47,11 +42,27 @@ def load_per_image(workdir: str) -> list[dict] | None:
   return rows if isinstance(rows, list) and rows else None
 
 
+def metric_columns(classes=None) -> list[str]:
+  """The metric columns of results.csv, in order: each registered per-image metric (`usjax.metrics`) with its
+  mean over lesion images and its count of images without a value, the per-class means (of `classes`, default:
+  those of every registered data source), the split-level metrics, then what the run measured."""
+  classes = sources.class_names() if classes is None else classes
+  per_image = [
+      k for name, m in metrics.PER_IMAGE.items()
+      for k in (name, m.lesion and f"{name}_lesion", m.undefined and f"{name}_undefined") if k
+  ]
+  per_class = [f"{name}_{c}" for name, m in metrics.PER_IMAGE.items() if m.per_class for c in classes]
+  return per_image + per_class + [k for m in metrics.PER_SPLIT.values() for k in m.keys] + list(RUN_FIELDS)
+
+
 def collect(cells: list[tuple[dict, str]]) -> list[dict]:
   """One row per finished run: the cell's fields, then its summary metrics, then its workdir.
 
   A cell without summary.json has not finished and is skipped. Fields the grid did not vary (so the cell omits
   them) are taken from the summary where it has them, so pairing by pre-training and label fraction still works.
+  Per-class means are those of the classes its data source names (`usjax.data.sources`; a summary that names no
+  source: those of every registered source). Metrics that may have no value on an image (HD95) get a count of
+  those images from per_image.json, and their mean from it where the summary lacks one.
   """
   rows = []
   for fields, workdir in cells:
@@ -62,55 +73,40 @@ def collect(cells: list[tuple[dict, str]]) -> list[dict]:
     row.setdefault("pretrain", str(summary["init_from"]) if summary.get("init_from") else "none")
     if "label_fraction" in summary:
       row.setdefault("label_fraction", summary["label_fraction"])
-    row.update({k: summary[k] for k in METRICS if k in summary and k not in fields})
-    per_image = load_per_image(workdir)
-    if per_image and any("hd95" in r for r in per_image):
-      hd = np.array([np.nan if r.get("hd95") is None else r["hd95"] for r in per_image], float)
-      row["hd95"] = float(np.nanmean(hd)) if np.any(~np.isnan(hd)) else math.nan
-      row["hd95_undefined"] = int(np.isnan(hd).sum())
+    wanted = metric_columns(sources.class_names(summary.get("source")))
+    row.update({k: summary[k] for k in wanted if k in summary and k not in fields})
+    per_image = load_per_image(workdir) or []
+    for name, m in metrics.PER_IMAGE.items():
+      if m.undefined and any(name in r for r in per_image):
+        values = np.array([np.nan if r.get(name) is None else r[name] for r in per_image], float)
+        if name not in row:
+          mean = metrics.mean(values, undefined=True)
+          row[name] = math.nan if mean is None else mean
+        row[f"{name}_undefined"] = int(np.isnan(values).sum())
     row["workdir"] = workdir
     rows.append(row)
   return rows
 
 
 def cell_fields(rows: list[dict]) -> list[str]:
-  return list(dict.fromkeys(k for r in rows for k in r if k not in METRICS and k != "workdir"))
+  known = set(metric_columns())
+  return list(dict.fromkeys(k for r in rows for k in r if k not in known and k != "workdir"))
 
 
 def columns(rows: list[dict]) -> list[str]:
   """Stable CSV order: cell fields as the grid gave them, the metrics in a fixed order, the workdir last."""
   present = {k for r in rows for k in r}
-  return cell_fields(rows) + [k for k in METRICS if k in present] + (["workdir"] if "workdir" in present else [])
+  metric = [k for k in metric_columns() if k in present]
+  return cell_fields(rows) + metric + (["workdir"] if "workdir" in present else [])
 
 
 # ---------------------------------------------------------------------------------------------------- groups
-def _h(v):
-  return v if isinstance(v, (str, bool, type(None)) + _NUM) else repr(v)
-
-
-def _sort_key(key: tuple) -> tuple:
-  """Numbers descending (100% labels first), strings ascending, missing last."""
-  def one(v):
-    if isinstance(v, _NUM) and not isinstance(v, bool):
-      return (0, -float(v), "")
-    return (2, 0.0, "") if v is None else (1, 0.0, str(v))
-
-  return tuple(one(v) for v in key)
-
-
 def default_by(rows: list[dict]) -> tuple[str, ...]:
   """(pretrain, label_fraction) plus any other cell field the grid varies except the replicates (seed, fold), so
   arms never mix and folds and seeds pool."""
   fields = cell_fields(rows)
-  varying = [k for k in fields if k not in REPLICATES and len({_h(r.get(k)) for r in rows}) > 1]
+  varying = [k for k in fields if k not in REPLICATES and len({hashable(r.get(k)) for r in rows}) > 1]
   return tuple(dict.fromkeys([k for k in ("pretrain", "label_fraction") if k in fields] + varying))
-
-
-def _groups(rows: list[dict], by: tuple[str, ...]) -> list[tuple[dict, list[dict]]]:
-  out: dict[tuple, list[dict]] = {}
-  for r in rows:
-    out.setdefault(tuple(_h(r.get(k)) for k in by), []).append(r)
-  return [(dict(zip(by, k)), out[k]) for k in sorted(out, key=_sort_key)]
 
 
 def _scores(runs: list[dict], per_image: Mapping | None, key: str = "dice",
@@ -141,7 +137,8 @@ def group_stats(rows: list[dict], per_image: Mapping | None = None, by: tuple[st
   """Per group: Dice mean with a 95% CI over images and seeds (over runs when per-image scores are missing)."""
   by = tuple(by) if by is not None else default_by(rows)
   out = []
-  for desc, runs in _groups(rows, by):
+  columns = table_columns(rows)
+  for desc, runs in groups(rows, by):
     scores = _scores(runs, per_image)
     values = scores or [np.array([r.get("dice", np.nan) for r in runs], float)]
     mean, lo, hi = bootstrap.bootstrap_ci(values, n_boot, seed)
@@ -152,183 +149,80 @@ def group_stats(rows: list[dict], per_image: Mapping | None = None, by: tuple[st
     lesion = _scores(runs, per_image,
                      lesion_only=True) or [np.array([r.get("dice_lesion", np.nan) for r in runs], float)]
     stat["dice_lesion"], stat["dice_lesion_lo"], stat["dice_lesion_hi"] = bootstrap.bootstrap_ci(lesion, n_boot, seed)
-    stat.update({
-        k: _nanmean(r.get(k)
-                    for r in runs)
-        for k in ("iou", "hd95", "dice_benign", "dice_malignant", "false_positive_rate", "presence_auc")
-    })
-    # What the AUC ranks images by: the presence head's probability, or the peak foreground probability.
-    sources = {r.get("presence_auc_from") for r in runs if r.get("presence_auc_from")}
-    stat["presence_auc_from"] = sources.pop() if len(sources) == 1 else "mixed" if sources else None
+    stat.update({c.key: _nanmean(r.get(c.key) for r in runs) for c in columns})
+    for c in columns:  # what a number was computed from (the presence AUC: the head, or the peak probability)
+      if c.source_key:
+        found = {r.get(c.source_key) for r in runs if r.get(c.source_key)}
+        stat[c.source_key] = found.pop() if len(found) == 1 else "mixed" if found else None
     out.append(stat)
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+  """A report.md column after the Dice ones: a group mean of `key`, with `digits` decimals; with `source_key`,
+  what it was computed from, in brackets, named through `source_names`."""
+  key: str
+  header: str
+  digits: int = 3
+  source_key: str = ""
+  source_names: Mapping | None = None
+
+  def cell(self, stat: dict) -> str:
+    if not self.source_key:
+      return fmt(stat[self.key], self.digits)
+    source = stat[self.source_key]
+    names = {**(self.source_names or {}), "mixed": "mixed"}
+    return f"{fmt(stat[self.key], self.digits)} ({names.get(source, source)})" if source else "–"
+
+
+def table_columns(rows: list[dict]) -> list[Column]:
+  """The registered metrics with a report header (`usjax.metrics`), in order: per-image ones, per class for the
+  classes of the rows' sources whose images show a lesion (`usjax.data.sources`), split-level ones."""
+  out = [Column(k, m.header, m.digits) for k, m in metrics.PER_IMAGE.items() if m.header]
+  lesion_classes = [c for c in sources.class_names() if c not in sources.lesion_free_classes()]
+  out += [
+      Column(f"{k}_{c}", m.class_header.format(c), m.digits)
+      for k, m in metrics.PER_IMAGE.items() if m.class_header
+      for c in lesion_classes if any(f"{k}_{c}" in r for r in rows)
+  ]
+  return out + [
+      Column(m.keys[0], m.header, m.digits, m.keys[1] if len(m.keys) > 1 else "", m.sources)
+      for m in metrics.PER_SPLIT.values() if m.header
+  ]
 
 
 def _label_curves(stats: list[dict], by: tuple[str, ...]) -> dict[str, list[dict]]:
   """group_stats rows as Dice-vs-label-fraction lines: one per pre-training source (and any other varied field)."""
   lines: dict[str, list[dict]] = {}
   for s in stats if "label_fraction" in by else []:
-    lines.setdefault(_arm_name({k: s[k] for k in by if k != "label_fraction"}), []).append(s)
+    lines.setdefault(arm_name({k: s[k] for k in by if k != "label_fraction"}), []).append(s)
   return lines
-
-
-def _fmt(x, digits: int = 3) -> str:
-  return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-def _md(header: list[str], lines: list[list[str]]) -> str:
-  rows = [header, ["---"] * len(header)] + lines
-  return "\n".join("| " + " | ".join(str(c) for c in r) + " |" for r in rows) + "\n"
 
 
 def group_table(rows: list[dict], per_image: Mapping | None = None, by: tuple[str, ...] | None = None,
                 n_boot: int = 2000, seed: int = 0) -> str:
-  """Markdown table of the group means; HD95 in pixels, FPR = share of normal images with any predicted pixel,
-  presence AUC = how well the image-level lesion-presence score separates lesion from normal images, scored by
-  the presence head's probability ('head') or, without one, by the image's peak foreground probability ('max p')."""
+  """Markdown table of the group means: Dice with its CIs, then the registered metrics' columns (`table_columns`):
+  HD95 in pixels, FPR = share of normal images with any predicted pixel, presence AUC = how well the image-level
+  lesion-presence score separates lesion from normal images, scored by the presence head's probability ('head')
+  or, without one, by the image's peak foreground probability ('max p')."""
   by = tuple(by) if by is not None else default_by(rows)
   stats = group_stats(rows, per_image, by, n_boot, seed)
-  header = [
-      *by, "n runs", "Dice mean [95% CI]", "Dice lesion images [95% CI]", "IoU", "HD95 (px)", "Dice benign",
-      "Dice malignant", "FPR on normal", "Presence AUC (from)"
-  ]
-  source = {"head": "head", "max_prob": "max p", "mixed": "mixed", None: ""}
+  columns = table_columns(rows)
+  header = [*by, "n runs", "Dice mean [95% CI]", "Dice lesion images [95% CI]", *(c.header for c in columns)]
   lines = [[
-      *(s[k] for k in by), s["n_runs"], f"{_fmt(s['dice'])} [{_fmt(s['dice_lo'])}, {_fmt(s['dice_hi'])}]",
-      f"{_fmt(s['dice_lesion'])} [{_fmt(s['dice_lesion_lo'])}, {_fmt(s['dice_lesion_hi'])}]",
-      _fmt(s["iou"]),
-      _fmt(s["hd95"], 1),
-      _fmt(s["dice_benign"]),
-      _fmt(s["dice_malignant"]),
-      _fmt(s["false_positive_rate"]),
-      f"{_fmt(s['presence_auc'])} ({source[s['presence_auc_from']]})" if s["presence_auc_from"] else "–"
+      *(s[k] for k in by), s["n_runs"], f"{fmt(s['dice'])} [{fmt(s['dice_lo'])}, {fmt(s['dice_hi'])}]",
+      f"{fmt(s['dice_lesion'])} [{fmt(s['dice_lesion_lo'])}, {fmt(s['dice_lesion_hi'])}]",
+      *(c.cell(s) for c in columns)
   ] for s in stats]
-  return _md(header, lines)
+  return markdown(header, lines)
 
 
-# ---------------------------------------------------------------------------------------------------- claims
-def _arm_name(desc: dict) -> str:
-  parts = [str(v) for k, v in desc.items() if k != "label_fraction"]
-  return "/".join(parts) + (f" @ {desc['label_fraction']}%" if "label_fraction" in desc else "")
-
-
-def _find(arms, like: dict, ignore: tuple, **want):
-  for desc, runs in arms:
-    if all(desc.get(k) == v for k, v in want.items()) and all(
-        desc.get(k) == like.get(k) for k in desc if k not in ignore and k not in want):
-      return desc, runs
-  return None
-
-
-def _pair_runs(a: list[dict], b: list[dict]) -> list[tuple[dict, dict]]:
-  """Runs paired by replicate (fold and seed) where both arms carry them, else by position."""
-  rep = lambda r: tuple(_h(r.get(k)) for k in REPLICATES)
-  sa, sb = ({rep(r): r for r in x} for x in (a, b))
-  common = sorted((s for s in sa if s in sb), key=_sort_key)
-  if common and any(v is not None for s in common for v in s):
-    return [(sa[s], sb[s]) for s in common]
-  return list(zip(a, b))
-
-
-def _verdict(claim: str, lo: float, hi: float, margin: float) -> tuple[str, str]:
-  """C1/C3 claim a gain: supported when the CI lies above 0, ruled out when it lies within ±margin (no gain worth
-  having) or below 0. C2 claims comparability: supported when the CI lies above -margin (within the margin or
-  better), ruled out when it lies below -margin. Otherwise inconclusive."""
-  if claim == "C2":
-    if lo >= -margin:
-      return "supported", f"comparable or better: CI above -{margin}"
-    return ("ruled out", f"worse: CI below -{margin}") if hi < -margin else ("inconclusive", f"CI reaches below "
-                                                                                             f"-{margin}")
-  if lo > 0:
-    return "supported", "CI above 0"
-  if -margin <= lo and hi <= margin:
-    return "ruled out", f"no gain: CI within ±{margin}"
-  return ("ruled out", "worse: CI below 0") if hi < 0 else ("inconclusive", "CI includes 0")
-
-
-def _not_run(claim: str, comparison: str, note: str) -> dict:
-  return {"claim": claim, "statement": STATEMENTS[claim], "comparison": comparison, "verdict": "not run", "note": note}
-
-
-def _compare(claim, ref, treat, per_image, margin, n_boot, seed) -> dict:
-  """Claim row for treat - ref, paired by seed and by test image id."""
-  (dr, rr), (dt, rt) = ref, treat
-  row = _not_run(claim, f"{_arm_name(dt)} vs {_arm_name(dr)}", "")
-  pairs = _pair_runs(rr, rt)
-  if not per_image or not all(per_image.get(r.get("workdir")) for p in pairs for r in p):
-    return {**row, "verdict": "inconclusive", "note": "per-image scores missing"}
-  a = [per_image[p[0]["workdir"]] for p in pairs]
-  b = [per_image[p[1]["workdir"]] for p in pairs]
-  d = bootstrap.paired_difference(a, b, n_boot, seed)
-  verdict, note = _verdict(claim, d["lo"], d["hi"], margin)
-  if len(pairs) == 1:
-    note += "; one run: the CI leaves out run-to-run spread"
-  n_images = sum(len(set(r["id"] for r in x) & set(r["id"] for r in y)) for x, y in zip(a, b))
-  folds = {_h(p[0].get("fold")) for p in pairs} - {None}
-  return {
-      **row, "n_seeds": len(pairs), "n_folds": len(folds), "n_images": n_images, "diff": d["diff"], "lo": d["lo"],
-      "hi": d["hi"], "half_width": (d["hi"] - d["lo"]) / 2, "mde": d["mde"], "p": d["p"], "verdict": verdict,
-      "note": note
-  }
-
-
-def claims(rows: list[dict], per_image: Mapping | None = None, *, scratch: str = "none", multi: str = "multiorgan",
-           breast: str | tuple[str, ...] = "breast", full=100, half=50, margin: float = 0.02, n_boot: int = 2000,
-           seed: int = 0) -> list[dict]:
-  """The paper's claims as rows: paired Dice difference (claimed-better arm minus reference) with CI and verdict.
-
-  C1/C3 are supported when the CI lies above 0, not supported when it lies below 0 or within ±margin (no gain
-  worth having), else inconclusive. C2 is supported when the CI lies within ±margin or above 0. `breast` may name
-  several single-organ arms (e.g. one pre-trained longer): C3 compares the multi-organ arm with each.
-  """
-  singles = (breast,) if isinstance(breast, str) else tuple(breast)
-  arms = _groups(rows, default_by(rows) if rows else ("pretrain", "label_fraction"))
-  lf = lambda arm: arm[0].get("label_fraction")
-  cmp = lambda c, ref, arm, what: (_compare(c, ref, arm, per_image, margin, n_boot, seed)
-                                   if ref else _not_run(c, f"{_arm_name(arm[0])} vs {what}", f"no {what} run"))
-  scratch_at = lambda arm, f: _find(arms, arm[0], ("pretrain", *PRETRAIN_ONLY), pretrain=scratch, label_fraction=f)
-  other = lambda arm, name: _find(arms, arm[0], ("pretrain",), pretrain=name)
-  pre = [a for a in arms if a[0].get("pretrain") != scratch]
-  out = [cmp("C1", scratch_at(a, lf(a)), a, f"{scratch} @ {lf(a)}%") for a in pre]
-  out += [cmp("C2", scratch_at(a, full), a, f"{scratch} @ {full}%") for a in pre if lf(a) == half]
-  out += [
-      cmp("C3", other(a, single), a, f"{single} @ {lf(a)}%")
-      for single in singles
-      for a in arms
-      if a[0].get("pretrain") == multi and (single == singles[0] or other(a, single))
-  ]
-  out += [
-      _not_run("C3", f"{multi} vs {_arm_name(a[0])}", f"no {multi} @ {lf(a)}% run")
-      for a in arms
-      if a[0].get("pretrain") in singles and not other(a, multi)
-  ]
-  for claim, comparison, note in (("C1", f"pre-trained vs {scratch}", "no pre-trained runs"),
-                                  ("C2", f"pre-trained @ {half}% vs {scratch} @ {full}%",
-                                   f"no pre-trained @ {half}% run"), ("C3", f"{multi} vs {singles[0]}",
-                                                                      f"no {multi} or {singles[0]} runs")):
-    if not any(r["claim"] == claim for r in out):
-      out.append(_not_run(claim, comparison, note))
-  return sorted(out, key=lambda r: r["claim"])
-
-
-def _replicates(r: dict) -> str:
-  """'15 (5 folds) / 1830': paired runs, the folds among them, paired per-image scores in all."""
-  if "n_seeds" not in r:
-    return "–"
-  folds = f" ({r['n_folds']} folds)" if r.get("n_folds") else ""
-  return f"{r['n_seeds']}{folds} / {r['n_images']}"
-
-
-def claims_markdown(rows: list[dict]) -> str:
-  statements = "".join(f"- **{c}**: {s}\n" for c, s in STATEMENTS.items())
-  header = ["Claim", "Comparison", "Δ Dice [95% CI]", "CI ±", "MDE (80% power)", "p", "runs / image scores",
-            "Verdict", "Note"]
-  lines = [[
-      r["claim"], r["comparison"], f"{r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]" if "diff" in r else "–",
-      _fmt(r.get("half_width")), _fmt(r.get("mde")), _fmt(r.get("p")),
-      _replicates(r), r["verdict"], r.get("note", "")
-  ] for r in rows]
-  return statements + "\n" + _md(header, lines)
+def claims(rows: list[dict], per_image: Mapping | None = None, **options) -> list[dict]:
+  """The claim rows (`usjax.claims.claims`, `options` as there) over the arms of `rows` as `default_by` groups
+  them."""
+  return claims_of_arms(groups(rows, default_by(rows) if rows else ("pretrain", "label_fraction")), per_image,
+                        **options)
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -350,7 +244,7 @@ def write_csv(rows: list[dict], path: str) -> str:
   buf = io.StringIO()
   writer = csv.DictWriter(buf, fieldnames=columns(rows), restval="", extrasaction="ignore")
   writer.writeheader()
-  writer.writerows({k: _h(v) for k, v in r.items()} for r in rows)
+  writer.writerows({k: hashable(v) for k, v in r.items()} for r in rows)
   _write_text(path, buf.getvalue())
   return path
 
@@ -373,21 +267,21 @@ def pretrain_table(pretrain_runs: Mapping[str, str], stats: list[dict], floor: M
   lines = []
   if floor:
     lines.append([
-        "random init (floor)", "–", *(_fmt(floor.get(k)) for k in probes), "–", "–", "–", "–", *("0" for _ in fractions)
+        "random init (floor)", "–", *(fmt(floor.get(k)) for k in probes), "–", "–", "–", "–", *("0" for _ in fractions)
     ])
   for name, s in summaries.items():
     flat = pretrain_analysis.flattening(histories[name], s.get("probe_history") or [], s.get("steps") or 0)
     gains = [dice.get((name, f), math.nan) - dice.get(("none", f), math.nan) for f in fractions]
     lines.append([
         name,
-        _fmt(s.get("final_loss")), *(_fmt((s.get("probe") or {}).get(k)) for k in probes),
+        fmt(s.get("final_loss")), *(fmt((s.get("probe") or {}).get(k)) for k in probes),
         "yes" if s.get("collapsed") else "no",
         "–" if math.isnan(flat["loss_drop"]) else f"{100 * flat['loss_drop']:.1f}%",
         "–" if math.isnan(flat["probe_gain"]) else f"{flat['probe_gain']:+.3f}", {True: "yes", False: "no",
                                                                                   None: "–"}[flat["flattened"]],
         *(f"{g:+.3f}" if not math.isnan(g) else "–" for g in gains)
     ])
-  return _md(header, lines)
+  return markdown(header, lines)
 
 
 def write_report(cells: list[tuple[dict, str]], out_dir: str, pretrain_runs: dict[str, str] | None = None,
@@ -413,7 +307,7 @@ def write_report(cells: list[tuple[dict, str]], out_dir: str, pretrain_runs: dic
   paths["label_curves"] = plots.plot_label_curves(_label_curves(stats, by), path("label_curves.png"))
   finished = {r["workdir"] for r in rows}
   ft = {
-      " ".join(f"{k}={_h(v)}" for k, v in f.items()): _read_json(os.path.join(wd, "history.json")) for f, wd in cells if
+      " ".join(f"{k}={hashable(v)}" for k, v in f.items()): _read_json(os.path.join(wd, "history.json")) for f, wd in cells if
       wd in finished
   }
   paths["finetune_loss"] = plots.plot_loss_curves(ft, path("finetune_loss.png"), "fine-tuning loss")

@@ -1,4 +1,4 @@
-"""Evaluation stage: per-image Dice and IoU of binary masks, and the loop that scores a model on a split.
+"""Evaluation stage: the loops that score a model on a split with the metrics of `usjax.metrics`, and their means.
 
 Convention for empty masks (BUSI's normal images): an empty prediction on an empty ground truth is a perfect
 score (1.0), any predicted pixel on an empty ground truth scores 0.0; never NaN. The literature reports Dice both
@@ -16,69 +16,40 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from usjax import postprocess
-
-
-def dice_iou(pred: jax.Array, true: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per-image Dice and IoU of boolean masks [B, H, W, ...] -> two [B] float32 arrays."""
-  axes = tuple(range(1, pred.ndim))
-  pred, true = pred.astype(bool), true.astype(bool)
-  inter = jnp.sum(pred & true, axis=axes).astype(jnp.float32)
-  p, t = jnp.sum(pred, axis=axes).astype(jnp.float32), jnp.sum(true, axis=axes).astype(jnp.float32)
-  union = p + t - inter
-  empty = union == 0
-  dice = jnp.where(empty, 1.0, 2 * inter / jnp.where(empty, 1.0, p + t))
-  iou = jnp.where(empty, 1.0, inter / jnp.where(empty, 1.0, union))
-  return dice, iou
+from usjax import metrics, postprocess
+# Named here too: callers score with evaluate.dice_iou / hd95 / auc.
+from usjax.metrics import auc, dice_iou, hd95  # noqa: F401
 
 
 def summarize(per_image: dict[str, np.ndarray]) -> dict[str, float]:
-  """Means over the test images, and per class where the images carry one (BUSI: benign/malignant/normal).
+  """Means over the test images of every registered per-image metric (`usjax.metrics`), over the images that
+  show a lesion and per class where the images carry one (BUSI: benign/malignant/normal), then the split-level
+  metrics.
 
   On images whose ground truth is empty (normal), Dice is 1 or 0, so its mean is 1 - false-positive rate.
   """
-  out = {
-      "dice": float(np.mean(per_image["dice"])), "iou": float(np.mean(per_image["iou"])),
-      "num_images": int(len(per_image["dice"]))
-  }
+  scored = [(name, m, per_image[name]) for name, m in metrics.PER_IMAGE.items() if name in per_image]
+  out = {}
+  for name, m, values in scored:
+    if (value := metrics.mean(values, m.undefined)) is not None:
+      out[name] = value
+  out["num_images"] = int(len(scored[0][2]))
   if "empty_true" in per_image:
     lesion = ~np.asarray(per_image["empty_true"], bool)
     if lesion.any():
-      out["dice_lesion"] = float(np.mean(np.asarray(per_image["dice"])[lesion]))
-      out["iou_lesion"] = float(np.mean(np.asarray(per_image["iou"])[lesion]))
+      for name, m, values in scored:
+        if m.lesion and (value := metrics.mean(np.asarray(values)[lesion], m.undefined)) is not None:
+          out[f"{name}_lesion"] = value
       out["num_lesion_images"] = int(lesion.sum())
-  if "hd95" in per_image:
-    hd = np.asarray(per_image["hd95"], np.float64)
-    if np.any(np.isfinite(hd)):  # undefined (NaN) where exactly one mask is empty
-      out["hd95"] = float(np.nanmean(hd))
   if "label" in per_image:
     labels = np.asarray(per_image["label"])
-    for name in sorted(set(labels.tolist())):
-      sel = labels == name
-      out[f"dice_{name}"] = float(np.mean(np.asarray(per_image["dice"])[sel]))
-      out[f"iou_{name}"] = float(np.mean(np.asarray(per_image["iou"])[sel]))
-  if "empty_true" in per_image and np.any(per_image["empty_true"]):
-    empty = np.asarray(per_image["empty_true"], bool)
-    out["false_positive_rate"] = float(np.mean(~np.asarray(per_image["empty_pred"], bool)[empty]))
-  source = next((k for k in ("presence", "max_prob") if k in per_image), None)
-  if source and "empty_true" in per_image:
-    value = auc(per_image[source], ~np.asarray(per_image["empty_true"], bool))
-    if np.isfinite(value):  # both normal and lesion images present
-      out["presence_auc"], out["presence_auc_from"] = value, "head" if source == "presence" else "max_prob"
+    for label in sorted(set(labels.tolist())):
+      for name, m, values in scored:
+        if m.per_class and (value := metrics.mean(np.asarray(values)[labels == label], m.undefined)) is not None:
+          out[f"{name}_{label}"] = value
+  for m in metrics.PER_SPLIT.values():
+    out.update(m.fn(per_image))
   return out
-
-
-def auc(scores, positive) -> float:
-  """Area under the ROC curve of `scores` for the `positive` images, by the rank formula: (sum of the positives'
-  ranks - n_pos (n_pos + 1) / 2) / (n_pos n_neg), tied scores sharing their mean rank (counted half). NaN when
-  either class is missing."""
-  scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
-  n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-  if n_pos == 0 or n_neg == 0:
-    return float("nan")
-  _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-  ranks = (np.cumsum(counts) - (counts - 1) / 2)[np.ravel(inverse)]  # mean 1-based rank of each distinct value
-  return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def evaluate(score_fn, batches, to_global, keep_examples: int = 8) -> tuple[dict[str, np.ndarray], dict]:
@@ -86,12 +57,12 @@ def evaluate(score_fn, batches, to_global, keep_examples: int = 8) -> tuple[dict
 
   `score_fn(images, masks) -> (dice, iou, pred)` is the jitted per-image scorer, `to_global` turns a host batch
   into global arrays; padding images carry index -1 and are dropped after the cross-host gather. Dice and IoU
-  come from the device; HD95 (a distance transform) is computed on the host. Also returns the first
+  come from the device, the other registered metrics (HD95: a distance transform) from the host. Also returns the first
   `keep_examples` images with their masks and predictions, for overlay figures.
   """
   from jax.experimental import multihost_utils
   gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  out = {"index": [], "dice": [], "iou": [], "hd95": [], "empty_true": [], "empty_pred": []}
+  out = {"index": [], "dice": [], "iou": [], "empty_true": [], "empty_pred": []}
   examples = {"image": [], "mask": [], "pred": []}
   for batch in batches:
     dice, iou, pred = score_fn(to_global(batch["image"]), to_global(batch["mask"]))
@@ -103,32 +74,14 @@ def evaluate(score_fn, batches, to_global, keep_examples: int = 8) -> tuple[dict
     out["iou"].append(gather(iou)[keep])
     out["empty_true"].append(~true.reshape(len(true), -1).any(1))
     out["empty_pred"].append(~pred.reshape(len(pred), -1).any(1))
-    out["hd95"].append(np.array([hd95(p[..., 0], t[..., 0]) for p, t in zip(pred, true)], np.float32))
+    for name, values in metrics.score_masks(pred[..., 0], true[..., 0], skip=("dice", "iou")).items():
+      out.setdefault(name, []).append(values)
     if sum(len(x) for x in examples["image"]) < keep_examples:
       examples["image"].append(gather(to_global(batch["image"]))[keep])
       examples["mask"].append(true)
       examples["pred"].append(pred)
   examples = {k: np.concatenate(v)[:keep_examples] for k, v in examples.items() if v}
   return {k: np.concatenate(v) for k, v in out.items()}, examples
-
-
-def hd95(pred: np.ndarray, true: np.ndarray) -> float:
-  """95th-percentile symmetric Hausdorff distance, in pixels, between the boundaries of boolean masks [H, W].
-
-  The 95th percentile instead of the maximum keeps one stray pixel from deciding the score. Both masks empty is a
-  perfect 0.0; exactly one empty has no distance at all and is NaN, so callers count it apart and leave it out of
-  means (Dice already scores it 0).
-  """
-  from scipy import ndimage
-  pred, true = np.asarray(pred, bool), np.asarray(true, bool)
-  if not pred.any() and not true.any():
-    return 0.0
-  if not pred.any() or not true.any():
-    return float("nan")
-  edge = lambda m: m & ~ndimage.binary_erosion(m)  # border_value=0: pixels on the image edge are boundary too
-  ep, et = edge(pred), edge(true)
-  dist = np.concatenate([ndimage.distance_transform_edt(~et)[ep], ndimage.distance_transform_edt(~ep)[et]])
-  return float(np.percentile(dist, 95))
 
 
 def split_outputs(out) -> tuple[jax.Array, jax.Array | None]:
@@ -207,11 +160,10 @@ def score_probabilities(split: dict, rule=None, threshold: float | None = None) 
       for i, p in enumerate(split["prob"])
   ])
   true = split["mask"]
-  dice, iou = (np.asarray(a) for a in dice_iou(pred, true))  # the training-time scorer's exact arithmetic
   scores = {k: split[k] for k in ("index", "id", "label", "max_prob", "presence") if k in split}
-  scores.update(dice=dice, iou=iou, empty_true=~true.reshape(len(true), -1).any(1),
-                empty_pred=~pred.reshape(len(pred), -1).any(1),
-                hd95=np.array([hd95(p, t) for p, t in zip(pred, true)], np.float32))
+  # Dice and IoU by the training-time scorer's exact arithmetic (metrics.dice_iou)
+  scores.update(metrics.score_masks(pred, true), empty_true=~true.reshape(len(true), -1).any(1),
+                empty_pred=~pred.reshape(len(pred), -1).any(1))
   n = len(split["image"])
   examples = {"image": split["image"], "mask": true[:n, ..., None], "pred": pred[:n, ..., None]} if n else {}
   return scores, examples
@@ -226,16 +178,18 @@ def score_split(score_fn, variables, batches, to_global, ids, labels) -> tuple[d
 
 
 def per_image_rows(scores: dict[str, np.ndarray]) -> list[dict]:
-  """JSON rows (id, class, Dice, IoU, HD95, the presence probabilities where scored, whether the image shows a
-  lesion) of `score_split`'s or `score_probabilities`' output."""
-  keys = [k for k in ("id", "label", "dice", "iou", "hd95", "presence", "max_prob") if k in scores]
+  """JSON rows (id, class, the registered per-image metrics, the presence probabilities where scored, whether the
+  image shows a lesion) of `score_split`'s or `score_probabilities`' output."""
+  keys = [k for k in ("id", "label", *metrics.PER_IMAGE, "presence", "max_prob") if k in scores]
   rows = [{k: scores[k][i].item() for k in keys} for i in range(len(scores["dice"]))]
   if "empty_true" in scores:
     for r, empty in zip(rows, scores["empty_true"]):
       r["lesion"] = not bool(empty)
+  undefined = [k for k, m in metrics.PER_IMAGE.items() if m.undefined and k in scores]
   for r in rows:  # JSON has no NaN: HD95 is undefined when exactly one of the masks is empty
-    if "hd95" in r and not np.isfinite(r["hd95"]):
-      r["hd95"] = None
+    for k in undefined:
+      if not np.isfinite(r[k]):
+        r[k] = None
   return rows
 
 

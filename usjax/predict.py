@@ -10,12 +10,9 @@ lesion-presence head, the gate on its presence probability, which the JSON outpu
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import re
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -25,13 +22,13 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
-from usjax import UsjaxError, checkpoint, evaluate, models, orbax_errors, postprocess, report
+from usjax import (UsjaxError, checkpoint, evaluate, metrics, models, orbax_errors, postprocess, prediction_files,
+                   report)
 from usjax.data import DataError, folders, imageio, pipeline
 
 # configs/default.py's values, for checkpoints written before `meta["data"]` recorded them.
 FALLBACK_DATA = {"image_size": 64, "channels": 1, "aspect": "pad"}
 ASPECTS = ("pad", "stretch", "crop")
-_SKIP = re.compile(r"_(mask(_\d+)?|overlay)$")  # ground-truth masks beside their images, and our own outputs
 
 
 class PredictError(UsjaxError):
@@ -227,98 +224,15 @@ def load(workdir: str, *, image_size: int | None = None, channels: int | None = 
                    rule, threshold)
 
 
-# ---------------------------------------------------------------------------------------------------- outputs
-def _edge(mask: np.ndarray, width: int) -> np.ndarray:
-  from scipy import ndimage
-  return mask & ~ndimage.binary_erosion(mask, iterations=width) if mask.any() else mask
-
-
-def overlay(image: np.ndarray, pred: np.ndarray, true: np.ndarray | None = None, alpha: float = 0.35) -> np.ndarray:
-  """[H, W, 3] uint8: the image, the prediction tinted and outlined in red, the ground truth outlined in green."""
-  rgb = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3]
-  out = rgb.astype(np.float32)
-  out[pred] = (1 - alpha) * out[pred] + alpha * np.array([255, 0, 0], np.float32)
-  width = max(1, round(min(pred.shape) / 200))  # a contour still visible on a 500-pixel scan
-  if true is not None:
-    out[_edge(true, width)] = (0, 255, 0)
-  out[_edge(pred, width)] = (255, 0, 0)
-  return out.round().astype(np.uint8)
-
-
-def _write_png(path: str, arr: np.ndarray) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(np.ascontiguousarray(arr)).save(path)
-
-
-def _write_outputs(out_dir: str, rel_stem: str, image, pred, true=None) -> dict:
-  mask_rel, overlay_rel = f"{rel_stem}_mask.png", f"{rel_stem}_overlay.png"
-  _write_png(os.path.join(out_dir, mask_rel), pred.astype(np.uint8) * 255)
-  _write_png(os.path.join(out_dir, overlay_rel), overlay(image, pred, true))
-  return {"mask": mask_rel, "overlay": overlay_rel}
-
-
+# ---------------------------------------------------------------------------------------------------- scoring
 def score(pred: np.ndarray, true: np.ndarray) -> dict:
-  """Dice, IoU and HD95 of one pair of [H, W] bool masks, with the evaluation stage's empty-mask conventions.
-
-  `evaluate.dice_iou` runs on the masks flattened and padded with background to a power-of-two length: padding
-  changes no count, and images of every size then share a handful of compiled shapes.
-  """
-  n = pred.size
-  length = 1 << max(n - 1, 0).bit_length()
-  flat = lambda m: np.pad(np.asarray(m, bool).ravel(), (0, length - n))[None]
-  dice, iou = evaluate.dice_iou(flat(pred), flat(true))
-  return {
-      "dice": float(dice[0]), "iou": float(iou[0]), "hd95": evaluate.hd95(pred, true), "empty_true": not true.any(),
-      "empty_pred": not pred.any()
-  }
+  """The registered per-image metrics (`usjax.metrics`: Dice, IoU, HD95) of one pair of [H, W] bool masks at any
+  size, with the evaluation stage's empty-mask conventions."""
+  return {**metrics.score_one(pred, true), "empty_true": not true.any(), "empty_pred": not pred.any()}
 
 
 def _predictor(workdir) -> Predictor:
   return workdir if isinstance(workdir, Predictor) else load(workdir)
-
-
-def _check_out_dir(out_dir: str, folder: str) -> str:
-  if os.path.realpath(out_dir) == os.path.realpath(folder):
-    raise DataError(f"{out_dir}: the output folder must differ from the input folder (masks would overwrite it)")
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise DataError(f"{out_dir}: exists and is not a folder")
-  return out_dir
-
-
-def _listing(root: str) -> set[str]:
-  return {os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files}
-
-
-@contextlib.contextmanager
-def _outputs(out_dir: str, folder: str):
-  """Creates `out_dir` for one prediction and, if the prediction fails, takes back what it added.
-
-  A folder this call created goes entirely (with any parents it created), so bad input never leaves an empty or
-  half-filled output folder; in a folder that was there before, the files and sub-folders added are removed and
-  what was there stays (files it overwrote keep their new contents).
-  """
-  _check_out_dir(out_dir, folder)
-  created, top = None, os.path.abspath(out_dir)
-  while not os.path.exists(top):
-    created, top = top, os.path.dirname(top)
-  before = _listing(out_dir) if created is None else set()
-  os.makedirs(out_dir, exist_ok=True)
-  try:
-    yield out_dir
-  except BaseException:
-    if created is not None:
-      shutil.rmtree(created, ignore_errors=True)
-    else:
-      for d, dirs, files in os.walk(out_dir, topdown=False):
-        for name in files + dirs:
-          path = os.path.join(d, name)
-          if path in before:
-            continue
-          try:
-            os.rmdir(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-          except OSError:  # a sub-folder that still holds older files
-            pass
-    raise
 
 
 def _chunks(seq, n: int):
@@ -338,17 +252,17 @@ def evaluate_folder(workdir, folder: str, out_dir: str, *, save_predictions: boo
   from usjax.data import busi
   root = busi.find_root(folder)
   items = busi.scan(root)  # header-checks every file: most bad input fails here, before any output
-  _check_out_dir(out_dir, root)
+  prediction_files.check_out_dir(out_dir, root)
   p = _predictor(workdir)
   rows = []
-  with _outputs(out_dir, root):  # a file that fails its full decode later takes the outputs back
+  with prediction_files.taken_back_on_failure(out_dir, root):  # a file failing its full decode later takes them back
     for chunk in _chunks(items, p.batch_size):
       images = [imageio.read_image(it.paths[0], 3) for it in chunk]
       for it, image, out in zip(chunk, images, p.segment(images)):
         pred, true = out["mask"], np.logical_or.reduce([imageio.read_mask(m) for m in it.paths[1:]])
         rows.append({"id": it.id, "label": busi.CLASSES[it.label], **score(pred, true), **_probabilities(out)})
         if save_predictions:
-          _write_outputs(out_dir, os.path.splitext(it.id)[0], image, pred, true)
+          prediction_files.write_mask_and_overlay(out_dir, os.path.splitext(it.id)[0], image, pred, true)
     scores = {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
     summary = {
         **evaluate.summarize(scores), "folder": os.path.abspath(folder), "checkpoint": p.checkpoint,
@@ -364,13 +278,6 @@ def _probabilities(out: dict) -> dict:
   return {k: out[k] for k in ("presence", "max_prob") if out[k] is not None}
 
 
-def _output_stems(paths: list[str], folder: str) -> list[str]:
-  """Relative path without extension per image; 'a.png' beside 'a.jpg' become 'a_png' and 'a_jpg'."""
-  stems = [os.path.splitext(os.path.relpath(p, folder))[0] for p in paths]
-  clash = {s for s in stems if stems.count(s) > 1}
-  return [s if s not in clash else os.path.relpath(p, folder).replace(".", "_") for s, p in zip(stems, paths)]
-
-
 def predict_folder(workdir, folder: str, out_dir: str) -> list[dict]:
   """Every PNG/JPEG under `folder` (recursive) -> `<name>_mask.png` (0/255) and `<name>_overlay.png`.
 
@@ -384,22 +291,23 @@ def predict_folder(workdir, folder: str, out_dir: str) -> list[dict]:
   inside_out = lambda p: os.path.realpath(p).startswith(out_abs + os.sep)
   paths = [
       p for p in folders.list_images(folder, recursive=True)
-      if not _SKIP.search(os.path.splitext(os.path.basename(p))[0]) and not inside_out(p)
+      if not prediction_files.SKIP.search(os.path.splitext(os.path.basename(p))[0]) and not inside_out(p)
   ]
   if not paths:
     raise DataError(f"{folder}: no PNG/JPEG images to predict on")
   for path in paths:  # a header read each: a bad file fails here, before any output is written
     imageio.check_image(path)
-  _check_out_dir(out_dir, folder)
+  prediction_files.check_out_dir(out_dir, folder)
   p = _predictor(workdir)
   rows = []
-  with _outputs(out_dir, folder):  # a file that fails its full decode later takes the outputs back
-    for chunk in _chunks(list(zip(paths, _output_stems(paths, folder))), p.batch_size):
+  with prediction_files.taken_back_on_failure(out_dir, folder):  # a file failing its full decode later takes them back
+    for chunk in _chunks(list(zip(paths, prediction_files.output_stems(paths, folder))), p.batch_size):
       images = [imageio.read_image(path, 3) for path, _ in chunk]
       for (path, stem), image, out in zip(chunk, images, p.segment(images)):
         pred = out["mask"]
+        written = prediction_files.write_mask_and_overlay(out_dir, stem, image, pred)
         rows.append({
-            "image": os.path.relpath(path, folder), **_write_outputs(out_dir, stem, image, pred),
+            "image": os.path.relpath(path, folder), **written,
             "height": pred.shape[0], "width": pred.shape[1], "lesion_pixels": int(pred.sum()), **_probabilities(out)
         })
     report.write_json(os.path.join(out_dir, "predictions.json"), rows)
