@@ -3,7 +3,12 @@
     python launch/main.py --config=configs/study_cpu.py:../shared/data --workdir=runs/study_cpu
     python launch/main.py --config=configs/study_cpu.py:../shared/data,c3 --workdir=runs/study_cpu   # + C3
 
-The argument after ':' is the folder holding `busi/` and `pocus/`; `,c3` adds the breast-only arm that C3 needs.
+    python launch/main.py --config=configs/study_cpu.py:../shared/data,presence --workdir=runs/study_cpu_presence
+
+The argument after ':' is the folder holding `busi/` and `pocus/`; `,c3` adds the breast-only arm that C3 needs;
+`,presence` is the scratch arm alone with the lesion-presence head and gate and post-processing chosen on
+validation (`presence.weight=0.1`, `postprocess=auto`; results in results/study_cpu_presence/), paired per image
+with the study's scratch cells of the same fold and seed.
 BUSI's near-duplicates are grouped (usjax.data.duplicates; mixed-class groups left out) and the images dealt into
 5 grouped, class-stratified folds: each fold is the test part once, the model is chosen on a validation part
 carved from the other four, and every image is a test image exactly once per seed. Arms: scratch and SimCLR
@@ -30,6 +35,8 @@ def get_config(arg: str = "../shared/data"):
   g.sources = {"multiorgan": "busi,pocus"}
   if "c3" in extra:
     g.sources["breast"] = "busi"
+  if "presence" in extra:  # the scratch arm with the lesion-presence gate and post-processing (README: normal scans)
+    g.sources = {}
   g.pretrain_steps = {}
   g.folds = 5
   g.fold_list = ()  # a subset of folds to run (default: all)
@@ -39,4 +46,7 @@ def get_config(arg: str = "../shared/data"):
   g.results_dir = "results/study_cpu"
   for part in (g.pretrain, g.finetune):
     part.data.duplicate_threshold = 0.95  # near-duplicates grouped (grid_cpu keeps its results' ungrouped split)
+  if "presence" in extra:
+    g.finetune.presence.weight, g.finetune.postprocess = 0.1, "auto"
+    g.name, g.results_dir = "study_cpu_presence", "results/study_cpu_presence"
   return g

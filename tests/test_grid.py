@@ -46,7 +46,7 @@ def _small_grid(tmp_path):
 
 
 def _fake_train(trained):
-  """Stands in for `train.run`: records the run and writes what a finished run leaves (pre-training: weights)."""
+  """Stands in for `task.run`: records the run and writes what a finished run leaves (pre-training: weights)."""
   def run(cfg, workdir):
     trained.append(os.path.basename(workdir))
     if cfg.task == "finetune" and cfg.init_from:  # the grid hands over the weights' absolute path
@@ -66,7 +66,7 @@ def test_a_grid_goes_on_from_the_results_another_machine_recorded(tmp_path, monk
   g = _small_grid(tmp_path)
   pre, fine = grid.plan(g)
   trained = []
-  monkeypatch.setattr(grid.train, "run", _fake_train(trained))
+  monkeypatch.setattr(grid.task, "run", _fake_train(trained))
   monkeypatch.setattr(grid, "write_report", lambda *a, **k: {})
   grid.run(g, str(tmp_path / "first"))
   # One seed: plan order, each pre-training just before the first cell that starts from it.
@@ -127,7 +127,7 @@ def test_cells_train_seed_by_seed_so_a_grid_cut_short_stays_balanced(tmp_path, m
   g = grid_cpu.get_config()
   g.results_dir = str(tmp_path / "results")
   trained = []
-  monkeypatch.setattr(grid.train, "run", _fake_train(trained))
+  monkeypatch.setattr(grid.task, "run", _fake_train(trained))
   monkeypatch.setattr(grid, "write_report", lambda *a, **k: {})
   grid.run(g, str(tmp_path / "grid"))
   _, fine = grid.plan(g)
@@ -154,7 +154,7 @@ def test_the_report_puts_each_pretraining_beside_its_gain_and_says_where_the_tim
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f)
 
-  monkeypatch.setattr(grid.train, "run", fake)
+  monkeypatch.setattr(grid.task, "run", fake)
   paths = grid.run(g, str(tmp_path / "grid"))
   md = open(paths["md"]).read()
   probe_rows = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if "| 0.700 |" in line}
@@ -179,6 +179,15 @@ def test_the_cpu_study_runs_every_cell_on_each_fold_with_that_folds_pretraining(
     assert c.init_from == ("" if f["pretrain"] == "none" else pre_of[f["fold"]])
   pre, fine = grid.plan(study_cpu.get_config("../shared/data,c3"))
   assert sorted({f["pretrain"] for f, _, _ in pre}) == ["breast", "multiorgan"] and len(fine) == 3 * 2 * 5 * 3
+  # ,presence: the scratch cells alone, with the head and the choices on validation, named as the study's
+  # scratch cells (so they pair by fold, seed and image) but recorded in a results folder of their own.
+  study = {r: c for _, r, c in grid.plan(study_cpu.get_config())[1]}
+  g = study_cpu.get_config("../shared/data,presence")
+  pre, fine = grid.plan(g)
+  assert pre == [] and len(fine) == 2 * 5 * 3 and g.results_dir == "results/study_cpu_presence"
+  for f, r, c in fine:
+    assert f["pretrain"] == "none" and (c.presence.weight, c.postprocess) == (0.1, "auto")
+    assert (c.data.folds, c.data.fold, c.seed) == (study[r].data.folds, study[r].data.fold, study[r].seed)
 
 
 def test_a_pretraining_without_split_aware_sources_is_shared_by_the_folds():
@@ -201,7 +210,7 @@ def test_a_study_trains_fold_by_fold_each_pretraining_just_before_its_cells(tmp_
   g = study_cpu.get_config()
   g.seeds, g.fold_list, g.results_dir = (0, 1), (0, 1, 2), str(tmp_path / "results")
   trained = []
-  monkeypatch.setattr(grid.train, "run", _fake_train(trained))
+  monkeypatch.setattr(grid.task, "run", _fake_train(trained))
   monkeypatch.setattr(grid, "write_report", lambda *a, **k: {})
   grid.run(g, str(tmp_path / "grid"))
   pre, fine = grid.plan(g)
