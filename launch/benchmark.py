@@ -150,7 +150,7 @@ def time_step(step_fn, state, batch, n_images: int, views: int = 1) -> dict:
 
 
 def noaug_pretrain_loss(params, batch_stats, extra, images, key, step, *, method):
-  """`train.pretrain_loss` with the batch's two halves as the two views (no augmentation)."""
+  """`pretrain.pretrain_loss` with the batch's two halves as the two views (no augmentation)."""
   from usjax import train
   x = train.to_float(images)
   n = x.shape[0] // 2
@@ -169,7 +169,7 @@ def noaug_segmentation_loss(params, batch_stats, extra, batch, key, step, *, mod
 def step_cases():
   """Yields (name, result) for each step case, with and without augmentation."""
   import numpy as np
-  from usjax import augment, finetune, methods, train
+  from usjax import augment, finetune, methods, pretrain, train
   mesh = train.make_mesh()
   rng = np.random.default_rng(0)
   s, b = FLAGS.res, FLAGS.batch
@@ -187,7 +187,8 @@ def step_cases():
     else:  # SimCLR, NT-Xent
       method = methods.make_method(cfg)
       model, after_step = method.model, method.after_step
-      real = functools.partial(train.pretrain_loss, method=method, aug_cfg=augment.AugmentConfig.from_dict(cfg.augment))
+      real = functools.partial(pretrain.pretrain_loss, method=method,
+                               aug_cfg=augment.AugmentConfig.from_dict(cfg.augment))
       bare = functools.partial(noaug_pretrain_loss, method=method)
       local = {"+aug": images, "noaug": rng.integers(0, 256, (2 * b, s, s, 1), np.uint8)}
     for variant, loss_fn in (("+aug", real), ("noaug", bare)):

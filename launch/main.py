@@ -50,12 +50,12 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from usjax import UsjaxError, grid, report, runtime, train
+  from usjax import UsjaxError, grid, report, runtime, task
   runtime.keep_host_memory()  # before JAX's first computation
   report.quiet_libraries()
   cfg = flags.FLAGS.config
   try:
-    (grid.run if cfg.task == "grid" else train.run)(cfg, flags.FLAGS.workdir)
+    (grid.run if cfg.task == "grid" else task.run)(cfg, flags.FLAGS.workdir)
   except runtime.Preempted as e:
     logging.warning("%s", e)
     print(f"\nstopped: {e}", file=sys.stderr)

@@ -1,19 +1,17 @@
 """Runs one real train step (SimCLR pre-training and U-Net fine-tuning) on a fixed global batch and saves the
 loss and updated parameters: run under different device/process layouts, the results must agree.
 
-    python tests/step_check.py OUT.npz     (env: XLA_FLAGS for fake devices, JAX_COORDINATOR_ADDRESS etc.)
+    PYTHONPATH=. python tests/step_check.py OUT.npz     (env: XLA_FLAGS for fake devices, JAX_COORDINATOR_ADDRESS
+                                                          etc.; run from the repository root)
 """
 import functools
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from configs import finetune_busi, pretrain_multiorgan  # noqa: E402
-from usjax import augment, finetune, methods, runtime, train  # noqa: E402
+from configs import finetune_busi, pretrain_multiorgan
+from usjax import augment, finetune, methods, pretrain, runtime, train
 
 
 def one_step(task: str):
@@ -32,7 +30,7 @@ def one_step(task: str):
   local = slice(pi * n, (pi + 1) * n)
   aug = augment.AugmentConfig.from_dict(cfg.augment)
   if task == "pretrain":
-    step = train.compile_step(functools.partial(train.pretrain_loss, method=method, aug_cfg=aug), tx, mesh)
+    step = train.compile_step(functools.partial(pretrain.pretrain_loss, method=method, aug_cfg=aug), tx, mesh)
     batch = train.global_batch(images[local], mesh)
   else:
     step = train.compile_step(functools.partial(finetune.segmentation_loss, model=model, aug_cfg=aug), tx, mesh)

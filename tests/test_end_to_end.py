@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import finetune_busi, pretrain_multiorgan
-from usjax import UsjaxError, checkpoint, train
+from usjax import UsjaxError, checkpoint, task, train
 from usjax.checkpoint import CheckpointError
 
 pytestmark = pytest.mark.slow  # pre-trains and fine-tunes small networks end to end
@@ -31,7 +31,7 @@ def tiny(cfg, data_dir):
 def pretrained(tmp_path_factory):
   root = tmp_path_factory.mktemp("e2e")
   cfg = tiny(pretrain_multiorgan.get_config(), root / "data")
-  summary = train.run(cfg, str(root / "pre"))
+  summary = task.run(cfg, str(root / "pre"))
   return root, summary
 
 
@@ -53,11 +53,23 @@ def test_finetune_from_pretrained_restores_encoder_and_scores(pretrained):
   root, _ = pretrained
   cfg = tiny(finetune_busi.get_config(), root / "data")
   cfg.init_from = str(root / "pre")
-  summary = train.run(cfg, str(root / "fine"))
+  summary = task.run(cfg, str(root / "fine"))
   assert summary["transfer"]["loaded"] == ["encoder"]
   assert summary["transfer"]["init"] == ["decoder", "seg_head"]
-  assert 0.0 <= summary["dice"] <= 1.0 and 0.0 <= summary["iou"] <= summary["dice"] + 1e-6
   assert summary["eval_split"] == "val" and summary["num_images"] == 4  # 10% of 40 synthetic breast images
+  # The scores, recomputed from the masks the run wrote (examples.npz keeps every image of so small a split) by
+  # the textbook formulas: Dice 2|P&T| / (|P| + |T|), IoU |P&T| / |P|T|, both 1 where both masks are empty.
+  with np.load(root / "fine" / "examples.npz") as ex:
+    pred, true = ex["pred"].astype(bool), ex["mask"].astype(bool)
+  assert len(pred) == 4
+  inter = (pred & true).sum((1, 2, 3))
+  size, union = pred.sum((1, 2, 3)) + true.sum((1, 2, 3)), (pred | true).sum((1, 2, 3))
+  dice = np.where(union == 0, 1.0, 2 * inter / np.maximum(size, 1))
+  iou = np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+  assert summary["dice"] == pytest.approx(dice.mean(), abs=1e-6)
+  assert summary["iou"] == pytest.approx(iou.mean(), abs=1e-6)
+  rows = json.loads((root / "fine" / "per_image.json").read_text())
+  assert [r["dice"] for r in rows] == pytest.approx(list(dice), abs=1e-6)
 
   # The encoder loaded into a fresh U-Net equals the one saved by pre-training.
   saved = ocp.CheckpointManager(str(root / "pre" / "checkpoints"),
@@ -77,7 +89,7 @@ def test_missing_init_checkpoint_is_one_line_and_leaves_no_workdir(pretrained, t
   cfg = tiny(finetune_busi.get_config(), root / "data")
   cfg.init_from = str(tmp_path / "nowhere")
   with pytest.raises(CheckpointError, match="nowhere"):
-    train.run(cfg, str(tmp_path / "fine"))
+    task.run(cfg, str(tmp_path / "fine"))
   assert not (tmp_path / "fine").exists()
 
 
@@ -89,7 +101,7 @@ def test_init_checkpoint_of_wrong_structure_is_rejected(pretrained, tmp_path):
   cfg = tiny(finetune_busi.get_config(), root / "data")
   cfg.init_from = str(tmp_path / "other")
   with pytest.raises(CheckpointError, match="other.*has no parameter"):
-    train.run(cfg, str(tmp_path / "fine"))
+    task.run(cfg, str(tmp_path / "fine"))
   assert not (tmp_path / "fine").exists()
 
 
@@ -97,7 +109,7 @@ def test_unwritable_workdir_is_rejected(tmp_path):
   (tmp_path / "file").write_text("")
   cfg = pretrain_multiorgan.get_config()
   with pytest.raises(UsjaxError, match="workdir"):
-    train.run(cfg, str(tmp_path / "file" / "run"))
+    task.run(cfg, str(tmp_path / "file" / "run"))
 
 
 def test_unknown_config_key_fails_in_one_line(tmp_path):
@@ -117,11 +129,11 @@ def test_each_method_pretrains_and_transfers_encoder_and_decoder(pretrained, tmp
   cfg.method, cfg.model.with_decoder = method, True
   cfg.moco.queue_size = 32
   cfg.simsiam.pred_dims = cfg.byol.pred_dims = (64, 32)
-  summary = train.run(cfg, str(tmp_path / "pre"))
+  summary = task.run(cfg, str(tmp_path / "pre"))
   assert summary["method"] == method and np.isfinite(summary["final_loss"])
   ft = tiny(finetune_busi.get_config(), root / "data")
   ft.num_steps, ft.init_from, ft.transfer = 2, str(tmp_path / "pre"), "encoder+decoder"
-  out = train.run(ft, str(tmp_path / "fine"))
+  out = task.run(ft, str(tmp_path / "fine"))
   assert out["transfer"]["loaded"] == ["decoder", "encoder"] and out["transfer"]["init"] == ["seg_head"]
 
 
@@ -130,4 +142,4 @@ def test_decoder_transfer_from_encoder_only_pretraining_is_rejected(pretrained, 
   ft = tiny(finetune_busi.get_config(), root / "data")
   ft.init_from, ft.transfer = str(root / "pre"), "encoder+decoder"
   with pytest.raises(CheckpointError, match="with_decoder=True"):
-    train.run(ft, str(tmp_path / "fine"))
+    task.run(ft, str(tmp_path / "fine"))

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from configs import finetune_busi
-from usjax import predict, train
+from usjax import predict, task
 from usjax.data import DataError, phantoms, pipeline
 
 pytestmark = pytest.mark.slow  # fine-tunes a model to predict with
@@ -25,7 +25,7 @@ def finetuned(tmp_path_factory):
   cfg.data.image_size = cfg.data.synthetic_size = 32
   cfg.data.synthetic_num_images = 40
   cfg.batch_size, cfg.num_steps, cfg.log_every, cfg.checkpoint_every = 8, 2, 2, 2
-  train.run(cfg, str(root / "fine"))
+  task.run(cfg, str(root / "fine"))
   return str(root / "fine"), predict.load(str(root / "fine"), batch_size=4)
 
 

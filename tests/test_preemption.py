@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from usjax import train
+from usjax import task, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,5 +111,5 @@ def test_bad_config_values_fail_before_any_data_is_prepared(tmp_path, key, value
   section, _, name = key.rpartition(".")
   setattr(cfg.data if section else cfg, name, value)
   with pytest.raises(UsjaxError, match=match):
-    train.run(cfg, str(tmp_path / "run"))
+    task.run(cfg, str(tmp_path / "run"))
   assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()

@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import finetune_busi
-from usjax import analysis, checkpoint, evaluate, models, objectives, postprocess, predict, train
+from usjax import analysis, checkpoint, evaluate, models, objectives, postprocess, predict, task
 
 from test_end_to_end import tiny
 
@@ -154,7 +154,7 @@ def run(tmp_path_factory):
   cfg.model.decoder_widths = (32, 16, 16, 8, 8)
   cfg.num_steps, cfg.val_every, cfg.tta = 4, 2, "none"
   cfg.presence.weight, cfg.postprocess = 0.5, "auto"
-  summary = train.run(cfg, str(root / "fine"))
+  summary = task.run(cfg, str(root / "fine"))
   return cfg, root / "fine", summary
 
 

@@ -211,8 +211,20 @@ def test_real_busi_and_pocus(tmp_path_factory):
   assert probe.sets["busi"].class_names == ("benign", "malignant", "normal")
   assert probe.sets["pocus"].class_names == ("covid", "regular")  # 2 pneumonia images: left out
   shapes = jax.eval_shape(lambda: probe.encoder.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)), train=False))
-  metrics = probe.run(random_variables(shapes))
+  variables = random_variables(shapes)
+  metrics = probe.run(variables)
   described = probe.describe()
-  for name in ("busi", "pocus"):
-    assert 0 <= metrics[f"probe/{name}_linear_bacc"] <= 1 and 0 <= metrics[f"probe/{name}_knn_bacc"] <= 1
-    assert described[name]["eval"] > 50
+  for name, (train_f, eval_f) in probe.features(variables).items():
+    s = probe.sets[name]
+    assert described[name]["eval"] == len(eval_f) > 50
+    # k-NN: the one-point-at-a-time reference on the same features, scored by per-class recall written out.
+    want = knn_reference(train_f, s.train_labels, eval_f, len(s.class_names), min(probe.k, len(train_f)),
+                         probe.temperature)
+    recall = [np.mean(want[s.eval_labels == c] == c) for c in np.unique(s.eval_labels)]
+    assert metrics[f"probe/{name}_knn_acc"] == pytest.approx(np.mean(want == s.eval_labels))
+    assert metrics[f"probe/{name}_knn_bacc"] == pytest.approx(np.mean(recall))
+    # Linear: the fitted probe's labels, scored the same way.
+    pred = probes.linear_probe(train_f, s.train_labels, eval_f, len(s.class_names), probe.l2, probe.steps,
+                               probe.balanced)
+    recall = [np.mean(pred[s.eval_labels == c] == c) for c in np.unique(s.eval_labels)]
+    assert metrics[f"probe/{name}_linear_bacc"] == pytest.approx(np.mean(recall))

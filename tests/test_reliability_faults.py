@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from usjax import UsjaxError, checkpoint, guard, models, predict, report, train
+from usjax import UsjaxError, checkpoint, guard, models, predict, report, task, train
 from usjax.checkpoint import CheckpointError
 from usjax.data import DataError, synthetic
 
@@ -241,7 +241,7 @@ def test_a_missing_or_read_only_home_fails_in_one_line_and_leaves_no_workdir(tmp
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
   cfg = pretrain_multiorgan.get_config()  # data.data_dir is ~/tensorflow_datasets
   with pytest.raises(UsjaxError) as e:
-    train.run(cfg, str(tmp_path / "run"))
+    task.run(cfg, str(tmp_path / "run"))
   msg = str(e.value)
   assert "\n" not in msg and "config.data.data_dir" in msg and str(tmp_path / "home") in msg
   assert not (tmp_path / "run").exists()

@@ -68,7 +68,10 @@ def test_lock_of_a_killed_but_unreaped_process_is_stale(tmp_path):
     while (runtime._proc_stat(proc.pid) or ["Z"])[0] != "Z" and time.time() < deadline:
       time.sleep(0.05)  # a zombie until we reap it
     write_lock(tmp_path, pid=proc.pid, start=start)
-    runtime.lock_workdir(str(tmp_path), main=True).release()
+    lock = runtime.lock_workdir(str(tmp_path), main=True)  # taken over, not refused
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / ".lock").exists()
   finally:
     proc.wait()
 

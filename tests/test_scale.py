@@ -9,18 +9,19 @@ import numpy as np
 import pytest
 
 from configs import pretrain_multiorgan
-from usjax import checkpoint, train
+from usjax import checkpoint, task, train
 
 pytestmark = pytest.mark.slow  # starts multi-device and multi-process subprocesses
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 STEP = os.path.join(HERE, "step_check.py")
 
 
 def run_step(out, env=None, n_proc=1):
   procs = []
   for i in range(n_proc):
-    e = {**os.environ, **(env or {})}
+    e = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}  # `configs` and `usjax`, as the other subprocesses get them
     if n_proc > 1:
       e.update(JAX_COORDINATOR_ADDRESS="localhost:12357", JAX_NUM_PROCESSES=str(n_proc), JAX_PROCESS_ID=str(i))
     procs.append(
@@ -81,7 +82,7 @@ def final_params(workdir):
 
 
 def test_interrupted_run_resumes_bitwise(tmp_path, monkeypatch):
-  train.run(tiny(tmp_path, 6), str(tmp_path / "unbroken"))
+  task.run(tiny(tmp_path, 6), str(tmp_path / "unbroken"))
 
   save = checkpoint.save
 
@@ -93,11 +94,11 @@ def test_interrupted_run_resumes_bitwise(tmp_path, monkeypatch):
 
   monkeypatch.setattr(checkpoint, "save", save_then_preempt)
   with pytest.raises(Preempted):
-    train.run(tiny(tmp_path, 6), str(tmp_path / "broken"))
+    task.run(tiny(tmp_path, 6), str(tmp_path / "broken"))
   monkeypatch.setattr(checkpoint, "save", save)
   # a save killed half-way leaves only orbax's temporary directory: it must be ignored
   os.makedirs(tmp_path / "broken" / "checkpoints" / "4.orbax-checkpoint-tmp-1" / "state")
-  summary = train.run(tiny(tmp_path, 6), str(tmp_path / "broken"))
+  summary = task.run(tiny(tmp_path, 6), str(tmp_path / "broken"))
   assert summary["steps"] == 6
   (s1, p1), (s2, p2) = final_params(tmp_path / "unbroken"), final_params(tmp_path / "broken")
   assert s1 == s2 == 6
@@ -124,7 +125,7 @@ def test_non_finite_step_keeps_state_and_run_stops_before_saving(tmp_path):
   cfg.optim.learning_rate = 1e30  # diverges within a few steps
   cfg.checkpoint_every = 1
   with pytest.raises(train.DivergedError, match="non-finite"):
-    train.run(cfg, str(tmp_path / "div"))
+    task.run(cfg, str(tmp_path / "div"))
   step, params = final_params(tmp_path / "div")
   assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
   assert step < 6

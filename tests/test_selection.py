@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import default, finetune_busi, finetune_busi_real, grid_cpu
-from usjax import evaluate, train
+from usjax import evaluate, task, train
 from usjax.data import sources
 
 from test_end_to_end import tiny
@@ -67,7 +67,7 @@ def test_finetune_scores_the_best_on_validation_and_reads_test_only_after_traini
   monkeypatch.setattr(train, "fit", fit)
   cfg = tiny(finetune_busi.get_config(), tmp_path / "data")
   cfg.num_steps, cfg.val_every, cfg.ema_decay, cfg.eval_split, cfg.tta = 6, 2, 0.5, "test", "auto"
-  summary = train.run(cfg, str(tmp_path / "fine"))
+  summary = task.run(cfg, str(tmp_path / "fine"))
 
   assert ("test", False) not in opened and ("test", True) in opened  # test only once training is over
   assert ("val", False) in opened

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import finetune_busi, grid_cpu, grid_gpu
-from usjax import UsjaxError, augment, feed, finetune, grid, stacked, torch_weights, train
+from usjax import UsjaxError, augment, checkpoint, feed, finetune, grid, guard, stacked, task, torch_weights, train
 from usjax.data import pipeline
 
 from test_end_to_end import tiny
@@ -154,7 +154,7 @@ def test_stacked_step_equals_each_run_stepped_alone():
   step = stacked.compile_stacked_step(loss_fn, tx, mesh, after)
   st, together = stacked.stack([state(0), state(1)]), []
   for b in batches:
-    st, m = step(st, stacked.global_batch(tuple(np.stack(x) for x in zip(*b)), mesh))
+    st, m = step(st, stacked.global_group_batch(tuple(np.stack(x) for x in zip(*b)), mesh))
     together.append(stacked.unstack(jax.device_get((st, m)), 2))
   for run in range(2):
     (first_a, m1_a), (second_a, m2_a) = alone[2 * run:2 * run + 2]
@@ -165,6 +165,35 @@ def test_stacked_step_equals_each_run_stepped_alone():
     close(second_a["batch_stats"], second_t["batch_stats"])
     close({k: m2_a[k] for k in ("loss", "train_dice")}, {k: m2_t[k] for k in ("loss", "train_dice")})
   assert not np.allclose(together[0][0][1]["loss"], together[0][1][1]["loss"])  # two different runs
+
+
+@pytest.mark.parametrize("bad", [
+    {4: {"update_ratio": 50.0}},  # a parameter blow-up
+    {2: {"loss": 300.0}},  # far above the first losses
+    {20: {"loss": 300.0}},  # far above the recent ones
+    {3: {"loss": float("nan"), "finite": False}},
+    {7: {"finite": False}},  # a finite loss from a step whose gradient was not
+])
+def test_a_stacked_run_is_guarded_as_a_run_alone(tmp_path, bad):
+  """A stacked run keeps no checkpoints, and its guard, the one `train.fit` runs, gives the same verdicts."""
+  cfg = small("unused")
+  steps = [{"loss": 2.7 + 0.01 * (i % 3), "update_ratio": 0.01, "finite": True, **bad.get(i, {})} for i in range(1, 31)]
+  mngr = checkpoint.manager(str(tmp_path / "checkpoints"))
+  alone = guard.GoodStepTracker.from_config(cfg.guard, mngr)
+  together = guard.GoodStepTracker.from_config(cfg.guard, None)
+  for end in range(5, 31, 5):  # the host metrics of five steps at a time, as the loops fetch them
+    want, got = alone.check(end, steps[end - 5:end]), together.check(end, steps[end - 5:end])
+    assert got == want
+    if want:
+      break
+  assert want is not None and want[0] == next(iter(bad))
+  mngr.close()
+
+  train.record_divergence(str(tmp_path), "finetune", *got, None, [{"step": 1}], stacked=True)
+  assert json.loads((tmp_path / "summary.json").read_text()) == {
+      "task": "finetune", "status": "diverged", "stopped_at_step": got[0], "reason": got[1],
+      "last_good_checkpoint": None, "history": [{"step": 1}], "stacked": True
+  }
 
 
 @pytest.fixture
@@ -201,7 +230,7 @@ def test_stacked_runs_equal_runs_trained_alone(tmp_path, data_dir, validated):
       c.eval_split, c.optim.learning_rate = "test", 0.0
     return [a, b]
 
-  alone = [train.run(c, str(tmp_path / f"alone{i}")) for i, c in enumerate(cfgs())]
+  alone = [task.run(c, str(tmp_path / f"alone{i}")) for i, c in enumerate(cfgs())]
   together = stacked.finetune_stacked(cfgs(), [str(tmp_path / f"stacked{i}") for i in range(2)])
 
   for i, (a, t) in enumerate(zip(alone, together)):

@@ -226,7 +226,8 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter=None):
 
 
 # ---------------------------------------------------------------------------------------------------- look-up
-def _holds_steps(directory: str) -> bool:
+def holds_steps(directory: str) -> bool:
+  """Whether `directory` (a checkpoint manager's folder) holds a saved step: a run there can resume."""
   return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
 
 
@@ -242,7 +243,7 @@ def locate(path, step: int | None = None, prefer: Sequence[str] = ("checkpoints"
   root = os.path.abspath(os.path.expanduser(os.fspath(path)))
   if not os.path.isdir(root):
     raise CheckpointError(f"{path}: workdir not found")
-  ckdir = next((os.path.join(root, sub) for sub in prefer if _holds_steps(os.path.join(root, sub))), root)
+  ckdir = next((os.path.join(root, sub) for sub in prefer if holds_steps(os.path.join(root, sub))), root)
   mngr = ocp.CheckpointManager(ckdir, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
   steps = sorted(mngr.all_steps())
   mngr.close()

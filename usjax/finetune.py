@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -121,57 +122,78 @@ def init_override(cfg, transfer: dict):
   return None
 
 
-def finetune(cfg, workdir: str) -> dict:
-  mesh = train.make_mesh()
-  model, tx = train.build_model(cfg), train.make_optimizer(cfg, cfg.num_steps)
-  if cfg.eval_split not in ("val", "test"):
-    raise UsjaxError(f"config.eval_split must be 'val' or 'test', got {cfg.eval_split!r}")
-  if cfg.tta not in ("auto", "none", "hflip"):
-    raise UsjaxError(f"config.tta must be 'auto', 'none' or 'hflip', got {cfg.tta!r}")
-  transfer = {}
-  override = init_override(cfg, transfer)
-  s = cfg.data.image_size
-  state = train.init_state(model, tx, cfg.seed, (2, s, s, cfg.data.channels), mesh, override)
-  if not cfg.init_from:
-    logging.info("training from scratch (no config.init_from): the supervised baseline")
-  if cfg.ema_decay > 0:
-    copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
-    state["extra"] = {"ema_params": copy(state["params"]), "ema_batch_stats": copy(state["batch_stats"])}
-  train_ds, n_train = pipeline.finetune_dataset(cfg.data, cfg.batch_size, cfg.seed)
-  logging.info("fine-tuning U-Net/%s (%.2fM parameters) on %s, %d%% labels = %d training images", cfg.model.encoder,
-               models.count_params(state["params"]) / 1e6, cfg.data.finetune_source, cfg.data.label_fraction, n_train)
+def step_parts(cfg, model) -> tuple:
+  """(loss, after_step) of the train step, alone or stacked: `segmentation_loss` and, with `config.ema_decay`,
+  `ema_after_step`."""
   aug_cfg = augment.AugmentConfig.from_dict(cfg.augment)
   loss_fn = functools.partial(segmentation_loss, model=model, aug_cfg=aug_cfg, ema_decay=cfg.ema_decay,
                               presence_weight=cfg.presence.weight)
   after = functools.partial(ema_after_step, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
-  step_fn = train.compile_step(loss_fn, tx, mesh, after)
-  meta = {
-      "task": "finetune", "model": train.model_config(cfg), "source": cfg.data.finetune_source,
-      "data": train.data_meta(cfg), "init_from": cfg.init_from, "transfer": cfg.transfer if cfg.init_from else "none"
-  }
+  return loss_fn, after
 
-  # Validation: the split is small (BUSI: 63 images), so its batches are prepared once and kept.
-  to_global = lambda a: train.global_batch(a, mesh)
+
+class Run:
+  """One fine-tuning run, alone (`finetune`) or a member of a stack (`usjax.stacked`): everything but the
+  stepping. Its initial state (transferred weights, the EMA copy), the meta its checkpoints record, model
+  selection (`evaluate.Selector`) behind the validation hook, and the final scoring (`finish`).
+
+  Validation: the split is small (BUSI: 63 images), so its batches are prepared once and kept.
+  """
+  def __init__(self, cfg, workdir: str, model, tx, mesh, scorers, probers, train_images: int):
+    self.cfg, self.workdir, self.scorers, self.probers, self.train_images = cfg, workdir, scorers, probers, train_images
+    self.transfer = {}
+    s = cfg.data.image_size
+    self.state = train.init_state(model, tx, cfg.seed, (2, s, s, cfg.data.channels), mesh,
+                                  init_override(cfg, self.transfer))
+    if cfg.ema_decay > 0:
+      copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
+      self.state["extra"] = {
+          "ema_params": copy(self.state["params"]), "ema_batch_stats": copy(self.state["batch_stats"])
+      }
+    self.meta = {
+        "task": "finetune", "model": train.model_config(cfg), "source": cfg.data.finetune_source,
+        "data": train.data_meta(cfg), "init_from": cfg.init_from, "transfer": cfg.transfer if cfg.init_from else "none"
+    }
+    self.to_global = lambda a: train.global_batch(a, mesh)
+    val_ids, val_labels = pipeline.split_labels(cfg.data, "val")
+    self.selector = evaluate.Selector(cfg.val_every, scorers[False],
+                                      list(pipeline.eval_batches(cfg.data, "val", cfg.batch_size)), self.to_global,
+                                      val_ids, val_labels, candidates)
+    abstract_vars = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                 {"params": self.state["params"], "batch_stats": self.state["batch_stats"]})
+    self.hook = Validation(self.selector, os.path.join(workdir, "best"), self.meta, abstract_vars)
+
+  def describe(self) -> str:
+    cfg = self.cfg
+    return (f"U-Net/{cfg.model.encoder} ({models.count_params(self.state['params']) / 1e6:.2f}M parameters) on "
+            f"{cfg.data.finetune_source}, {cfg.data.label_fraction}% labels = {self.train_images} training images, "
+            f"{f'from {cfg.init_from}' if cfg.init_from else 'from scratch'}")
+
+  def finish(self, last_vars, rep, summary: dict, who: str = "") -> dict:
+    """The validation hook closed, then `finish`: the model chosen on validation, the one read of the evaluation
+    split."""
+    self.hook.close()
+    return finish(self.cfg, self.workdir, self.selector, self.scorers, self.probers, self.to_global, last_vars, rep,
+                  summary, who, train_images=self.train_images, transfer=self.transfer or None)
+
+
+def finetune(cfg, workdir: str) -> dict:
+  """Fine-tunes `cfg`'s U-Net in `workdir`, resuming from its latest checkpoint: -> the summary (`finish`)."""
+  mesh = train.make_mesh()
+  model, tx = train.build_model(cfg), train.make_optimizer(cfg, cfg.num_steps)
   scorers, probers = make_scorers(model, mesh)
-  val_ids, val_labels = pipeline.split_labels(cfg.data, "val")
-  selector = evaluate.Selector(cfg.val_every, scorers[False],
-                               list(pipeline.eval_batches(cfg.data, "val", cfg.batch_size)), to_global, val_ids,
-                               val_labels, lambda st: candidates(st))
-  abstract_vars = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                               {"params": state["params"], "batch_stats": state["batch_stats"]})
+  train_ds, n_train = pipeline.finetune_dataset(cfg.data, cfg.batch_size, cfg.seed)
   best_dir = os.path.join(workdir, "best")
-  ckdir = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(best_dir) and not (os.path.isdir(ckdir) and any(n.isdigit() for n in os.listdir(ckdir))):
-    import shutil  # a best model from a run that saved nothing to resume from: this run starts over
-    shutil.rmtree(best_dir)
-  hook = Validation(selector, best_dir, meta, abstract_vars)
-  state, rep, summary = train.fit(cfg, workdir, "finetune", state, step_fn, iter(train_ds),
-                                  lambda b: train.global_batch((b["image"], b["mask"]), mesh), mesh, meta, hook)
-
-  hook.close()
-  last_vars = {"params": state["params"], "batch_stats": state["batch_stats"]}
-  return finish(cfg, workdir, selector, scorers, probers, to_global, last_vars, rep, summary, train_images=n_train,
-                transfer=transfer or None)
+  if os.path.isdir(best_dir) and not checkpoint.holds_steps(os.path.join(workdir, "checkpoints")):
+    shutil.rmtree(best_dir)  # a best model from a run that saved nothing to resume from: this run starts over
+  run = Run(cfg, workdir, model, tx, mesh, scorers, probers, n_train)
+  logging.info("fine-tuning %s", run.describe())
+  loss_fn, after = step_parts(cfg, model)
+  step_fn = train.compile_step(loss_fn, tx, mesh, after)
+  state, rep, summary = train.fit(cfg, workdir, "finetune", run.state, step_fn, iter(train_ds),
+                                  lambda b: train.global_batch((b["image"], b["mask"]), mesh), mesh, run.meta, run.hook)
+  run.state = None  # the loop donated it
+  return run.finish({"params": state["params"], "batch_stats": state["batch_stats"]}, rep, summary)
 
 
 def make_scorers(model, mesh) -> tuple[dict, dict]:

@@ -27,11 +27,11 @@ import os
 import shutil
 import time
 
-import jax
 import ml_collections
 from absl import logging
 
-from usjax import UsjaxError, analysis, report, stacked, train
+from usjax import UsjaxError, analysis, stacked, task
+from usjax.timing import TIMING, log_time as _log_time, read_timing as _read_timing
 
 
 def _name(**fields) -> str:
@@ -122,7 +122,6 @@ def plan(
 
 # A run's small outputs, the ones committed under results/ (paths inside its workdir).
 RESULTS = ("summary.json", "per_image.json", "history.json", os.path.join("best", "selection.json"))
-TIMING = "timing.json"  # the grid's own clock: seconds per trained run or stacked group (`time_table`)
 
 
 def finished(workdir: str) -> bool:
@@ -200,13 +199,6 @@ def record(root: str, results: str, names) -> None:
       _copy_results(os.path.join(root, name), os.path.join(results, name))
 
 
-def _read_timing(path: str) -> list[dict]:
-  if not os.path.isfile(path):
-    return []
-  with open(path) as f:
-    return json.load(f)
-
-
 def time_table(timing: list[dict], summaries: dict[str, dict]) -> str:
   """Markdown: where a grid's time went, per device and phase. `timing` holds the grid's measurement of each
   group it trained (seconds from start to summary: data preparation, compilation, the train loop, validation and
@@ -274,20 +266,6 @@ def write_report(g, root: str, pre, fine, results: str = "") -> dict:
   return paths
 
 
-def _log_time(root: str, results: str, names: list[str], task: str, seconds: float, **measured) -> None:
-  """Appends a group's seconds to `timing.json` (and its copy in `results`); `measured` adds what a group stopped
-  by a signal measured (`stacked.cut_timing`: `cut`, steps done, compile seconds, step rate)."""
-  path = os.path.join(root, TIMING)
-  timing = _read_timing(path) + [{
-      "runs": names, "task": task, "seconds": round(seconds, 1), "device": jax.devices()[0].device_kind,
-      "date": time.strftime("%Y-%m-%d"), **measured
-  }]
-  report.write_json(path, timing)
-  if results:
-    os.makedirs(results, exist_ok=True)
-    shutil.copyfile(path, os.path.join(results, TIMING))
-
-
 def run(g, root: str) -> dict:
   """Runs (or resumes) every run of grid `g` under `root`, refreshing the report after each."""
   root = os.path.abspath(os.path.expanduser(root))
@@ -335,7 +313,7 @@ def run(g, root: str) -> dict:
                  f"-{done + len(group)}" if len(group) > 1 else "", len(todo), ", ".join(names))
     t0 = time.perf_counter()
     if len(group) == 1:
-      train.run(group[0][2], os.path.join(root, names[0]))
+      task.run(group[0][2], os.path.join(root, names[0]))
     else:
       stacked.finetune_stacked([c for _, _, c in group], [os.path.join(root, r) for r in names])
     _log_time(root, results, names, group[0][2].task, time.perf_counter() - t0)

@@ -195,16 +195,17 @@ class GoodStepTracker:
   `saved(step)` pins the checkpoint (`mark_good`) while no bad step has been seen. Either way rotation never
   deletes the last checkpoint taken before the first bad step. Both records live in `good_step.json` beside
   the checkpoints: a run resumed from a checkpoint at or after the bad step (it descends from the spike) keeps
-  them; one resumed from before it starts afresh.
+  them; one resumed from before it starts afresh. `check` is the per-step verdict both training loops use.
   """
-  def __init__(self, mngr: ocp.CheckpointManager, start_step: int, factor: float = SPIKE_FACTOR,
+  def __init__(self, mngr: ocp.CheckpointManager | None, start_step: int, factor: float = SPIKE_FACTOR,
                window: int = SPIKE_WINDOW, max_update_ratio: float = MAX_UPDATE_RATIO, first: Sequence[float] = ()):
     if not factor >= 0 or int(window) < 1 or not max_update_ratio >= 0:
       raise UsjaxError(f"config.guard: loss_spike_factor and max_update_ratio must be positive (0 = off) and window "
                        f"at least 1, got {factor}, {max_update_ratio} and {window}")
     self.mngr, self.factor, self.window = mngr, float(factor), int(window)
     self.max_update_ratio = float(max_update_ratio)
-    self.pin = _pin(mngr)
+    # Without a manager (a stacked run keeps no checkpoints) the tests run alone and nothing is pinned.
+    self.pin = _pin(mngr) if mngr is not None else Pinned()
     self.first = [float(x) for x in first][:FIRST_LOSSES]  # the run's first losses; a resumed run passes them on
     self.history: list[float] = []
     self.first_bad: int | None = None
@@ -215,6 +216,12 @@ class GoodStepTracker:
       else:
         self.pin.bad_step = None
         self.pin.write()
+
+  @classmethod
+  def from_config(cls, g, mngr: ocp.CheckpointManager | None, start_step: int = 0,
+                  first: Sequence[float] = ()) -> GoodStepTracker:
+    """The guard that `config.guard` (`g`) asks for."""
+    return cls(mngr, start_step, g.loss_spike_factor, g.window, g.get("max_update_ratio", MAX_UPDATE_RATIO), first)
 
   def verdict(self, loss: float, update_ratio: float | None = None) -> str | None:
     """Why a step with this loss and update is bad; None if it is not. Pure: records nothing."""
@@ -243,15 +250,30 @@ class GoodStepTracker:
     self.bad_steps += 1
     if self.first_bad is None:
       self.first_bad = step
-      mark_bad(self.mngr, step)
-      before = [s for s in self.mngr.all_steps() if s < step]
-      kept = f"checkpoint step {max(before)} is kept" if before else "no checkpoint before it"
-      logging.warning("%s at step %d; %s in %s (no later checkpoint replaces it)", why, step, kept, self.mngr.directory)
+      if self.mngr is not None:
+        mark_bad(self.mngr, step)
+        before = [s for s in self.mngr.all_steps() if s < step]
+        kept = f"checkpoint step {max(before)} is kept" if before else "no checkpoint before it"
+        logging.warning("%s at step %d; %s in %s (no later checkpoint replaces it)", why, step, kept,
+                        self.mngr.directory)
     return why
+
+  def check(self, step: int, metrics: Sequence[dict]) -> tuple[int, str] | None:
+    """`observe` over the host metrics of the steps that end at `step`, in order: (the first bad step, why), or
+    None. A step whose loss, gradient or update is not finite (`metrics['finite']`, from the train step) is bad
+    whatever its loss says."""
+    for i, m in enumerate(metrics):
+      at = step - len(metrics) + 1 + i
+      why = self.observe(at, float(m["loss"]), m.get("update_ratio"))
+      if not m["finite"]:
+        why = f"non-finite loss, gradient or update (loss={m['loss']})"
+      if why:
+        return at, why
+    return None
 
   def saved(self, step: int) -> None:
     """Call after each `save`: pins `step` while the run has seen no bad step."""
-    if self.first_bad is None:
+    if self.first_bad is None and self.mngr is not None:
       mark_good(self.mngr, step)
 
   @property

@@ -295,11 +295,3 @@ class Interrupts:
     for sig, old in self._old.items():
       signal.signal(sig, old)
     return False
-
-
-def loss_spike(loss: float, recent: list[float], factor: float, window: int) -> bool:
-  """A finite divergence: `loss` above `factor` times the median of the last `window` finite losses. Off until
-  `window` losses have been seen, so the first steps' fast fall is never mistaken for a spike."""
-  if factor <= 0 or len(recent) < window:
-    return False
-  return bool(loss > factor * float(np.median(recent[-window:])))

@@ -4,19 +4,20 @@ On an accelerator one U-Net step at a small batch leaves the chip mostly idle; r
 study grid's seeds and label fractions) fill it when they train together. Every leaf of the train state and of
 the batch gets a leading run axis; the step is `train.train_step` under `jax.vmap`, so each run keeps its own
 BatchNorm statistics, optimiser state and RNG (its state's `rng`), and a run's non-finite step leaves only its
-own state unchanged. Each run has its own initialisation (`init_from`) and validation-based model selection, and
-writes what `finetune.finetune` writes: <workdir>/best, summary.json, history.json, per_image.json and
-examples.npz.
+own state unchanged. Each run is a `finetune.Run`, as a run alone is: its own initialisation (`init_from`),
+validation-based model selection and final scoring; it writes what `finetune.finetune` writes: <workdir>/best,
+summary.json, history.json, per_image.json and examples.npz. Only the stepping is this module's.
 
 Data: the group decodes the training split once into host memory and each run's batches are gathers from it, in
 the order the run's own grain pipeline would give them (`usjax.feed`); augmentation runs on the device.
 
 Checkpointing: a stacked group is all-or-nothing. The stack saves no checkpoints while it trains (only each
 run's best weights, in <workdir>/best); a run whose summary.json exists is skipped, and the others of the group
-train again from step 0 (an interrupted group restarts). A run that diverges (a non-finite or spiking loss) gets
-a 'diverged' summary.json at once; the other runs finish, then the group raises `train.DivergedError`. A group
-stopped by SIGTERM (a time limit) stops at the next step boundary, logs how far it got and its measured step rate,
-and records them in `timing.json` beside the runs (marked `cut`) before raising `runtime.Preempted`.
+train again from step 0 (an interrupted group restarts). A run that diverges (the guard of `train.fit`: a
+non-finite step, a parameter blow-up or a loss spike) gets a 'diverged' summary.json at once; the other runs
+finish, then the group raises `train.DivergedError`. A group stopped by SIGTERM (a time limit) stops at the next
+step boundary, logs how far it got and its measured step rate, and records them in `timing.json` beside the runs
+(marked `cut`) before raising `runtime.Preempted`.
 """
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from usjax import UsjaxError, augment, evaluate, feed, finetune, guard, models, report, runtime, train
-from usjax.data import pipeline
+from usjax import UsjaxError, feed, finetune, guard, report, runtime, task, train
+from usjax.timing import log_time
 
 # What stacked runs may differ in; every other config key must be equal (one compiled step serves them all).
 MAY_DIFFER = ("seed", "data.label_fraction", "init_from", "transfer")
@@ -58,8 +59,9 @@ def compile_stacked_step(loss_fn, tx, mesh, after_step=None):
   return jax.jit(step, in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
 
 
-def global_batch(local, mesh):
-  """Per-process numpy arrays [runs, local batch, ...] -> global arrays sharded on the per-run batch dimension."""
+def global_group_batch(local, mesh):
+  """Per-process numpy arrays [runs, local batch, ...] (`feed.group_batch`) -> global arrays sharded on the
+  per-run batch dimension, as `compile_stacked_step` takes them (`train.global_batch` shards the leading axis)."""
   sharding = NamedSharding(mesh, P(None, "data"))
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
 
@@ -104,78 +106,27 @@ def check_stackable(cfgs, workdirs) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- one run
-class _Run:
-  """One member of the stack: its initial state, data, validation hook and reporter, and its final scoring."""
+class _Run(finetune.Run):
+  """One member of the stack: a fine-tuning run (`finetune.Run`: state, validation, final scoring) with its own
+  batches, reporter and divergence guard. It starts over: what an earlier attempt left in its workdir goes."""
   def __init__(self, cfg, workdir: str, model, tx, mesh, scorers, probers, shared: feed.SharedSplit, indices):
-    if cfg.eval_split not in ("val", "test"):
-      raise UsjaxError(f"config.eval_split must be 'val' or 'test', got {cfg.eval_split!r}")
-    if cfg.tta not in ("auto", "none", "hflip"):
-      raise UsjaxError(f"config.tta must be 'auto', 'none' or 'hflip', got {cfg.tta!r}")
-    self.cfg, self.workdir, self.mesh, self.scorers, self.probers = cfg, workdir, mesh, scorers, probers
-    self.transfer = {}
-    s = cfg.data.image_size
-    self.state = train.init_state(model, tx, cfg.seed, (2, s, s, cfg.data.channels), mesh,
-                                  finetune.init_override(cfg, self.transfer))
-    if cfg.ema_decay > 0:
-      copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
-      self.state["extra"] = {
-          "ema_params": copy(self.state["params"]), "ema_batch_stats": copy(self.state["batch_stats"])
-      }
-    self.feed, self.n_train = feed.Feed(shared, indices, cfg.seed, cfg.batch_size), len(indices)
-    logging.info(
-        "stacked fine-tuning run %s: U-Net/%s (%.2fM parameters) on %s, %d%% labels = %d training images, "
-        "%s", workdir, cfg.model.encoder,
-        models.count_params(self.state["params"]) / 1e6, cfg.data.finetune_source, cfg.data.label_fraction,
-        self.n_train, f"from {cfg.init_from}" if cfg.init_from else "from scratch")
-    self.meta = {
-        "task": "finetune", "model": train.model_config(cfg), "source": cfg.data.finetune_source,
-        "data": train.data_meta(cfg), "init_from": cfg.init_from, "transfer": cfg.transfer if cfg.init_from else "none"
-    }
-    self.to_global = lambda a: train.global_batch(a, mesh)
-    self.val_ids, self.val_labels = pipeline.split_labels(cfg.data, "val")
-    self.selector = evaluate.Selector(cfg.val_every, scorers[False],
-                                      list(pipeline.eval_batches(cfg.data, "val", cfg.batch_size)), self.to_global,
-                                      self.val_ids, self.val_labels, finetune.candidates)
-    abstract_vars = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                 {"params": self.state["params"], "batch_stats": self.state["batch_stats"]})
-    for stale in ("best", "tb"):  # left by an earlier attempt at this run: it starts over
+    for stale in ("best", "tb"):
       shutil.rmtree(os.path.join(workdir, stale), ignore_errors=True)
-    self.hook = finetune.Validation(self.selector, os.path.join(workdir, "best"), self.meta, abstract_vars)
+    super().__init__(cfg, workdir, model, tx, mesh, scorers, probers, len(indices))
+    self.feed = feed.Feed(shared, indices, cfg.seed, cfg.batch_size)
+    logging.info("stacked fine-tuning run %s: %s", workdir, self.describe())
     self.rep = report.Reporter(workdir, cfg.num_steps, cfg.batch_size)
-    self.recent: list[float] = []  # the loss-spike guard's window
+    self.tracker = guard.GoodStepTracker.from_config(cfg.guard, None)  # no checkpoints to pin
     self.row: dict = {}  # the last logged training row
     self.diverged = False
 
   def check(self, step: int, metrics: list[dict]) -> None:
     """The divergence guard of `train.fit` over this run's steps up to `step`; a 'diverged' summary if it fires."""
-    cfg = self.cfg
-    for i, m in enumerate(metrics):
-      at, loss = step - len(metrics) + 1 + i, float(m["loss"])
-      why = None
-      if cfg.guard.loss_spike_factor > 0:
-        if guard.spike(loss, self.recent, cfg.guard.loss_spike_factor, cfg.guard.window):
-          why = f"loss spike (loss={loss:.4g}, over {cfg.guard.loss_spike_factor:g}x the recent median and spread)"
-        else:
-          self.recent = (self.recent + [loss])[-cfg.guard.window:]
-      if not m["finite"]:
-        why = f"non-finite loss or gradient (loss={loss})"
-      if why:
-        self.diverged = True
-        logging.error("stacked run %s: %s at step %d; it stops, the other runs go on", self.workdir, why, at)
-        if jax.process_index() == 0:
-          report.write_json(
-              os.path.join(self.workdir, "summary.json"), {
-                  "task": "finetune", "status": "diverged", "stopped_at_step": at, "reason": why,
-                  "last_good_checkpoint": None, "history": self.rep.history, "stacked": True
-              })
-        return
-
-  def finish(self, summary: dict, last_vars) -> dict:
-    """Model choice on validation, then the one read of the evaluation split: `finetune.finish`, as alone."""
-    self.hook.close()
-    return finetune.finish(self.cfg, self.workdir, self.selector, self.scorers, self.probers, self.to_global,
-                           last_vars, self.rep, summary, who=f"stacked run {self.workdir}: ",
-                           train_images=self.n_train, transfer=self.transfer or None)
+    bad = self.tracker.check(step, metrics)
+    if bad:
+      self.diverged = True
+      logging.error("stacked run %s: %s at step %d; it stops, the other runs go on", self.workdir, bad[1], bad[0])
+      train.record_divergence(self.workdir, "finetune", *bad, None, self.rep.history, stacked=True)
 
 
 # ---------------------------------------------------------------------------------------------------- the group
@@ -192,12 +143,12 @@ def finetune_stacked(cfgs, workdirs) -> list[dict]:
 
   The configs may differ only in MAY_DIFFER (seed, label fraction, `init_from` and `transfer`). Runs whose
   summary.json exists are skipped (their summary is returned); the others train together from step 0 (see the
-  module docstring: no mid-run checkpoints). Each workdir is locked as `train.run` locks it; one this call
+  module docstring: no mid-run checkpoints). Each workdir is locked as `task.run` locks it; one this call
   created is removed again if the group fails on bad input before writing a summary there.
   """
   check_stackable(cfgs, workdirs)
   for cfg in cfgs:
-    train.check_config(cfg)
+    task.check_config(cfg)
   workdirs = [os.path.abspath(os.path.expanduser(w)) for w in workdirs]
   todo = [i for i, w in enumerate(workdirs) if _summary(w) is None]
   if todo:
@@ -229,8 +180,7 @@ def _record_cut(workdirs, seconds: float, timing: dict) -> None:
   """A stopped group's time and measured rate, into the grid's `timing.json` beside its runs."""
   parents = {os.path.dirname(w) for w in workdirs}
   if len(parents) == 1 and jax.process_index() == 0:
-    from usjax import grid  # grid imports this module: imported here, when a group is stopped
-    grid._log_time(parents.pop(), "", [os.path.basename(w) for w in workdirs], "finetune", seconds, **timing)
+    log_time(parents.pop(), "", [os.path.basename(w) for w in workdirs], "finetune", seconds, **timing)
 
 
 def cut_timing(steps_done: int, num_steps: int, images_per_step: int, compile_s: float, loop_s: float) -> dict:
@@ -295,10 +245,7 @@ def _train_group(cfgs, workdirs, clock: _Clock) -> None:
   state = jax.jit(stack, out_shardings=repl)([r.state for r in runs])
   for r in runs:
     r.state = None  # the stack holds the only copy
-  aug_cfg = augment.AugmentConfig.from_dict(cfg.augment)
-  loss_fn = functools.partial(finetune.segmentation_loss, model=model, aug_cfg=aug_cfg, ema_decay=cfg.ema_decay,
-                              presence_weight=cfg.presence.weight)
-  after = functools.partial(finetune.ema_after_step, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+  loss_fn, after = finetune.step_parts(cfg, model)
   step_fn = compile_stacked_step(loss_fn, tx, mesh, after)
   # Each run's variables as a state of its own (what `finetune.candidates` reads), copied out of the stack.
   members = jax.jit(lambda st: unstack({k: st[k] for k in ("params", "batch_stats", "extra") if k in st}, n),
@@ -310,7 +257,7 @@ def _train_group(cfgs, workdirs, clock: _Clock) -> None:
   try:
     clock.stop_if_asked("before its first step")
     for step in range(1, cfg.num_steps + 1):
-      state, metrics = step_fn(state, global_batch(feed.group_batch(shared, [r.feed for r in runs]), mesh))
+      state, metrics = step_fn(state, global_group_batch(feed.group_batch(shared, [r.feed for r in runs]), mesh))
       pending.append(metrics)
       clock.step = step
       if step == 1:
@@ -354,7 +301,8 @@ def _train_group(cfgs, workdirs, clock: _Clock) -> None:
         "images_per_sec": r.rep.mean_rate(), "compile_s": clock.compile_s, "wall_s": wall_s, "resumed_at": None,
         "devices": jax.device_count(), "processes": jax.process_count(), "stacked_runs": n
     }
-    r.finish(summary, {"params": last_vars["params"], "batch_stats": last_vars["batch_stats"]})
+    r.finish({"params": last_vars["params"], "batch_stats": last_vars["batch_stats"]}, r.rep, summary,
+             who=f"stacked run {r.workdir}: ")
   bad = [r.workdir for r in runs if r.diverged]
   if bad:
     raise train.DivergedError(f"{len(bad)} of {n} stacked runs diverged ({', '.join(bad)}: see their summary.json); "

@@ -1,4 +1,6 @@
-"""Train stage: one pure step per task, compiled once with `jax.jit` over a device mesh, and the loop around it.
+"""The step and the loop both stages share: one pure step, compiled once with `jax.jit` over a device mesh, and the
+loop around it (checkpoints, resume, the divergence guard). The stages build on it, `usjax.pretrain` and
+`usjax.finetune`; this module knows neither.
 
 The train state is a plain dict pytree {params, batch_stats, opt_state, step, rng}. Batches are sharded over the
 mesh's `data` axis and the state is replicated, so BatchNorm statistics and contrastive negatives span the global
@@ -9,7 +11,6 @@ before the next save, so a good checkpoint is never overwritten by a diverged on
 from __future__ import annotations
 
 import functools
-import math
 import os
 import time
 
@@ -20,8 +21,7 @@ import optax
 from absl import logging
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from usjax import UsjaxError, augment, checkpoint, guard, methods, models, probe_data, probes, report, runtime
-from usjax.data import pipeline
+from usjax import UsjaxError, checkpoint, guard, models, report, runtime
 
 
 class DivergedError(UsjaxError):
@@ -82,15 +82,9 @@ def init_state(model, tx, seed: int, input_shape, mesh, params_override=None) ->
   }
 
 
-# ---------------------------------------------------------------------------------------------------- losses
+# ---------------------------------------------------------------------------------------------------- the step
 def to_float(images):
   return images.astype(jnp.float32) / 255.0
-
-
-def pretrain_loss(params, batch_stats, extra, images, key, step, *, method, aug_cfg):
-  """Two augmented views of each uint8 image, made on device, then the method's objective."""
-  v1, v2 = augment.two_views(key, to_float(images), aug_cfg)
-  return method.loss(params, batch_stats, extra, v1, v2, step)
 
 
 def train_step(state, batch, *, loss_fn, tx, after_step=None):
@@ -164,9 +158,7 @@ def _fit(cfg, workdir, task, state, step_fn, data_iter, to_batch, meta, hook):
     logging.info("resuming from %s at step %d", ckpt.directory, start)
   rep = report.Reporter(workdir, cfg.num_steps, cfg.batch_size, start)
   rep.history = history
-  g = cfg.guard
-  tracker = guard.GoodStepTracker(ckpt, start, g.loss_spike_factor, g.window,
-                                  g.get("max_update_ratio", guard.MAX_UPDATE_RATIO), first)
+  tracker = guard.GoodStepTracker.from_config(cfg.guard, ckpt, start, first)
   t0, compile_s, row, pending, unlogged = time.perf_counter(), 0.0, {}, [], []
 
   def save(step):
@@ -179,12 +171,7 @@ def _fit(cfg, workdir, task, state, step_fn, data_iter, to_batch, meta, hook):
   def diverged(step, why):
     checkpoint.finish(ckpt)
     last = max((s for s in ckpt.all_steps() if s < step), default=None)
-    if jax.process_index() == 0:
-      report.write_json(
-          os.path.join(workdir, "summary.json"), {
-              "task": task, "status": "diverged", "stopped_at_step": step, "reason": why, "last_good_checkpoint": last,
-              "history": rep.history
-          })
+    record_divergence(workdir, task, step, why, last, rep.history)
     kept = "no checkpoint was saved before it" if last is None else \
         f"the last good checkpoint (step {last}) in {ckpt.directory} is kept"
     raise DivergedError(f"{why} by step {step}; stopped, {kept}")
@@ -206,13 +193,9 @@ def _fit(cfg, workdir, task, state, step_fn, data_iter, to_batch, meta, hook):
         # checkpoint is ever taken after a bad step, so rotation never removes the last good one.
         host = jax.device_get(pending)
         pending = []
-        for i, m in enumerate(host):
-          at = step - len(host) + 1 + i
-          why = tracker.observe(at, float(m["loss"]), m.get("update_ratio"))
-          if not m["finite"]:
-            why = f"non-finite loss, gradient or update (loss={m['loss']})"
-          if why:
-            diverged(at, why)
+        bad = tracker.check(step, host)
+        if bad:
+          diverged(*bad)
         unlogged += host
       if is_log:
         row = rep.log(step, {k: np.mean([m[k] for m in unlogged]) for k in unlogged[-1] if k != "finite"})
@@ -236,160 +219,18 @@ def _fit(cfg, workdir, task, state, step_fn, data_iter, to_batch, meta, hook):
   return state, rep, summary
 
 
+def record_divergence(workdir: str, task: str, step: int, why: str, last_good: int | None, history: list,
+                      **fields) -> None:
+  """The summary.json of a run the divergence guard stopped at `step`, alone (`fit`) or stacked: why, the last
+  checkpoint from before it (None: none), the training history so far, and `fields`."""
+  if jax.process_index() == 0:
+    report.write_json(
+        os.path.join(workdir, "summary.json"), {
+            "task": task, "status": "diverged", "stopped_at_step": step, "reason": why,
+            "last_good_checkpoint": last_good, "history": history, **fields
+        })
+
+
 def data_meta(cfg) -> dict:
   """What a later user of the checkpoint (prediction on new images) needs to preprocess like training did."""
   return {"image_size": cfg.data.image_size, "channels": cfg.data.channels, "aspect": cfg.data.aspect}
-
-
-class Probes:
-  """What pre-training has learned, while it runs: the frozen-feature k-NN and linear probes
-  (`usjax.probes`) every `config.probe.every` steps and at the end, on the labelled sets among
-  `config.probe.sources` whose folders are given; and the collapse monitor on every logged step's embedding
-  statistics (a per-dimension std of the normalised projections below COLLAPSE_FRACTION / sqrt(D))."""
-  def __init__(self, cfg):
-    from usjax.data import sources
-    names = [
-        n for n in cfg.probe.sources.split(",")
-        if n.strip() and getattr(cfg.data, sources.SOURCE_DIR_KEY.get(n.strip(), ""), "")
-    ]
-    self.every, self.log_every, self.history, self.collapsed_at = cfg.probe.every, cfg.log_every, [], None
-    self.z_ideal = 1.0 / math.sqrt(cfg.model.proj_dims[-1])
-    self.data = None
-    if names and cfg.probe.every >= 0 and jax.process_index() == 0:
-      self.data = probe_data.ProbeData(cfg.data, cfg.model, names=[n.strip() for n in names])
-      logging.info("probes: %s (prepared in %.1f s)",
-                   ", ".join(f"{k} {v['train']}->{v['eval']} images" for k, v in self.data.describe().items()),
-                   self.data.build_seconds)
-    elif cfg.probe.every >= 0:
-      logging.info("probes off: none of config.probe.sources (%s) has its data folder set", cfg.probe.sources)
-
-  def probe_due(self, step: int, last: int) -> bool:
-    return self.data is not None and (step == last or (self.every > 0 and step % self.every == 0))
-
-  def due(self, step: int, last: int) -> bool:
-    return self.probe_due(step, last) or step % self.log_every == 0
-
-  def __call__(self, step: int, state, rep) -> None:
-    z_std = rep.history[-1].get("z_std") if rep.history else None
-    if z_std is not None and self.collapsed_at is None and z_std < probes.COLLAPSE_FRACTION * self.z_ideal:
-      self.collapsed_at = step
-      logging.warning("embeddings collapsing at step %d: z_std %.4f against %.4f for spread-out embeddings", step,
-                      z_std, self.z_ideal)
-    if self.probe_due(step, rep.total):
-      out = self.data.run({"params": state["params"], "batch_stats": state["batch_stats"]})
-      out = {k.removeprefix("probe/"): float(v) for k, v in out.items()}
-      self.history.append({"step": step, **out})
-      rep.scalars(step, out, "probe")
-      logging.info("probe at step %d: %s", step, " ".join(f"{k}={v:.3f}" for k, v in out.items()))
-
-  def state_dict(self) -> dict:
-    return {"probe_history": self.history, "collapsed_at": self.collapsed_at}
-
-  def resume(self, meta: dict) -> None:
-    self.history, self.collapsed_at = list(meta.get("probe_history") or []), meta.get("collapsed_at")
-
-
-def pretrain(cfg, workdir: str) -> dict:
-  mesh = make_mesh()
-  method, tx = methods.make_method(cfg), make_optimizer(cfg, cfg.num_steps)
-  aug_cfg = augment.AugmentConfig.from_dict(cfg.augment)
-  s = cfg.data.image_size
-  state = init_state(method.model, tx, cfg.seed, (2, s, s, cfg.data.channels), mesh)
-  extra = jax.jit(method.init_extra, out_shardings=NamedSharding(mesh, P()))(state["params"], state["batch_stats"])
-  if extra:
-    state["extra"] = extra
-  logging.info("pre-training %s (%s, %.2fM parameters) with %s on %s", cfg.model.encoder,
-               "encoder+decoder" if cfg.model.with_decoder else "encoder",
-               models.count_params(state["params"]) / 1e6, cfg.method, cfg.data.pretrain_sources)
-  data_iter = iter(pipeline.pretrain_dataset(cfg.data, cfg.batch_size, cfg.seed))
-  loss_fn = functools.partial(pretrain_loss, method=method, aug_cfg=aug_cfg)
-  step_fn = compile_step(loss_fn, tx, mesh, method.after_step)
-  meta = {
-      "task": "pretrain", "method": cfg.method, "model": cfg.model.to_dict(), "sources": cfg.data.pretrain_sources,
-      "data": data_meta(cfg)
-  }
-  hook = Probes(cfg)
-  state, rep, summary = fit(cfg, workdir, "pretrain", state, step_fn, data_iter,
-                            lambda b: global_batch(b["image"], mesh), mesh, meta, hook)
-  summary.update(method=cfg.method, sources=cfg.data.pretrain_sources,
-                 first_loss=rep.history[0]["loss"] if rep.history else None, probe_history=hook.history,
-                 collapsed=hook.collapsed_at is not None, collapsed_at_step=hook.collapsed_at, z_std_ideal=hook.z_ideal)
-  if hook.history:
-    summary["probe"] = {k: v for k, v in hook.history[-1].items() if k != "step"}
-  if rep.history and "z_std" in rep.history[-1]:
-    summary.update({k: rep.history[-1][k] for k in ("z_std", "align", "uniform") if k in rep.history[-1]})
-  rep.close(workdir, summary)
-  return summary
-
-
-def check_config(cfg) -> None:
-  """The values a run would otherwise reject only after preparing its data (minutes on real data): one line each."""
-  from usjax.data import sources
-  choices = {
-      "task": ("pretrain", "finetune"), "method": methods.METHODS, "optim.name": ("adamw", "lars", "sgd"),
-      "data.aspect": ("pad", "stretch", "crop"), "model.norm": ("batch", "group")
-  }
-  if cfg.task == "finetune":
-    choices.update({
-        "eval_split": ("val", "test"), "tta": ("auto", "none", "hflip"), "transfer": ("encoder", "encoder+decoder"),
-        "data.label_fraction": (100, 50, 25, 10), "postprocess": ("auto", "none")
-    })
-    if not cfg.presence.weight >= 0:
-      raise UsjaxError(f"config.presence.weight must be >= 0, got {cfg.presence.weight!r}")
-  for key, allowed in choices.items():
-    value = functools.reduce(getattr, key.split("."), cfg)
-    if value not in allowed:
-      raise UsjaxError(f"config.{key} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-  if cfg.task == "finetune":
-    sources.check_name(cfg.data.finetune_source, cfg.data, "finetune_source")
-  else:
-    names, _ = sources.parse_sources(cfg.data.pretrain_sources, cfg.data.pretrain_weights)
-    for name in names:
-      sources.check_name(name, cfg.data, "pretrain_sources")
-  check_data_dir(cfg.data.data_dir)
-  if cfg.init_from and not os.path.exists(os.path.expanduser(cfg.init_from)):
-    raise checkpoint.CheckpointError(f"config.init_from: no checkpoint at {cfg.init_from} (expected a pre-training "
-                                     f"workdir or a .safetensors file)")
-
-
-def check_data_dir(data_dir: str) -> None:
-  """Fails in one line when `config.data.data_dir` cannot be created: a missing or read-only HOME under the default
-  ~/tensorflow_datasets. One that exists is left to the preparation (`staging.build`): reading needs no writing."""
-  path = os.path.expanduser(data_dir)
-  if path.startswith("~"):
-    raise UsjaxError(f"config.data.data_dir: {data_dir} names a home folder that cannot be found (HOME is not set?); "
-                     f"set --config.data.data_dir to a writable folder")
-  parent = os.path.abspath(path)
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if parent != os.path.abspath(path) and not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
-    raise UsjaxError(f"config.data.data_dir: cannot create {os.path.abspath(path)} ({parent} is not a writable "
-                     f"folder); set --config.data.data_dir to a writable folder")
-
-
-def run(cfg, workdir: str) -> dict:
-  """Runs the task of `cfg` in `workdir`. A run that fails on bad input removes the workdir it created."""
-  if cfg.task not in ("pretrain", "finetune"):
-    raise UsjaxError(f"config.task must be 'pretrain' or 'finetune', got {cfg.task!r}")
-  check_config(cfg)
-  runtime.maybe_initialize_distributed()
-  existed = runtime.check_workdir(workdir)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-  lock = runtime.lock_workdir(workdir)  # one run per workdir: two would rotate each other's checkpoints
-  try:
-    if cfg.task == "pretrain":
-      return pretrain(cfg, workdir)
-    from usjax import finetune  # it builds on this module's step and loop
-    return finetune.finetune(cfg, workdir)
-  except UsjaxError:
-    ckdir = os.path.join(workdir, "checkpoints")
-    saved = os.path.isdir(ckdir) and any(n.isdigit() for n in os.listdir(ckdir))
-    if not existed and not saved and jax.process_index() == 0:
-      import shutil
-      lock()
-      shutil.rmtree(workdir, ignore_errors=True)
-    raise
-  finally:
-    lock()
