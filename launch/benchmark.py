@@ -45,7 +45,10 @@ flags.DEFINE_integer(
     "per worker). On CPU the kept host heap still grows (page faults, see faults_per_step) for "
     "the first 5 or so steps of a process.")
 flags.DEFINE_string("encoder", "resnet18", "model.encoder")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "model.dtype")
+flags.DEFINE_list(
+    "dtype", "float32", "model.dtype (float32, bfloat16, auto). Several (float32,bfloat16): each step case "
+    "compiles one step per dtype and times them alternately, one step each in turn, so that a shared machine "
+    "slows all alike; the conv table runs once per dtype.")
 flags.DEFINE_enum(
     "conv_impl", "auto", ["auto", "xla", "cpu"], "model.conv_impl: the convolutions' and stem pool's "
     "lowerings (auto = usjax.cpu_ops on CPU, XLA's elsewhere).")
@@ -67,12 +70,13 @@ flags.DEFINE_float("peak_tflops", 0.0, "Dense peak of one device for MFU (0 = th
 FLAGS = flags.FLAGS
 
 
-def base_config(case: str = "unet"):
+def base_config(case: str = "unet", dtype: str | None = None):
   """configs/finetune_busi.py's U-Net, or (case simclr) configs/pretrain_multiorgan.py's SimCLR with a
-  512-512-128 projection head, at the flags' encoder, dtype, conv_impl, batch and size."""
+  512-512-128 projection head, at the flags' encoder, dtype (the first of --dtype unless given), conv_impl,
+  batch and size."""
   from configs import default
   cfg = default.get_config()
-  cfg.model.encoder, cfg.model.dtype, cfg.batch_size = FLAGS.encoder, FLAGS.dtype, FLAGS.batch
+  cfg.model.encoder, cfg.model.dtype, cfg.batch_size = FLAGS.encoder, dtype or FLAGS.dtype[0], FLAGS.batch
   cfg.model.conv_impl = FLAGS.conv_impl
   cfg.data.image_size = FLAGS.res
   if case == "simclr":
@@ -85,22 +89,22 @@ PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H8
                     ("TPU v4", 275.0), ("TPU v5 lite", 197.0), ("TPU v5", 459.0), ("TPU v6", 918.0))
 
 
-def peak_flops() -> float:
+def peak_flops(dtype: str) -> float:
   """One device's dense peak in FLOP/s, or 0 where unknown (CPUs, fp32 on an accelerator)."""
   import jax
   if FLAGS.peak_tflops:
     return FLAGS.peak_tflops * 1e12
-  if FLAGS.dtype != "bfloat16" or jax.default_backend() == "cpu":
+  if dtype == "float32" or jax.default_backend() == "cpu":
     return 0.0
   kind = jax.devices()[0].device_kind
   return next((t * 1e12 for name, t in PEAK_BF16_TFLOPS if name in kind), 0.0)
 
 
-def rates(flops: float, mean_s: float, n_images: int, views: int) -> dict:
+def rates(flops: float, mean_s: float, n_images: int, views: int, dtype: str) -> dict:
   """Throughput of a step of `flops` (`flops.step_flops`) in `mean_s` seconds: images and views per second,
   achieved GFLOP/s and MFU."""
   import jax
-  peak = peak_flops()
+  peak = peak_flops(dtype)
   out = {
       "img_s": n_images / mean_s, "views_s": views * n_images / mean_s, "step_ms": 1e3 * mean_s,
       "gflop_per_step": flops / 1e9, "gflop_s": flops / mean_s / 1e9
@@ -124,29 +128,41 @@ def compile_timed(step_fn, state, batch):
 STORM_FAULTS = 10_000
 
 
-def time_step(step_fn, state, batch, n_images: int, views: int = 1) -> dict:
-  """Compiles once (timed), runs `warmup` untimed steps, then `steps` timed ones."""
+def time_steps(runs: dict, n_images: int, views: int = 1) -> dict:
+  """{dtype: result} for `runs` {dtype: (step_fn, state, batch)}: each compiled once (timed) and warmed up by
+  `warmup` untimed steps, then `steps` rounds that run one step of each in turn. With several dtypes, each after
+  the first gets `speedup`: the median over rounds of the first's step time over its own."""
   import jax
-  compiled, compile_s, flops = compile_timed(step_fn, state, batch)
-  for _ in range(FLAGS.warmup):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready(state)
-  times, faults, usage0 = [], [], resource.getrusage(resource.RUSAGE_SELF)
+  compiled, states, metrics, times, faults, cpu, sys_s = {}, {}, {}, {}, {}, {}, {}
+  for dtype, (step_fn, state, batch) in runs.items():
+    compiled[dtype] = compile_timed(step_fn, state, batch)
+    for _ in range(FLAGS.warmup):
+      state, _ = compiled[dtype][0](state, batch)
+    states[dtype] = jax.block_until_ready(state)
+    times[dtype], faults[dtype], cpu[dtype], sys_s[dtype] = [], [], 0.0, 0.0
   for _ in range(FLAGS.steps):
-    t, f = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - t)
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
-  usage = resource.getrusage(resource.RUSAGE_SELF)
-  cpu_s = (usage.ru_utime - usage0.ru_utime) + (usage.ru_stime - usage0.ru_stime)
-  return {
-      **rates(flops,
-              sum(times) / len(times), n_images, views), "min_step_ms": 1e3 * min(times),
-      "median_step_ms": 1e3 * statistics.median(times), "compile_s": compile_s, "loss": float(metrics["loss"]),
-      "cores_busy": cpu_s / sum(times), "sys_frac": (usage.ru_stime - usage0.ru_stime) / max(cpu_s, 1e-9),
-      "faults_per_step": sum(faults) / FLAGS.steps, "fault_storm_steps": sum(n > STORM_FAULTS for n in faults)
-  }
+    for dtype, (_, _, batch) in runs.items():
+      u0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+      states[dtype], metrics[dtype] = compiled[dtype][0](states[dtype], batch)
+      jax.block_until_ready((states[dtype], metrics[dtype]))
+      times[dtype].append(time.perf_counter() - t)
+      u = resource.getrusage(resource.RUSAGE_SELF)
+      faults[dtype].append(u.ru_minflt - u0.ru_minflt)
+      cpu[dtype] += (u.ru_utime - u0.ru_utime) + (u.ru_stime - u0.ru_stime)
+      sys_s[dtype] += u.ru_stime - u0.ru_stime
+  first, out = next(iter(times)), {}
+  for dtype, ts in times.items():
+    _, compile_s, flops = compiled[dtype]
+    out[dtype] = {
+        **rates(flops, sum(ts) / len(ts), n_images, views, dtype), "min_step_ms": 1e3 * min(ts),
+        "median_step_ms": 1e3 * statistics.median(ts), "compile_s": compile_s, "loss": float(metrics[dtype]["loss"]),
+        "cores_busy": cpu[dtype] / sum(ts), "sys_frac": sys_s[dtype] / max(cpu[dtype], 1e-9),
+        "faults_per_step": sum(faults[dtype]) / FLAGS.steps,
+        "fault_storm_steps": sum(n > STORM_FAULTS for n in faults[dtype])
+    }
+    if dtype != first:
+      out[dtype]["speedup"] = statistics.median(a / b for a, b in zip(times[first], ts))
+  return out
 
 
 def noaug_pretrain_loss(params, batch_stats, extra, images, key, step, *, method):
@@ -166,38 +182,46 @@ def noaug_segmentation_loss(params, batch_stats, extra, batch, key, step, *, mod
   return objectives.dice_bce(logits, batch[1].astype(jnp.float32)), (new_vars["batch_stats"], extra, {})
 
 
-def step_cases():
-  """Yields (name, result) for each step case, with and without augmentation."""
-  import numpy as np
+def step_losses(case: str, dtype: str, images, masks, views):
+  """(model, optimizer, after_step, {variant: (loss_fn, local batch)}) of a step case at `dtype`."""
   from usjax import augment, finetune, methods, pretrain, train
+  cfg = base_config(case, dtype)
+  tx = train.make_optimizer(cfg, 1000)
+  if case == "unet":  # configs/finetune_busi.py: segmentation augmentation recipe, Dice + BCE, adamw
+    model = train.build_model(cfg)
+    real = functools.partial(finetune.segmentation_loss, model=model, aug_cfg=augment.AugmentConfig.segmentation())
+    bare = functools.partial(noaug_segmentation_loss, model=model)
+    return model, tx, None, {"+aug": (real, (images, masks)), "noaug": (bare, (images, masks))}
+  # SimCLR, NT-Xent
+  method = methods.make_method(cfg)
+  real = functools.partial(pretrain.pretrain_loss, method=method,
+                           aug_cfg=augment.AugmentConfig.from_dict(cfg.augment))
+  bare = functools.partial(noaug_pretrain_loss, method=method)
+  return method.model, tx, method.after_step, {"+aug": (real, images), "noaug": (bare, views)}
+
+
+def step_cases():
+  """Yields (name, result) for each step case, with and without augmentation, and each of --dtype."""
+  import numpy as np
+  from usjax import train
   mesh = train.make_mesh()
   rng = np.random.default_rng(0)
   s, b = FLAGS.res, FLAGS.batch
   images = rng.integers(0, 256, (b, s, s, 1), np.uint8)
+  masks = (rng.random((b, s, s, 1)) > 0.7).astype(np.uint8)
+  views = rng.integers(0, 256, (2 * b, s, s, 1), np.uint8)
   for case in FLAGS.cases:
-    cfg = base_config(case)
-    tx, after_step = train.make_optimizer(cfg, 1000), None
-    if case == "unet":  # configs/finetune_busi.py: segmentation augmentation recipe, Dice + BCE, adamw
-      model = train.build_model(cfg)
-      aug_cfg = augment.AugmentConfig.segmentation()
-      real = functools.partial(finetune.segmentation_loss, model=model, aug_cfg=aug_cfg)
-      bare = functools.partial(noaug_segmentation_loss, model=model)
-      pair = (images, (rng.random((b, s, s, 1)) > 0.7).astype(np.uint8))
-      local = {"+aug": pair, "noaug": pair}
-    else:  # SimCLR, NT-Xent
-      method = methods.make_method(cfg)
-      model, after_step = method.model, method.after_step
-      real = functools.partial(pretrain.pretrain_loss, method=method,
-                               aug_cfg=augment.AugmentConfig.from_dict(cfg.augment))
-      bare = functools.partial(noaug_pretrain_loss, method=method)
-      local = {"+aug": images, "noaug": rng.integers(0, 256, (2 * b, s, s, 1), np.uint8)}
-    for variant, loss_fn in (("+aug", real), ("noaug", bare)):
+    for variant in ("+aug", "noaug"):
       if variant.lstrip("+") not in FLAGS.variants:
         continue
-      state = train.init_state(model, tx, 0, (2, s, s, 1), mesh)
-      step_fn = train.compile_step(loss_fn, tx, mesh, after_step)
-      yield f"{case} {variant}", time_step(step_fn, state, train.global_batch(local[variant], mesh), b,
-                                           views=2 if case == "simclr" else 1)
+      runs = {}
+      for dtype in FLAGS.dtype:
+        model, tx, after_step, losses = step_losses(case, dtype, images, masks, views)
+        loss_fn, local = losses[variant]
+        runs[dtype] = (train.compile_step(loss_fn, tx, mesh, after_step),
+                       train.init_state(model, tx, 0, (2, s, s, 1), mesh), train.global_batch(local, mesh))
+      for dtype, res in time_steps(runs, b, views=2 if case == "simclr" else 1).items():
+        yield f"{case} {variant}" + (f" {dtype}" if len(FLAGS.dtype) > 1 else ""), {**res, "dtype": dtype}
 
 
 def conv_shapes(case: str) -> dict:
@@ -207,9 +231,9 @@ def conv_shapes(case: str) -> dict:
   from usjax import cpu_ops, methods, train
   seen, original = collections.Counter(), cpu_ops.cpu_conv_paths
 
-  def record(x_shape, kernel_shape, stride):
+  def record(x_shape, kernel_shape, stride, dtype):
     seen[(tuple(x_shape), tuple(kernel_shape), stride)] += 1
-    return original(x_shape, kernel_shape, stride)
+    return original(x_shape, kernel_shape, stride, dtype)
 
   cfg = base_config(case)
   cfg.model.conv_impl = "cpu"  # the shapes are those `cpu_conv` chooses a lowering for
@@ -227,37 +251,50 @@ def conv_shapes(case: str) -> dict:
 
 
 def conv_cases():
-  """Yields (name, result): milliseconds per pass (fwd, dx, dw) of each lowering, and of the chosen one."""
+  """Yields (name, result) per convolution and dtype: milliseconds per pass (fwd, dx, dw) of each lowering, and
+  of the chosen one. All lowerings and dtypes of a convolution are timed in turn, one call each per round (the
+  median of `steps` rounds), so that a shared machine slows all alike."""
   import jax
-  from usjax import cpu_ops
-
-  def ms(fn, *args):
-    fn = jax.jit(fn)
-    jax.block_until_ready(fn(*args))
-    t = time.perf_counter()
-    for _ in range(FLAGS.steps):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    return 1e3 * (time.perf_counter() - t) / FLAGS.steps
+  from usjax import cpu_ops, precision, winograd
+  dtypes = {name: precision.compute_dtype(name) for name in FLAGS.dtype}
 
   for case in FLAGS.cases:
     for (xs, ks, stride), count in conv_shapes(case).items():
       kx, kk, kd = jax.random.split(jax.random.key(0), 3)
       x, k = jax.random.normal(kx, xs), jax.random.normal(kk, ks)
       dy = jax.random.normal(kd, jax.eval_shape(lambda x, k: cpu_ops.lax_conv(x, k, stride), x, k).shape)
-      res = {"count": count}
-      winograd = ("winograd",) if cpu_ops.winograd_fits(xs, ks, stride) else ()
-      for path in ("lax", "matmul") + winograd:
-        res[f"fwd_{path}"] = ms(lambda x, k: cpu_ops.conv_by(path)(x, k, stride), x, k)
-        if ks[2] > 1:  # the stem's input needs no gradient
-          res[f"dx_{path}"] = ms(lambda x, k, dy: cpu_ops.conv_input_grad(path, dy, x, k, stride), x, k, dy)
-      for path in ("lax", "matmul", "taps") + winograd:
-        res[f"dw_{path}"] = ms(lambda x, k, dy: cpu_ops.conv_weight_grad(path, dy, x, k, stride), x, k, dy)
-      chosen = cpu_ops.cpu_conv_paths(xs, ks, stride)
-      res["chosen"] = sum(res.get(f"{p}_{c}", 0.0) for p, c in zip(("fwd", "dx", "dw"), chosen))
-      res["best"] = sum(
-          min((v for key, v in res.items() if key.startswith(p + "_")), default=0.0) for p in ("fwd", "dx", "dw"))
-      yield f"conv {case} {xs[1]}x{xs[2]} {ks[2]}->{ks[3]} k{ks[0]} s{stride} x{count} [{'/'.join(chosen)}]", res
+      fns = {}  # (dtype name, column): (jitted pass, its arguments)
+      paths = ("lax", "matmul") + (("winograd",) if winograd.fits(xs, ks, stride) else ())
+      for name, dt in dtypes.items():  # f32 arrays, as the models give them; `dt` is the matmul operand dtype
+        for path in paths:
+          fns[name, f"fwd_{path}"] = lambda x, k, dy, p=path, dt=dt: cpu_ops.conv_by(p)(x, k, stride, dt)
+          if ks[2] > 1:  # the stem's input needs no gradient
+            fns[name, f"dx_{path}"] = lambda x, k, dy, p=path, dt=dt: cpu_ops.conv_input_grad(p, dy, x, k, stride, dt)
+        for path in paths + ("taps",):
+          fns[name, f"dw_{path}"] = lambda x, k, dy, p=path, dt=dt: cpu_ops.conv_weight_grad(p, dy, x, k, stride, dt)
+      fns = {key: jax.jit(fn) for key, fn in fns.items()}
+      times = {key: [] for key in fns}
+      for fn in fns.values():
+        jax.block_until_ready(fn(x, k, dy))
+      for _ in range(FLAGS.steps):
+        for key, fn in fns.items():
+          t = time.perf_counter()
+          jax.block_until_ready(fn(x, k, dy))
+          times[key].append(time.perf_counter() - t)
+      ms = {key: 1e3 * statistics.median(ts) for key, ts in times.items()}
+      names = {jax.numpy.dtype(dt): name for name, dt in dtypes.items()}
+      for name, dt in dtypes.items():
+        res = {"count": count, "dtype": name}
+        res.update({col: v for (n, col), v in ms.items() if n == name})
+        chosen = cpu_ops.cpu_conv_paths(xs, ks, stride, dt)
+        # a pass that keeps f32 operands (`cpu_conv_dtypes`) is timed in the f32 row, where there is one
+        pass_names = [names.get(d, name) for d in cpu_ops.cpu_conv_dtypes(xs, ks, stride, dt)]
+        res["chosen"] = sum(
+            ms.get((n, f"{p}_{c}"), 0.0) for p, c, n in zip(("fwd", "dx", "dw"), chosen, pass_names))
+        res["best"] = sum(
+            min((v for key, v in res.items() if key.startswith(p + "_")), default=0.0) for p in ("fwd", "dx", "dw"))
+        yield (f"conv {case} {xs[1]}x{xs[2]} {ks[2]}->{ks[3]} k{ks[0]} s{stride} x{count} {jax.numpy.dtype(dt).name} "
+               f"[{'/'.join(chosen)}]"), res
 
 
 def with_data(cfg, size: int, workers: int):
@@ -307,12 +344,13 @@ def feed_cases():
   """Yields (name, result) per worker count: the pre-training pipeline alone, then the SimCLR step fed by it."""
   import jax
   import numpy as np
-  from usjax import augment, methods, train
+  from usjax import augment, methods, pretrain, train
   from usjax.data import pipeline
   mesh, s, b = train.make_mesh(), FLAGS.res, FLAGS.batch
   cfg = base_config("simclr")
   method, tx = methods.make_method(cfg), train.make_optimizer(cfg, 1000)
-  loss_fn = functools.partial(train.pretrain_loss, method=method, aug_cfg=augment.AugmentConfig.from_dict(cfg.augment))
+  loss_fn = functools.partial(pretrain.pretrain_loss, method=method,
+                              aug_cfg=augment.AugmentConfig.from_dict(cfg.augment))
   step_fn = train.compile_step(loss_fn, tx, mesh, method.after_step)
   state = train.init_state(method.model, tx, 0, (2, s, s, 1), mesh)
   zeros = train.global_batch(np.zeros((b, s, s, 1), np.uint8), mesh)
@@ -333,7 +371,7 @@ def feed_cases():
     mean_s = (time.perf_counter() - t0) / n
     del it
     yield f"feed simclr {s}px w{workers}", {
-        **rates(flops, mean_s, b, 2), "compile_s": compile_s, "loss": float(metrics["loss"]),
+        **rates(flops, mean_s, b, 2, FLAGS.dtype[0]), "compile_s": compile_s, "loss": float(metrics["loss"]),
         "pipe_img_s": b * batches_s, "startup_s": first_s
     }
 
@@ -372,13 +410,14 @@ def main(argv):
       rows.append((name, res))
       print(
           json.dumps({
-              "case": name, "res": FLAGS.res, "batch": FLAGS.batch, "encoder": FLAGS.encoder, "dtype": FLAGS.dtype,
-              "conv_impl": FLAGS.conv_impl, **{k: round(v, 4) for k, v in res.items()}
+              "case": name, "res": FLAGS.res, "batch": FLAGS.batch, "encoder": FLAGS.encoder,
+              "dtype": FLAGS.dtype[0], "conv_impl": FLAGS.conv_impl,
+              **{k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}
           }), flush=True)
   throughput = [(n, r) for n, r in rows if "img_s" in r]
   rate_cols = (("img_s", "img/s", 9, 1), ("views_s", "views/s", 9, 1), ("pipe_img_s", "pipe img/s", 11, 1),
                ("step_ms", "step ms", 9, 1), ("compile_s", "compile s", 11, 1), ("gflop_s", "GFLOP/s", 10, 1),
-               ("mfu_pct", "MFU %", 7, 1), ("cores_busy", "cores", 7, 2))
+               ("mfu_pct", "MFU %", 7, 1), ("cores_busy", "cores", 7, 2), ("speedup", "speedup", 9, 2))
   if throughput:
     print(f"\n{'case':<32}" + "".join(f"{title:>{w}}" for _, title, w, _ in rate_cols))
   for name, r in throughput:
@@ -387,11 +426,13 @@ def main(argv):
   if convs:
     cols = ("fwd_lax", "fwd_matmul", "fwd_winograd", "dx_lax", "dx_matmul", "dx_winograd", "dw_lax", "dw_matmul",
             "dw_taps", "dw_winograd", "chosen", "best")
-    print(f"\n{'convolution (ms per call)':<52}" + "".join(f"{c:>11}" for c in cols))
+    print(f"\n{'convolution (ms per call)':<62}" + "".join(f"{c:>11}" for c in cols))
     for name, r in convs:
-      print(f"{name:<52}" + "".join(f"{r[c]:11.1f}" if c in r else " " * 11 for c in cols))
-    for key in ("chosen", "best"):
-      print(f"sum x count, {key}: {sum(r[key] * r['count'] for _, r in convs):.0f} ms")
+      print(f"{name:<62}" + "".join(f"{r[c]:11.1f}" if c in r else " " * 11 for c in cols))
+    for dtype in FLAGS.dtype:
+      for key in ("chosen", "best"):
+        total = sum(r[key] * r["count"] for _, r in convs if r["dtype"] == dtype)
+        print(f"sum x count, {dtype}, {key}: {total:.0f} ms")
 
 
 if __name__ == "__main__":

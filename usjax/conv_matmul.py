@@ -110,15 +110,32 @@ def conv_as_matmul(x, kernel, stride: int, dtype=None):
 _UP2X_ROWS = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
 
 
+def _upsampled_kernel(kernel):
+  """The (4C, 4D) kernel of `conv3x3_upsampled`'s matmul, rows (tap p, tap q, C) and columns (phase a, phase b, D):
+  for each phase and 2x2 tap, the sum of the (C, D) kernel taps that land on it. Written as an einsum with
+  `_UP2X_ROWS`, XLA runs it (and its transpose in the backward pass) as matmuls only 3 wide, far below the
+  matmul rate; as sums it is elementwise passes, like Winograd's kernel transform."""
+  k = kernel.astype(jnp.float32)
+  rows = lambda a, p: [i for i in range(3) if _UP2X_ROWS[a][p][i]]
+
+  def tap(a, p, b, q):
+    return sum(k[i, j] for i in rows(a, p) for j in rows(b, q))
+
+  return jnp.concatenate([
+      jnp.concatenate([tap(a, p, b, q) for a in range(2) for b in range(2)], axis=1)
+      for p in range(2)
+      for q in range(2)
+  ])
+
+
 def conv3x3_upsampled(x, kernel, dtype=None):
   """`conv(upsample2x(x), kernel)` (3x3, SAME, stride 1) computed on x itself: each of the four output phases of
   the upsampling is a 2x2 convolution of x, so a low-res pixel costs 16 multiplies per channel pair instead of
   the 36 of its four upsampled copies, and the 4x larger upsampled map is never built. The four phases are
   one (N*(H+1)*(W+1), 4C) @ (4C, 4D) matmul over x's 2x2 windows."""
   n, h, w, c = x.shape
-  r = jnp.asarray(_UP2X_ROWS, jnp.float32)
-  k = jnp.einsum("api,bqj,ijco->pqcabo", r, r, kernel.astype(jnp.float32)).reshape(4 * c, -1)
-  z = _gathered_matmul(_windows2x2, jnp.dtype(dtype or x.dtype), x, k).reshape(n, h + 1, w + 1, 2, 2, -1)
+  z = _gathered_matmul(_windows2x2, jnp.dtype(dtype or x.dtype), x, _upsampled_kernel(kernel))
+  z = z.reshape(n, h + 1, w + 1, 2, 2, -1)
   y = jnp.stack([jnp.stack([z[:, a:a + h, b:b + w, a, b] for b in range(2)], axis=3) for a in range(2)], axis=2)
   return y.reshape(n, 2 * h, 2 * w, -1)
 
