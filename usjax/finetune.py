@@ -216,13 +216,12 @@ def finish(cfg, workdir, selector, scorers, probers, to_global, last_vars, rep, 
   transfer) go into the summary; `who` prefixes the log lines.
   """
   best_vars, chosen = selector.best_variables, dict(selector.best)
-  val = selector.score(best_vars)
   use_tta = cfg.tta == "hflip"
-  if cfg.tta != "none":
+  val = selector.score(best_vars, scorers[use_tta])  # 'hflip' needs no plain pass
+  if cfg.tta == "auto":
     val_tta = selector.score(best_vars, scorers[True])
-    if cfg.tta == "auto":
-      use_tta = val_tta["dice"] > val["dice"]
-      chosen["val_dice_tta"] = val_tta["dice"]
+    use_tta = val_tta["dice"] > val["dice"]
+    chosen["val_dice_tta"] = val_tta["dice"]
     val = val_tta if use_tta else val
   chosen.update(tta=use_tta, val_dice=val["dice"], val_dice_lesion=val.get("dice_lesion"))
   head, search = cfg.presence.weight > 0, cfg.postprocess == "auto"
