@@ -102,6 +102,8 @@ def test_sigterm_saves_at_a_step_boundary_and_the_resumed_run_equals_an_unbroken
     ("data.finetune_source", "bussi", "unknown source 'bussi'"),
     ("data.finetune_source", "busi", "config.data.busi_dir must name the folder"),
     ("tta", "vflip", "config.tta must be one of"),
+    ("presence.gate", "best", "config.presence.gate must be one of 'lesion_budget', 'best_dice', got 'best'"),
+    ("presence.lesion_budget", -0.1, r"config.presence.lesion_budget must be in \[0, 1\], got -0.1"),
 ])
 def test_bad_config_values_fail_before_any_data_is_prepared(tmp_path, key, value, match):
   from configs import finetune_busi
@@ -109,7 +111,7 @@ def test_bad_config_values_fail_before_any_data_is_prepared(tmp_path, key, value
   cfg = finetune_busi.get_config()
   cfg.data.data_dir = str(tmp_path / "data")
   section, _, name = key.rpartition(".")
-  setattr(cfg.data if section else cfg, name, value)
+  setattr(cfg[section] if section else cfg, name, value)
   with pytest.raises(UsjaxError, match=match):
     task.run(cfg, str(tmp_path / "run"))
   assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()

@@ -210,9 +210,9 @@ def finish(cfg, workdir, selector, scorers, probers, to_global, last_vars, rep, 
   """The end of a fine-tuning run, alone or stacked (`usjax.stacked`): the model chosen on validation, then the
   one read of the evaluation split. -> the summary, also written with per_image.json and examples.npz.
 
-  The choice: the best (step, weights), then flip averaging, post-processing and the presence gate, each kept
-  only where it raises validation Dice over all images (the last two on the chosen model's validation
-  probabilities), all recorded in best/selection.json, which `usjax.predict` applies. `fields` (train_images,
+  The choice: the best (step, weights), then flip averaging and post-processing, each kept only where it raises
+  validation Dice over all images, and the presence gate by `config.presence.gate` (the last two on the chosen
+  model's validation probabilities), all recorded in best/selection.json, which `usjax.predict` applies. `fields` (train_images,
   transfer) go into the summary; `who` prefixes the log lines.
   """
   best_vars, chosen = selector.best_variables, dict(selector.best)
@@ -228,7 +228,8 @@ def finish(cfg, workdir, selector, scorers, probers, to_global, last_vars, rep, 
   val_split = evaluate.probabilities(probers[use_tta], best_vars, selector.batches, to_global, selector.ids,
                                      selector.labels) if head or search or cfg.eval_split == "val" else None
   if head or search:
-    chosen.update(postprocess.select(val_split["prob"], val_split["mask"], val_split.get("presence"), search))
+    budget = cfg.presence.lesion_budget if cfg.presence.gate == "lesion_budget" else None
+    chosen.update(postprocess.select(val_split["prob"], val_split["mask"], val_split.get("presence"), search, budget))
   else:
     chosen.update(presence_threshold=None, postprocess=dict(postprocess.NONE))
   if jax.process_index() == 0:  # what launch/predict.py applies with the best weights

@@ -12,7 +12,7 @@ import shutil
 
 import jax
 
-from usjax import UsjaxError, checkpoint, finetune, methods, pretrain, runtime
+from usjax import UsjaxError, checkpoint, finetune, methods, postprocess, pretrain, runtime
 from usjax.data import sources
 
 TASKS = {"pretrain": pretrain.pretrain, "finetune": finetune.finetune}
@@ -31,6 +31,9 @@ def check_config(cfg) -> None:
     })
     if not cfg.presence.weight >= 0:
       raise UsjaxError(f"config.presence.weight must be >= 0, got {cfg.presence.weight!r}")
+    if not 0 <= cfg.presence.lesion_budget <= 1:
+      raise UsjaxError(f"config.presence.lesion_budget must be in [0, 1], got {cfg.presence.lesion_budget!r}")
+    choices["presence.gate"] = postprocess.GATES
   for key, allowed in choices.items():
     value = functools.reduce(getattr, key.split("."), cfg)
     if value not in allowed:
