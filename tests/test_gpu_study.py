@@ -105,10 +105,16 @@ def test_the_gpu_study_rehearsed_on_cpu_packs_the_whole_answer(tmp_path):
   assert "results.tgz" in check_returnable(out)
   steps = (out / "steps.txt").read_text()
   assert "(timeout)" in steps and "verdict: timeout" in steps and "failed" not in steps
-  if "stacked group of 2 runs stopped" in (out / "grid.log").read_text():  # the deadline fell inside a group
+  stopped = re.search(r"stacked group of 2 runs stopped (.*?): cut=(\w+)", (out / "grid.log").read_text())
+  if stopped:  # the deadline fell inside a group: its time is recorded, `cut` unless all its steps had run
     with tarfile.open(out / "results.tgz") as t:
       timing = json.load(t.extractfile("grid_gpu/timing.json"))
-    assert timing[-1]["cut"] is True and len(timing[-1]["runs"]) == 2
+      names = t.getnames()
+    assert len(timing[-1]["runs"]) == 2
+    finished = stopped.group(1) == "after its runs finished"
+    assert timing[-1]["cut"] is (not finished) and stopped.group(2) == str(not finished)
+    # A group stopped after its runs finished still returns their summaries; a cut one returns none of them.
+    assert all((f"grid_gpu/{r}/summary.json" in names) is finished for r in timing[-1]["runs"])
 
 
 @pytest.mark.slow
