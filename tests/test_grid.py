@@ -263,3 +263,63 @@ def test_a_per_fold_pretraining_never_reads_its_folds_test_images(tmp_path, monk
   assert read == train  # the pre-training's images: the fold's training split, all of it
   probe_data.probe_sets(cfg.data, names=("busi",), min_train=1)
   assert read == train | val and not read & test and len(test) > 0
+
+
+def _study_fake(trained, dice_of):
+  """`task.run` for a folded study: summaries with a Dice from `dice_of(cfg)` and the weights a pre-training
+  leaves; a pre-training's summary counts its runs, so a re-run records another one."""
+  def run(cfg, workdir):
+    trained.append(os.path.basename(workdir))
+    os.makedirs(os.path.join(workdir, "checkpoints", "7"), exist_ok=True)
+    summary = {"task": cfg.task, "final_loss": 3.0 + 0.1 * trained.count(os.path.basename(workdir))}
+    if cfg.task == "finetune":
+      summary.update(dice=dice_of(cfg), label_fraction=cfg.data.label_fraction)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f)
+
+  return run
+
+
+def test_each_per_fold_pretraining_row_shows_the_gain_of_the_fine_tunes_it_started(tmp_path, monkeypatch):
+  """Two folds, two seeds; scratch scores 0.5 everywhere, multi-organ 0.5 + 0.01 * (fold + 1) + 0.02 * seed (so
+  fold 0 gains +0.02 averaged over seeds 0 and 1, fold 1 +0.03), minus 0.05 at 50% of the labels."""
+  from configs import study_cpu
+  g = study_cpu.get_config()
+  g.seeds, g.fold_list, g.results_dir = (0, 1), (0, 1), str(tmp_path / "results")
+
+  def dice_of(cfg):
+    if not cfg.init_from:
+      return 0.5
+    return 0.5 + 0.01 * (cfg.data.fold + 1) + 0.02 * cfg.seed - (0.05 if cfg.data.label_fraction == 50 else 0)
+
+  monkeypatch.setattr(grid.task, "run", _study_fake([], dice_of))
+  md = open(grid.run(g, str(tmp_path / "grid"))["md"]).read()
+  rows = {line.split(" | ")[0].strip("| "): line.rstrip(" |").split(" | ") for line in md.splitlines()
+          if line.startswith("| pre_pretrain-")}
+  assert sorted(rows) == [f"pre_pretrain-multiorgan_method-simclr_transfer-encoder_image_size-64_fold-{k}"
+                          for k in (0, 1)]
+  assert [r[-2:] for _, r in sorted(rows.items())] == [["+0.020", "-0.030"], ["+0.030", "-0.020"]]
+
+
+def test_a_pretraining_rerun_for_a_later_seed_keeps_the_earlier_one_recorded(tmp_path, monkeypatch):
+  """Seed 0's pass, then the workdir is lost (a new machine): seed 1's pass re-runs each fold's pre-training.
+  The results folder keeps the summary seed 0's fine-tunes started from under earlier/1/."""
+  from configs import study_cpu
+  g = study_cpu.get_config()
+  g.fold_list, g.results_dir = (0,), str(tmp_path / "results")
+  trained = []
+  monkeypatch.setattr(grid.task, "run", _study_fake(trained, lambda cfg: 0.5))
+  monkeypatch.setattr(grid, "write_report", lambda *a, **k: {})
+  g.seeds = (0,)
+  grid.run(g, str(tmp_path / "grid"))
+  shutil.rmtree(tmp_path / "grid")
+  g.seeds = (0, 1)
+  grid.run(g, str(tmp_path / "grid2"))
+  pre = "pre_pretrain-multiorgan_method-simclr_transfer-encoder_image_size-64_fold-0"
+  assert trained.count(pre) == 2 and sum(r.startswith("ft_") for r in trained) == 8
+  recorded = tmp_path / "results" / pre
+  assert json.loads((recorded / "summary.json").read_text())["final_loss"] == pytest.approx(3.2)
+  assert json.loads((recorded / "earlier" / "1" / "summary.json").read_text())["final_loss"] == pytest.approx(3.1)
+  assert not (recorded / "earlier" / "2").exists()
+  grid.record(str(tmp_path / "grid2"), g.results_dir, [pre])  # the same run recorded again: nothing kept twice
+  assert not (recorded / "earlier" / "2").exists()

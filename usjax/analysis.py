@@ -249,11 +249,16 @@ def write_csv(rows: list[dict], path: str) -> str:
   return path
 
 
-def pretrain_table(pretrain_runs: Mapping[str, str], stats: list[dict], floor: Mapping | None = None) -> str:
+def pretrain_table(pretrain_runs: Mapping[str, str], stats: list[dict], floor: Mapping | None = None,
+                   rows: list[dict] | None = None, pretrain_cells: Mapping[str, Mapping] | None = None) -> str:
   """What each pre-training learned beside what it gave fine-tuning: its last frozen-feature probe (balanced
   k-NN / linear accuracy per probe set), the collapse flag, whether it had flattened (the last quarter's loss
-  fall and probe rise), and its Dice gain over scratch at each label fraction (group means of the report table).
-  `floor` is the probe of a randomly initialised encoder."""
+  fall and probe rise), and its Dice gain over scratch at each label fraction. `floor` is the probe of a randomly
+  initialised encoder.
+
+  The gain: the group means of the report table (`stats`) for a pre-training named by its arm; for one of
+  several that make an arm (one a fold), the fine-tunes it started (`rows` matching `pretrain_cells[name]`, e.g.
+  pretrain and fold) minus scratch on the same fold, paired by seed."""
   summaries = {name: _read_json(os.path.join(wd, "summary.json")) or {} for name, wd in pretrain_runs.items()}
   histories = {name: _read_json(os.path.join(wd, "history.json")) or [] for name, wd in pretrain_runs.items()}
   probes = sorted({k for s in summaries.values() for k in (s.get("probe") or {}) if k.endswith("_bacc")})
@@ -271,7 +276,10 @@ def pretrain_table(pretrain_runs: Mapping[str, str], stats: list[dict], floor: M
     ])
   for name, s in summaries.items():
     flat = pretrain_analysis.flattening(histories[name], s.get("probe_history") or [], s.get("steps") or 0)
-    gains = [dice.get((name, f), math.nan) - dice.get(("none", f), math.nan) for f in fractions]
+    if pretrain_cells and name in pretrain_cells:
+      gains = [_paired_gain(rows or [], pretrain_cells[name], f) for f in fractions]
+    else:
+      gains = [dice.get((name, f), math.nan) - dice.get(("none", f), math.nan) for f in fractions]
     lines.append([
         name,
         fmt(s.get("final_loss")), *(fmt((s.get("probe") or {}).get(k)) for k in probes),
@@ -284,13 +292,29 @@ def pretrain_table(pretrain_runs: Mapping[str, str], stats: list[dict], floor: M
   return markdown(header, lines)
 
 
+def _paired_gain(rows: list[dict], cell: Mapping, fraction) -> float:
+  """Mean Dice of the fine-tunes matching `cell` at `fraction` minus scratch's with the same other fields (fold,
+  image size), over the seeds both have finished (NaN where none)."""
+  def by_seed(want):
+    return {
+        r.get("seed"): r["dice"] for r in rows
+        if r.get("label_fraction") == fraction and all(r.get(k) == v for k, v in want.items())
+    }
+  mine = by_seed(cell)
+  scratch = by_seed({**{k: v for k, v in cell.items() if k not in ("method", "transfer")}, "pretrain": "none"})
+  seeds = sorted(set(mine) & set(scratch), key=str)
+  return float(np.mean([mine[s] - scratch[s] for s in seeds])) if seeds else math.nan
+
+
 def write_report(cells: list[tuple[dict, str]], out_dir: str, pretrain_runs: dict[str, str] | None = None,
                  overlays: dict | None = None, n_boot: int = 2000, seed: int = 0, probe_floor: Mapping | None = None,
-                 breast: str | tuple[str, ...] = "breast") -> dict[str, str]:
+                 breast: str | tuple[str, ...] = "breast",
+                 pretrain_cells: Mapping[str, Mapping] | None = None) -> dict[str, str]:
   """results.csv, results.json, report.md and the plots for whatever part of the grid has finished.
 
   `overlays`, when given, holds plots.plot_overlays' arrays {images, masks, preds, titles}; `breast` names C3's
-  single-organ arm(s) (see `claims`). Returns the written paths.
+  single-organ arm(s) (see `claims`); `pretrain_cells` the fields of the fine-tunes each pre-training started,
+  where several make one arm (see `pretrain_table`). Returns the written paths.
   """
   os.makedirs(out_dir, exist_ok=True)
   path = lambda name: os.path.join(out_dir, name)
@@ -335,7 +359,7 @@ def write_report(cells: list[tuple[dict, str]], out_dir: str, pretrain_runs: dic
          f"k-NN and linear on pooled encoder features, train -> validation) beside its fine-tuning gain over "
          f"scratch. Flattened: the last quarter of the run lowered the loss by under 2% and raised the "
          f"BUSI linear probe by under 0.02 (usjax/pretrain_analysis.py).\n\n"
-         f"{pretrain_table(pretrain_runs, stats, probe_floor)}\n" if pretrain_runs else "") +
+         f"{pretrain_table(pretrain_runs, stats, probe_floor, rows, pretrain_cells)}\n" if pretrain_runs else "") +
         f"## Figures\n\n{figures}")
   _write_text(paths["md"], md)
   return paths

@@ -193,10 +193,29 @@ def schedule(todo, stack_runs: int, root: str) -> list[list]:
 
 
 def record(root: str, results: str, names) -> None:
-  """Copies the RESULTS of the runs `names` that finished in `root` into `results` (no-op without `results`)."""
+  """Copies the RESULTS of the runs `names` that finished in `root` into `results` (no-op without `results`).
+
+  A run recorded there before with another summary (a pre-training re-run for a later seed because its weights
+  were not at hand: the fine-tunes of the earlier seeds started from the earlier one) keeps the earlier files
+  under `earlier/<n>/` of its folder, so every pre-training a recorded fine-tune started from stays recorded.
+  """
   for name in names if results else ():
-    if finished(os.path.join(root, name)):
-      _copy_results(os.path.join(root, name), os.path.join(results, name))
+    src, dst = os.path.join(root, name), os.path.join(results, name)
+    if not finished(src):
+      continue
+    if finished(dst) and _read(os.path.join(src, "summary.json")) != _read(os.path.join(dst, "summary.json")):
+      n = 1
+      while os.path.exists(os.path.join(dst, "earlier", str(n))):
+        n += 1
+      _copy_results(dst, os.path.join(dst, "earlier", str(n)))
+      logging.info("grid: %s was recorded before with another summary; that one is kept in %s", name,
+                   os.path.join(dst, "earlier", str(n)))
+    _copy_results(src, dst)
+
+
+def _read(path: str) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
 
 
 def time_table(timing: list[dict], summaries: dict[str, dict]) -> str:
@@ -235,11 +254,15 @@ def write_report(g, root: str, pre, fine, results: str = "") -> dict:
   # The probe table: a pre-training's summary here, else the one recorded in `results`, under its arm's name (the
   # cells' `pretrain` field, which its Dice gains are looked up by) where one pre-training makes each arm.
   arms = [f["pretrain"] for f, _, _ in pre]
-  pre_runs = {}
+  pre_runs, pre_cells = {}, {}
   for fields, run, _ in pre:
     where = [d for d in (root, results) if d and finished(os.path.join(d, run))]
     if where:
-      pre_runs[fields["pretrain"] if arms.count(fields["pretrain"]) == 1 else run] = os.path.join(where[0], run)
+      if arms.count(fields["pretrain"]) == 1:
+        pre_runs[fields["pretrain"]] = os.path.join(where[0], run)
+      else:  # one of several (a fold, a method): its gains are those of the fine-tunes it started
+        pre_runs[run] = os.path.join(where[0], run)
+        pre_cells[run] = dict(fields)
   overlays = None
   for fields, run, _ in fine:  # overlay panel from the best-labelled pre-trained cell that has finished
     path = os.path.join(root, run, "examples.npz")
@@ -253,7 +276,7 @@ def write_report(g, root: str, pre, fine, results: str = "") -> dict:
   # C3's single-organ references: every arm pre-trained on breast ultrasound alone.
   breast = tuple(name for name, src in (g.sources.items() if g.sources else ()) if src == "busi") or ("breast",)
   paths = analysis.write_report(cells, os.path.join(root, "report"), pretrain_runs=pre_runs, overlays=overlays,
-                                breast=breast)
+                                breast=breast, pretrain_cells=pre_cells)
   summaries = {}
   for _, run, _ in pre + fine:
     if finished(os.path.join(root, run)):
