@@ -142,9 +142,12 @@ def get_config() -> ml_collections.ConfigDict:
   # images whose presence probability is below a threshold chosen on validation are emptied (`gate`):
   # 'lesion_budget' clears the most false lesions on normal scans while validation Dice on lesion images drops by
   # at most `lesion_budget`; 'best_dice' maximises validation Dice over all images (off where no gate raises it).
+  # `gate_on`: the head's probability ('head'), the mask's peak probability ('peak'), or the one of the two that
+  # does better on validation ('auto').
   c.presence = ml_collections.ConfigDict()
   c.presence.weight = 0.0
   c.presence.gate = "lesion_budget"
   c.presence.lesion_budget = 0.01
+  c.presence.gate_on = "auto"
   c.eval_split = "val"
   return c

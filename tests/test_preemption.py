@@ -103,6 +103,7 @@ def test_sigterm_saves_at_a_step_boundary_and_the_resumed_run_equals_an_unbroken
     ("data.finetune_source", "busi", "config.data.busi_dir must name the folder"),
     ("tta", "vflip", "config.tta must be one of"),
     ("presence.gate", "best", "config.presence.gate must be one of 'lesion_budget', 'best_dice', got 'best'"),
+    ("presence.gate_on", "max", "config.presence.gate_on must be one of 'auto', 'head', 'peak', got 'max'"),
     ("presence.lesion_budget", -0.1, r"config.presence.lesion_budget must be in \[0, 1\], got -0.1"),
 ])
 def test_bad_config_values_fail_before_any_data_is_prepared(tmp_path, key, value, match):

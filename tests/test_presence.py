@@ -67,6 +67,28 @@ def test_the_lesion_budget_gate_clears_the_most_false_lesions_it_can_afford():
   assert choice["presence_threshold"] == pytest.approx(0.35) and choice["presence_gate"] == "lesion_budget=0.01"
 
 
+def test_the_gate_thresholds_the_peak_probability_where_that_separates_better_on_validation():
+  """Two lesion images (blobs of peak 0.95, masks equal to them) and two normal scans with false lesions of peak
+  0.6. The head ranks one normal scan (0.7) above a lesion (0.5): on it, within a budget of 0.01, only the 0.2 scan
+  can be cleared (threshold 0.35); the peak separates all four (threshold 0.775 clears both). 'auto' takes the
+  peak; the record names it, and the final scoring gates on it."""
+  shape = (16, 16)
+  probs = [blob(shape, 2, 2, 6, 0.95), blob(shape, 6, 6, 6, 0.95), blob(shape, 1, 9, 4, 0.6), blob(shape, 9, 1, 4, 0.6)]
+  masks = [probs[0] > 0.5, probs[1] > 0.5, np.zeros(shape, bool), np.zeros(shape, bool)]
+  presence = [0.5, 0.9, 0.7, 0.2]
+  head = postprocess.select(probs, masks, presence, search_rule=False, lesion_budget=0.01, gate_on="head")
+  assert head["presence_threshold"] == pytest.approx(0.35) and head["presence_gate_on"] == "head"
+  auto = postprocess.select(probs, masks, presence, search_rule=False, lesion_budget=0.01, gate_on="auto")
+  assert auto["presence_threshold"] == pytest.approx(0.775) and auto["presence_gate_on"] == "peak"
+  assert auto["val_dice_postprocessed"] == pytest.approx(1.0) and auto["val_dice_raw"] == pytest.approx(0.5)
+  split = {"prob": np.stack(probs), "mask": np.stack(masks), "presence": np.array(presence),
+           "max_prob": np.array([0.95, 0.95, 0.6, 0.6]), "image": np.zeros((0, *shape, 1), np.uint8)}
+  by_peak, _ = evaluate.score_probabilities(split, None, auto["presence_threshold"], "peak")
+  np.testing.assert_allclose(by_peak["dice"], [1, 1, 1, 1])
+  by_head, _ = evaluate.score_probabilities(split, None, auto["presence_threshold"], "head")
+  np.testing.assert_allclose(by_head["dice"], [0, 1, 1, 1])  # on the head's values it gates the 0.5 lesion
+
+
 def test_select_gates_then_post_processes_and_final_mask_applies_it():
   shape = (32, 32)
   probs = [blob(shape, 4, 4, 8, 0.95), blob(shape, 8, 8, 8, 0.95), blob(shape, 10, 10, 6, 0.97),

@@ -150,14 +150,17 @@ def probabilities(prob_fn, variables, batches, to_global, ids, labels, keep_exam
   return res
 
 
-def score_probabilities(split: dict, rule=None, threshold: float | None = None) -> tuple[dict[str, np.ndarray], dict]:
-  """`probabilities`' output scored through the post-processing `rule` and the presence gate at `threshold`
-  (`postprocess.final_mask`; None, None: plain thresholding at 0.5) -> (per-image scores as `score_split` gives
-  them, plus 'max_prob' and 'presence', and the overlay examples)."""
+def score_probabilities(split: dict, rule=None, threshold: float | None = None,
+                        gate_on: str | None = "head") -> tuple[dict[str, np.ndarray], dict]:
+  """`probabilities`' output scored through the post-processing `rule` and the presence gate at `threshold` on
+  `gate_on` (`postprocess.final_mask`; None, None: plain thresholding at 0.5) -> (per-image scores as
+  `score_split` gives them, plus 'max_prob' and 'presence', and the overlay examples)."""
   presence = split.get("presence")
   pred = np.stack([
-      postprocess.final_mask(p, rule, None if presence is None else float(presence[i]), threshold)
-      for i, p in enumerate(split["prob"])
+      postprocess.final_mask(
+          p, rule,
+          postprocess.gate_value(gate_on, None if presence is None else float(presence[i]), float(split["max_prob"][i])),
+          threshold) for i, p in enumerate(split["prob"])
   ])
   true = split["mask"]
   scores = {k: split[k] for k in ("index", "id", "label", "max_prob", "presence") if k in split}

@@ -229,15 +229,17 @@ def finish(cfg, workdir, selector, scorers, probers, to_global, last_vars, rep, 
                                      selector.labels) if head or search or cfg.eval_split == "val" else None
   if head or search:
     budget = cfg.presence.lesion_budget if cfg.presence.gate == "lesion_budget" else None
-    chosen.update(postprocess.select(val_split["prob"], val_split["mask"], val_split.get("presence"), search, budget))
+    chosen.update(postprocess.select(val_split["prob"], val_split["mask"], val_split.get("presence"), search, budget,
+                                     cfg.presence.gate_on))
   else:
     chosen.update(presence_threshold=None, postprocess=dict(postprocess.NONE))
   if jax.process_index() == 0:  # what launch/predict.py applies with the best weights
     report.write_json(os.path.join(workdir, "best", "selection.json"), chosen)
   logging.info(
-      "%sselected on validation: step %d, %s weights, flip averaging %s, post-processing %s, presence gate %s: "
+      "%sselected on validation: step %d, %s weights, flip averaging %s, post-processing %s, presence gate %s%s: "
       "validation Dice %.4f (lesion images %.4f)%s", who, chosen["step"], chosen["weights"],
-      "on" if use_tta else "off", chosen["postprocess"], _fmt(chosen["presence_threshold"], "off"), val["dice"],
+      "on" if use_tta else "off", chosen["postprocess"], _fmt(chosen["presence_threshold"], "off"),
+      f" on the {chosen['presence_gate_on']}" if chosen.get("presence_gate_on") else "", val["dice"],
       val.get("dice_lesion", float("nan")),
       f", {chosen['val_dice_postprocessed']:.4f} post-processed" if "val_dice_postprocessed" in chosen else "")
 
@@ -252,7 +254,8 @@ def finish(cfg, workdir, selector, scorers, probers, to_global, last_vars, rep, 
     summary["last_step"] = {
         k: v for k, v in evaluate.summarize(last).items() if k in ("dice", "dice_lesion", "iou", "iou_lesion")
     }
-  scores, examples = evaluate.score_probabilities(split, chosen["postprocess"], chosen["presence_threshold"])
+  scores, examples = evaluate.score_probabilities(split, chosen["postprocess"], chosen["presence_threshold"],
+                                                  chosen.get("presence_gate_on"))
   if chosen["presence_threshold"] is not None or chosen["postprocess"] != postprocess.NONE:
     # The same model's masks thresholded at 0.5 alone: what the gate and post-processing changed.
     plain, _ = evaluate.score_probabilities(split)

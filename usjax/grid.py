@@ -30,7 +30,7 @@ import time
 import ml_collections
 from absl import logging
 
-from usjax import UsjaxError, analysis, stacked, task
+from usjax import UsjaxError, analysis, checkpoint, stacked, task
 from usjax.timing import TIMING, log_time as _log_time, read_timing as _read_timing
 
 
@@ -158,8 +158,7 @@ def take_results(results: str, root: str, fine) -> list[str]:
 
 
 def resumable(workdir: str) -> bool:
-  ckdir = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(ckdir) and any(n.isdigit() for n in os.listdir(ckdir))
+  return checkpoint.holds_steps(os.path.join(workdir, "checkpoints"))
 
 
 def schedule(todo, stack_runs: int, root: str) -> list[list]:

@@ -129,33 +129,59 @@ def choose_threshold(presence: Sequence[float], dices: Sequence[float], empty_tr
   return best_t, off, best_dice
 
 
+def gate_value(gate_on: str | None, presence: float | None, peak: float) -> float | None:
+  """What a gate recorded as `presence_gate_on` thresholds for one image ('head', the default of records that
+  name none: the head's presence probability; 'peak': the map's peak probability)."""
+  return peak if gate_on == "peak" else presence
+
+
 def final_mask(prob: np.ndarray, rule: Mapping | None = None, presence: float | None = None,
                threshold: float | None = None, area: float | None = None) -> np.ndarray:
-  """The mask a run reports: `apply(prob, rule)`, emptied where the presence gate is set and `presence` is below
-  it."""
+  """The mask a run reports: `apply(prob, rule)`, emptied where the presence gate is set and `presence` (the
+  value it thresholds: the head's probability or the map's peak, `gate_value`) is below it."""
   mask = apply(prob, rule, area=area)
   if threshold is not None and presence is not None and presence < threshold:
     return np.zeros_like(mask)
   return mask
 
 
+GATE_SOURCES = ("auto", "head", "peak")  # what the gate thresholds (config.presence.gate_on)
+
+
 def select(probs: Sequence[np.ndarray], masks: Sequence[np.ndarray], presence: Sequence[float] | None = None,
-           search_rule: bool = True, lesion_budget: float | None = None) -> dict:
+           search_rule: bool = True, lesion_budget: float | None = None, gate_on: str = "head") -> dict:
   """Post-processing for a run, chosen on its validation probabilities: the presence gate (with a head's
   `presence`, by `choose_threshold` with `lesion_budget`), then the rule (`search_rule`, else none) on the masks
-  the gate keeps. -> what selection.json records: 'presence_threshold' (None: no gate), 'presence_gate' (how it
-  was chosen), 'postprocess' (the rule), 'postprocess_tried' and the validation Dice over all images before and
-  after ('val_dice_raw', 'val_dice_postprocessed')."""
+  the gate keeps.
+
+  The gate thresholds the head's presence probability ('head'), the map's peak probability ('peak'), or
+  whichever of the two does better on validation ('auto': more false lesions cleared within the budget, else the
+  higher Dice over all images; the head on a tie). -> what selection.json records: 'presence_threshold' (None:
+  no gate), 'presence_gate_on', 'presence_gate' (how it was chosen), 'postprocess' (the rule),
+  'postprocess_tried' and the validation Dice over all images before and after ('val_dice_raw',
+  'val_dice_postprocessed')."""
   masks = [np.asarray(m, bool).reshape(np.shape(p)[:2]) for p, m in zip(probs, masks)]
   raw = [dice(apply(p), m) for p, m in zip(probs, masks)]
-  threshold = None
+  empty = [not m.any() for m in masks]
+  threshold, source, scores = None, None, None
   if presence is not None:
-    threshold, _, _ = choose_threshold(presence, raw, [not m.any() for m in masks], lesion_budget=lesion_budget)
+    options = {"head": presence, "peak": [float(np.max(p)) if np.size(p) else 0.0 for p in probs]}
+    if gate_on != "auto":
+      options = {gate_on: options[gate_on]}
+    ranked = []
+    for name, values in options.items():
+      t, _, gated = choose_threshold(values, raw, empty, lesion_budget=lesion_budget)
+      cleared = 0 if t is None else int(sum(e and r < 1 and v < t for e, r, v in zip(empty, raw, values)))
+      ranked.append((cleared if lesion_budget is not None else 0, gated, name == "head", name, t))
+    *_, source, threshold = max(ranked)
+    scores = options[source]
   if threshold is not None:  # a gated image's map is all background: no rule can draw on it
-    probs = [np.zeros_like(p) if q < threshold else p for p, q in zip(probs, presence)]
+    probs = [np.zeros_like(p) if q < threshold else p for p, q in zip(probs, scores)]
+  else:
+    source = None
   rule, tried = choose(probs, masks) if search_rule else (dict(NONE), {"none": mean_dice(probs, masks, NONE)})
   return {
-      "presence_threshold": threshold,
+      "presence_threshold": threshold, "presence_gate_on": source,
       "presence_gate": None if presence is None else
                        "best_dice" if lesion_budget is None else f"lesion_budget={lesion_budget:g}",
       "postprocess": rule, "postprocess_tried": tried,

@@ -113,6 +113,7 @@ class Predictor:
   tta: bool = False  # left-right flip averaging, where the run's model selection kept it
   rule: dict | None = None  # post-processing (usjax.postprocess), where it kept one
   presence_threshold: float | None = None  # the presence gate (a model with the head), where it kept one
+  gate_on: str | None = "head"  # what the gate thresholds: the head's probability or the mask's peak ('peak')
 
   def __post_init__(self):
     def forward(v, x):  # logits (with tta, of the flip-averaged probability), peak and presence probabilities
@@ -156,7 +157,8 @@ class Predictor:
         mask = postprocess.apply(expit(lg), self.rule, area=self._square_area(im.shape[:2]))
       else:  # the logits' sign: the same 0.5 threshold as ever, without rounding at the boundary
         mask = lg > 0
-      gated = self.presence_threshold is not None and p is not None and p < self.presence_threshold
+      value = postprocess.gate_value(self.gate_on, p, float(peak[i]))
+      gated = self.presence_threshold is not None and value is not None and value < self.presence_threshold
       out.append({"mask": np.zeros_like(mask) if gated else mask, "max_prob": float(peak[i]), "presence": p})
     return out
 
@@ -218,10 +220,12 @@ def load(workdir: str, *, image_size: int | None = None, channels: int | None = 
   rule, threshold = chosen.get("postprocess"), chosen.get("presence_threshold")
   if threshold is not None and not model.presence_head:
     raise PredictError(f"{selection}: a presence gate for a model without the presence head")
+  gate_on = chosen.get("presence_gate_on") or "head"  # records from before the choice name none: the head
   logging.info("applying what validation chose: flip averaging %s, post-processing %s, presence gate %s",
-               "on" if chosen.get("tta") else "off", rule or "none", "off" if threshold is None else f"{threshold:.3f}")
+               "on" if chosen.get("tta") else "off", rule or "none",
+               "off" if threshold is None else f"{threshold:.3f} on the {gate_on}")
   return Predictor(model, variables, s, cfg["channels"], cfg["aspect"], batch_size, path, bool(chosen.get("tta")),
-                   rule, threshold)
+                   rule, threshold, gate_on)
 
 
 # ---------------------------------------------------------------------------------------------------- scoring

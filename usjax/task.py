@@ -34,6 +34,7 @@ def check_config(cfg) -> None:
     if not 0 <= cfg.presence.lesion_budget <= 1:
       raise UsjaxError(f"config.presence.lesion_budget must be in [0, 1], got {cfg.presence.lesion_budget!r}")
     choices["presence.gate"] = postprocess.GATES
+    choices["presence.gate_on"] = postprocess.GATE_SOURCES
   for key, allowed in choices.items():
     value = functools.reduce(getattr, key.split("."), cfg)
     if value not in allowed:
