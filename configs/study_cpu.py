@@ -4,11 +4,14 @@
     python launch/main.py --config=configs/study_cpu.py:../shared/data,c3 --workdir=runs/study_cpu   # + C3
 
     python launch/main.py --config=configs/study_cpu.py:../shared/data,presence --workdir=runs/study_cpu_presence
+    python launch/main.py --config=configs/study_cpu.py:../shared/data,bf16 --workdir=runs/study_cpu_bf16
 
 The argument after ':' is the folder holding `busi/` and `pocus/`; `,c3` adds the breast-only arm that C3 needs;
 `,presence` is the scratch arm alone with the lesion-presence head and gate and post-processing chosen on
 validation (`presence.weight=0.1`, `postprocess=auto`; results in results/study_cpu_presence/), paired per image
-with the study's scratch cells of the same fold and seed.
+with the study's scratch cells of the same fold and seed. `,bf16` is the quality check of bf16 compute on CPUs that
+multiply bf16 natively: the scratch arm of fold 0, both fractions, seeds 0-2, in bf16 (results in
+results/study_cpu_bf16/), paired per image with the study's f32 cells of the same fold and seed (6 fine-tunes).
 BUSI's near-duplicates are grouped (usjax.data.duplicates; mixed-class groups left out) and the images dealt into
 5 grouped, class-stratified folds: each fold is the test part once, the model is chosen on a validation part
 carved from the other four, and every image is a test image exactly once per seed. Arms: scratch and SimCLR
@@ -35,7 +38,7 @@ def get_config(arg: str = "../shared/data"):
   g.sources = {"multiorgan": "busi,pocus"}
   if "c3" in extra:
     g.sources["breast"] = "busi"
-  if "presence" in extra:  # the scratch arm with the lesion-presence gate and post-processing (README: normal scans)
+  if "presence" in extra or "bf16" in extra:  # the scratch arm alone (README: normal scans; mixed precision)
     g.sources = {}
   g.pretrain_steps = {}
   g.folds = 5
@@ -49,4 +52,7 @@ def get_config(arg: str = "../shared/data"):
   if "presence" in extra:
     g.finetune.presence.weight, g.finetune.postprocess = 0.1, "auto"
     g.name, g.results_dir = "study_cpu_presence", "results/study_cpu_presence"
+  if "bf16" in extra:
+    g.finetune.model.dtype, g.fold_list = "bfloat16", (0,)
+    g.name, g.results_dir = "study_cpu_bf16", "results/study_cpu_bf16"
   return g

@@ -188,6 +188,14 @@ def test_the_cpu_study_runs_every_cell_on_each_fold_with_that_folds_pretraining(
   for f, r, c in fine:
     assert f["pretrain"] == "none" and (c.presence.weight, c.postprocess) == (0.1, "auto")
     assert (c.data.folds, c.data.fold, c.seed) == (study[r].data.folds, study[r].data.fold, study[r].seed)
+  # ,bf16: fold 0's scratch cells in bf16, otherwise the study's (the pairs differ in the compute dtype alone).
+  g = study_cpu.get_config("../shared/data,bf16")
+  pre, fine = grid.plan(g)
+  assert pre == [] and len(fine) == 2 * 3 and g.results_dir == "results/study_cpu_bf16"
+  for f, r, c in fine:
+    assert f["pretrain"] == "none" and f["fold"] == 0 and c.model.dtype == "bfloat16"
+    differ = {k for k, v in c.to_dict().items() if v != study[r].to_dict()[k]}
+    assert differ == {"model"} and {**c.model.to_dict(), "dtype": "float32"} == study[r].model.to_dict()
 
 
 def test_a_pretraining_without_split_aware_sources_is_shared_by_the_folds():
