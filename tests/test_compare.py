@@ -51,6 +51,10 @@ def test_missing_or_disjoint_folders_fail_in_one_line(tmp_path):
   write_run(tmp_path / "b", "other", 100, [1, 1, 1, 1])
   with pytest.raises(UsjaxError, match="no finished run with per_image.json"):
     compare.compare(str(tmp_path / "a"), str(tmp_path / "b"))
+  write_run(tmp_path / "c", "seed-0", 100, [1, 1, 1, 1])
+  (tmp_path / "c" / "seed-0" / "summary.json").write_text("{")
+  with pytest.raises(UsjaxError, match=r"seed-0/summary.json: unreadable \(JSONDecodeError\)"):
+    compare.compare(str(tmp_path / "a"), str(tmp_path / "c"))
   p = subprocess.run([sys.executable, "launch/compare.py", str(tmp_path / "a"), str(tmp_path / "b")], cwd=ROOT,
                      capture_output=True, text=True, timeout=120)
   assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].startswith("compare: ")

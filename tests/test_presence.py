@@ -57,6 +57,7 @@ def test_the_lesion_budget_gate_clears_the_most_false_lesions_it_can_afford():
   threshold, off, gated = postprocess.choose_threshold(presence, dices, empty, lesion_budget=0.01)
   assert threshold == pytest.approx(0.35) and off == pytest.approx(3.4 / 6) and gated == pytest.approx(4.4 / 6)
   assert postprocess.choose_threshold(presence, dices, empty, lesion_budget=0.3)[0] == pytest.approx(0.65)
+  assert [postprocess.cleared(dices, empty, presence, t) for t in (0.25, 0.35, 0.65, 0.8)] == [0, 1, 2, 2]
   missed = [0.8, 0.8, 0.0, 0.0, 0.0, 1.0]  # the 0.4 lesion scored 0: gating it is free
   assert postprocess.choose_threshold(presence, missed, empty, lesion_budget=0.0)[0] == pytest.approx(0.65)
   # Nothing to clear (no normal scan carries a false lesion): off, whatever the budget.

@@ -36,8 +36,12 @@ def paired_runs(a_dir: str, b_dir: str) -> list[tuple[str, dict, list[dict], lis
     a_rows, b_rows = load_per_image(os.path.join(a_dir, name)), load_per_image(os.path.join(b_dir, name))
     if not (a_rows and b_rows):
       continue
-    with open(os.path.join(b_dir, name, "summary.json")) as f:
-      summary = json.load(f)
+    path = os.path.join(b_dir, name, "summary.json")
+    try:
+      with open(path) as f:
+        summary = json.load(f)
+    except (OSError, ValueError) as e:
+      raise UsjaxError(f"{path}: unreadable ({type(e).__name__}), beside a per_image.json") from None
     if isinstance(summary, dict):
       out.append((name, summary, a_rows, b_rows))
   return out

@@ -156,12 +156,11 @@ def score_probabilities(split: dict, rule=None, threshold: float | None = None,
   `gate_on` (`postprocess.final_mask`; None, None: plain thresholding at 0.5) -> (per-image scores as
   `score_split` gives them, plus 'max_prob' and 'presence', and the overlay examples)."""
   presence = split.get("presence")
-  pred = np.stack([
-      postprocess.final_mask(
-          p, rule,
-          postprocess.gate_value(gate_on, None if presence is None else float(presence[i]), float(split["max_prob"][i])),
-          threshold) for i, p in enumerate(split["prob"])
-  ])
+  gate = [
+      postprocess.gate_value(gate_on, None if presence is None else float(presence[i]), float(peak))
+      for i, peak in enumerate(split["max_prob"])
+  ]
+  pred = np.stack([postprocess.final_mask(p, rule, g, threshold) for p, g in zip(split["prob"], gate)])
   true = split["mask"]
   scores = {k: split[k] for k in ("index", "id", "label", "max_prob", "presence") if k in split}
   # Dice and IoU by the training-time scorer's exact arithmetic (metrics.dice_iou)

@@ -212,8 +212,8 @@ def finish(cfg, workdir, selector, scorers, probers, to_global, last_vars, rep, 
 
   The choice: the best (step, weights), then flip averaging and post-processing, each kept only where it raises
   validation Dice over all images, and the presence gate by `config.presence.gate` (the last two on the chosen
-  model's validation probabilities), all recorded in best/selection.json, which `usjax.predict` applies. `fields` (train_images,
-  transfer) go into the summary; `who` prefixes the log lines.
+  model's validation probabilities), all recorded in best/selection.json, which `usjax.predict` applies.
+  `fields` (train_images, transfer) go into the summary; `who` prefixes the log lines.
   """
   best_vars, chosen = selector.best_variables, dict(selector.best)
   use_tta = cfg.tta == "hflip"

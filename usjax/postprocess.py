@@ -91,6 +91,12 @@ def gated_dice(dices: Sequence[float], empty_true: Sequence[bool], presence: Seq
   return np.where(gated, np.asarray(empty_true, bool).astype(np.float64), dices)
 
 
+def cleared(dices: Sequence[float], empty_true: Sequence[bool], presence: Sequence[float], threshold: float) -> int:
+  """How many normal scans carrying a false lesion (Dice below 1) the gate at `threshold` empties."""
+  dices = np.asarray(dices, np.float64)
+  return int(np.sum(gated_dice(dices, empty_true, presence, threshold) > dices))
+
+
 GATES = ("lesion_budget", "best_dice")  # how `choose_threshold` picks the gate (config.presence.gate)
 
 
@@ -120,8 +126,8 @@ def choose_threshold(presence: Sequence[float], dices: Sequence[float], empty_tr
       score = float(np.mean(gated))
     elif (~empty).any() and np.mean(gated[~empty]) < lesion_off - lesion_budget - 1e-12:
       continue
-    else:  # false-lesion normal scans the gate clears
-      score = float(np.sum(empty & (gated > dices)))
+    else:
+      score = float(cleared(dices, empty, presence, t))
     if score > best:
       best_t, best, best_dice = float(t), score, float(np.mean(gated))
   if best_t is None or (best <= off + min_gain if lesion_budget is None else best <= 0):
@@ -171,8 +177,8 @@ def select(probs: Sequence[np.ndarray], masks: Sequence[np.ndarray], presence: S
     ranked = []
     for name, values in options.items():
       t, _, gated = choose_threshold(values, raw, empty, lesion_budget=lesion_budget)
-      cleared = 0 if t is None else int(sum(e and r < 1 and v < t for e, r, v in zip(empty, raw, values)))
-      ranked.append((cleared if lesion_budget is not None else 0, gated, name == "head", name, t))
+      n = cleared(raw, empty, values, t) if t is not None and lesion_budget is not None else 0
+      ranked.append((n, gated, name == "head", name, t))
     *_, source, threshold = max(ranked)
     scores = options[source]
   if threshold is not None:  # a gated image's map is all background: no rule can draw on it
