@@ -151,6 +151,44 @@ def final_mask(prob: np.ndarray, rule: Mapping | None = None, presence: float | 
   return mask
 
 
+def gate_frontier(scores: Sequence[float], dices: Sequence[float], empty_true: Sequence[bool]) -> list[dict]:
+  """Every operating point a gate on `scores` can reach on one set of images, lowest fpr first: for each threshold
+  worth trying (off, then the midpoints `choose_threshold` tries), the share of normal scans still carrying a
+  false lesion ('fpr'), the mean Dice on lesion images, what that costs against no gate ('lesion_cost'), and how
+  many lesion masks it empties. Only the points no other point beats on both fpr and cost are kept.
+
+  Read on a test split this is a diagnostic, not a choice: it says whether any gate on that score could meet a
+  target (say fpr <= 0.05 at a cost <= 0.01) for this model, which no rule chosen on validation can do better.
+  """
+  dices, empty = np.asarray(dices, np.float64), np.asarray(empty_true, bool)
+  scores = np.asarray(scores, np.float64)
+  values = np.unique(scores)
+  lesion_off = float(np.mean(dices[~empty])) if (~empty).any() else 1.0
+  points = []
+  for t in [None, *((values[:-1] + values[1:]) / 2)]:
+    gated = gated_dice(dices, empty, scores, t)
+    lesion = float(np.mean(gated[~empty])) if (~empty).any() else 1.0
+    points.append({
+        "threshold": None if t is None else float(t),
+        "fpr": float(np.mean(gated[empty] < 1.0)) if empty.any() else 0.0,
+        "lesion_dice": lesion, "lesion_cost": lesion_off - lesion,
+        "lesions_emptied": 0 if t is None else int(np.sum(scores[~empty] < t)),
+    })
+  points.sort(key=lambda p: (p["fpr"], p["lesion_cost"]))
+  front, best_cost = [], np.inf
+  for p in points:  # by fpr rising: keep a point only if it costs less than every point with a lower fpr
+    if p["lesion_cost"] < best_cost - 1e-12:
+      front.append(p)
+      best_cost = p["lesion_cost"]
+  return front
+
+
+def cheapest(front: Sequence[dict], max_fpr: float) -> dict | None:
+  """The frontier point that reaches `max_fpr` at the least lesion-Dice cost (None: none reaches it)."""
+  ok = [p for p in front if p["fpr"] <= max_fpr + 1e-12]
+  return min(ok, key=lambda p: p["lesion_cost"]) if ok else None
+
+
 GATE_SOURCES = ("auto", "head", "peak")  # what the gate thresholds (config.presence.gate_on)
 
 
