@@ -170,6 +170,15 @@ def test_folds_and_seeds_pool_into_one_arm_paired_by_replicate(tmp_path):
   assert c1["half_width"] == pytest.approx(1.96 * se, rel=0.3)
   assert c1["mde"] == pytest.approx(2.80 * se, rel=0.3)
   assert "6 (3 folds) / 240" in analysis.claims_markdown([c1])
+  # Runs the CI would need for ±0.02, projected as 1/sqrt(runs) from the 6 paired here.
+  assert c1["runs_for_margin"] == max(6, int(np.ceil(6 * (c1["half_width"] / 0.02) ** 2 - 1e-9)))
+  assert f"| {c1['runs_for_margin']} |" in analysis.claims_markdown([c1])
+
+
+def test_runs_for_a_margin_by_hand():
+  assert claims.runs_for(0.04, 3, 0.02) == 12  # half the width needs four times the runs
+  assert claims.runs_for(0.027, 7, 0.02) == 13  # 7 * 1.8225 = 12.76
+  assert claims.runs_for(0.015, 7, 0.02) == 7  # already there
 
 
 def test_c3_compares_multiorgan_with_each_breast_only_arm(tmp_path):

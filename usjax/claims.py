@@ -111,11 +111,20 @@ def _compare(claim, ref, treat, per_image, margin, n_boot, seed) -> dict:
     note += "; one run: the CI leaves out run-to-run spread"
   n_images = sum(len(set(r["id"] for r in x) & set(r["id"] for r in y)) for x, y in zip(a, b))
   folds = {hashable(p[0].get("fold")) for p in pairs} - {None}
+  half_width = (d["hi"] - d["lo"]) / 2
   return {
       **row, "n_seeds": len(pairs), "n_folds": len(folds), "n_images": n_images, "diff": d["diff"], "lo": d["lo"],
-      "hi": d["hi"], "half_width": (d["hi"] - d["lo"]) / 2, "mde": d["mde"], "p": d["p"], "verdict": verdict,
-      "note": note
+      "hi": d["hi"], "half_width": half_width, "mde": d["mde"], "p": d["p"], "verdict": verdict, "note": note,
+      "runs_for_margin": runs_for(half_width, len(pairs), margin), "margin": margin
   }
+
+
+def runs_for(half_width: float, runs: int, margin: float) -> int:
+  """Paired runs the CI would need to narrow to ±margin, from the half-width reached with `runs`: the spread is run
+  to run, so the half-width falls as 1/sqrt(runs) (a projection, not a promise: new runs bring their own spread)."""
+  if not half_width > margin:
+    return runs
+  return math.ceil(runs * (half_width / margin) ** 2 - 1e-9)
 
 
 def claims(arms: list[tuple[dict, list[dict]]], per_image: Mapping | None = None, *, scratch: str = "none",
@@ -167,11 +176,12 @@ def _replicates(r: dict) -> str:
 
 def claims_markdown(rows: list[dict]) -> str:
   statements = "".join(f"- **{c}**: {s}\n" for c, s in STATEMENTS.items())
+  margin = next((r["margin"] for r in rows if "margin" in r), 0.02)
   header = ["Claim", "Comparison", "Δ Dice [95% CI]", "CI ±", "MDE (80% power)", "p", "runs / image scores",
-            "Verdict", "Note"]
+            f"runs for CI ±{margin:g}", "Verdict", "Note"]
   lines = [[
       r["claim"], r["comparison"], f"{r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]" if "diff" in r else "–",
       fmt(r.get("half_width")), fmt(r.get("mde")), fmt(r.get("p")),
-      _replicates(r), r["verdict"], r.get("note", "")
+      _replicates(r), str(r.get("runs_for_margin", "–")), r["verdict"], r.get("note", "")
   ] for r in rows]
   return statements + "\n" + markdown(header, lines)
