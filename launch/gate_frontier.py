@@ -3,12 +3,14 @@ lesion-image Dice they cost (usjax.postprocess.gate_frontier).
 
     python launch/gate_frontier.py results/finetune_busi_real/presence_128_seed0
     python launch/gate_frontier.py runs/busi_presence_128/per_image.json --max_fpr=0.05 --budget=0.01
+    python launch/gate_frontier.py runs/busi_presence_128/best/val_per_image.json   # what validation showed
 
 Reads a run's per_image.json (the split it scored, usually test) and, for each score it holds (the head's
 presence probability, the mask's peak probability), prints the operating points no other threshold beats, then the
 two answers a target needs: the least lesion-Dice cost of reaching --max_fpr, and the lowest false-positive rate
-within --budget. The run's own gate was chosen on validation; on a test split this only says whether any gate
-could have met the target for this model, and is not a way to choose one.
+within --budget. The run's own gate was chosen on validation, whose per-image scores (masks at 0.5, ungated) a run
+with the head or post-processing keeps in best/val_per_image.json; on a test split the frontier only says whether
+any gate could have met the target for this model, and is not a way to choose one.
 """
 import json
 import os

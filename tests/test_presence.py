@@ -214,6 +214,19 @@ def test_a_short_fine_tune_with_the_head_records_presence_and_its_choices(run):
   selection = json.loads((workdir / "best" / "selection.json").read_text())
   assert set(selection["postprocess"]) == set(postprocess.NONE) and "none" in selection["postprocess_tried"]
   assert "presence_threshold" in selection and selection == summary["selected"]
+  # The validation rows the choice was made on reproduce it: the gate chosen from them alone, by the same rule.
+  val = json.loads((workdir / "best" / "val_per_image.json").read_text())
+  dices, empty = [r["dice"] for r in val], [not r["lesion"] for r in val]
+  assert np.mean(dices) == pytest.approx(selection["val_dice_raw"], abs=1e-6)
+  ranked = []
+  for name, key in (("head", "presence"), ("peak", "max_prob")):
+    t, _, gated = postprocess.choose_threshold([r[key] for r in val], dices, empty,
+                                               lesion_budget=cfg.presence.lesion_budget)
+    n = postprocess.cleared(dices, empty, [r[key] for r in val], t) if t is not None else 0
+    ranked.append((n, gated, name == "head", name, t))
+  *_, source, threshold = max(ranked)
+  assert selection["presence_threshold"] == (pytest.approx(threshold) if threshold is not None else None)
+  assert selection["presence_gate_on"] == (source if threshold is not None else None)
   if "presence_auc" in summary:  # both classes among the few validation images
     assert summary["presence_auc_from"] == "head"
   history = json.loads((workdir / "history.json").read_text())

@@ -212,7 +212,8 @@ def finish(cfg, workdir, selector, scorers, probers, to_global, last_vars, rep, 
 
   The choice: the best (step, weights), then flip averaging and post-processing, each kept only where it raises
   validation Dice over all images, and the presence gate by `config.presence.gate` (the last two on the chosen
-  model's validation probabilities), all recorded in best/selection.json, which `usjax.predict` applies.
+  model's validation probabilities), all recorded in best/selection.json, which `usjax.predict` applies; the
+  validation per-image scores they were chosen on go to best/val_per_image.json.
   `fields` (train_images, transfer) go into the summary; `who` prefixes the log lines.
   """
   best_vars, chosen = selector.best_variables, dict(selector.best)
@@ -235,6 +236,9 @@ def finish(cfg, workdir, selector, scorers, probers, to_global, last_vars, rep, 
     chosen.update(presence_threshold=None, postprocess=dict(postprocess.NONE))
   if jax.process_index() == 0:  # what launch/predict.py applies with the best weights
     report.write_json(os.path.join(workdir, "best", "selection.json"), chosen)
+    if head or search:  # the validation masks (at 0.5, ungated) the choice was made on: launch/gate_frontier.py
+      report.write_json(os.path.join(workdir, "best", "val_per_image.json"),
+                        evaluate.per_image_rows(evaluate.score_probabilities(val_split)[0]))
   logging.info(
       "%sselected on validation: step %d, %s weights, flip averaging %s, post-processing %s, presence gate %s%s: "
       "validation Dice %.4f (lesion images %.4f)%s", who, chosen["step"], chosen["weights"],

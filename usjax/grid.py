@@ -121,7 +121,8 @@ def plan(
 
 
 # A run's small outputs, the ones committed under results/ (paths inside its workdir).
-RESULTS = ("summary.json", "per_image.json", "history.json", os.path.join("best", "selection.json"))
+RESULTS = ("summary.json", "per_image.json", "history.json", os.path.join("best", "selection.json"),
+           os.path.join("best", "val_per_image.json"))
 
 
 def finished(workdir: str) -> bool:
