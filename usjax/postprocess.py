@@ -10,7 +10,8 @@ is recorded with the model (best/selection.json) and applied wherever that model
 A model with the lesion-presence head (`models.UNet(presence_head=True)`) also gets a gate: below a threshold on
 its presence probability the mask is emptied. `choose_threshold` picks it on validation (by default the one that
 clears the most normal scans within a budget of lesion-image Dice), `select`
-chooses both for a run (the gate first, then the rule on what the gate keeps) and `final_mask` applies them.
+chooses both for a run (the gate first, then the rule on what the gate keeps) and `final_mask` applies them;
+`gate_frontier` lists what any threshold would do on a set of scored images (launch/gate_frontier.py).
 """
 from __future__ import annotations
 
@@ -158,7 +159,7 @@ def gate_frontier(scores: Sequence[float], dices: Sequence[float], empty_true: S
   many lesion masks it empties. Only the points no other point beats on both fpr and cost are kept.
 
   Read on a test split this is a diagnostic, not a choice: it says whether any gate on that score could meet a
-  target (say fpr <= 0.05 at a cost <= 0.01) for this model, which no rule chosen on validation can do better.
+  target (say fpr <= 0.05 at a cost <= 0.01) for this model: no threshold chosen on validation can do better.
   """
   dices, empty = np.asarray(dices, np.float64), np.asarray(empty_true, bool)
   scores = np.asarray(scores, np.float64)
