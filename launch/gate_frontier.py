@@ -8,7 +8,7 @@ lesion-image Dice they cost (usjax.postprocess.gate_frontier).
 Reads a run's per_image.json (the split it scored, usually test) and, for each score it holds (the head's
 presence probability, the mask's peak probability), prints the operating points no other threshold beats, then the
 two answers a target needs: the least lesion-Dice cost of reaching --max_fpr, and the lowest false-positive rate
-within --budget. The run's own gate was chosen on validation, whose per-image scores (masks at 0.5, ungated) a run
+within --budget (--out=FILE writes them as JSON). The run's own gate was chosen on validation, whose per-image scores (masks at 0.5, ungated) a run
 with the head or post-processing keeps in best/val_per_image.json; on a test split the frontier only says whether
 any gate could have met the target for this model, and is not a way to choose one.
 """
@@ -22,6 +22,7 @@ from absl import app, flags  # noqa: E402
 
 flags.DEFINE_float("max_fpr", 0.05, "Target share of normal scans with a false lesion.")
 flags.DEFINE_float("budget", 0.01, "Lesion-image Dice a gate may cost.")
+flags.DEFINE_string("out", None, "Optional JSON file for the frontiers and the two answers.")
 
 SCORES = (("head", "presence"), ("peak", "max_prob"))  # (name, per_image.json key)
 
@@ -41,6 +42,7 @@ def main(argv):
   fl = flags.FLAGS
   print(f"{path}: {len(rows)} images, {sum(empty)} normal; target: false lesions on <= {fl.max_fpr:.0%} of "
         f"normal scans at a lesion-Dice cost <= {fl.budget:g}\n")
+  out = {"per_image": path, "max_fpr": fl.max_fpr, "budget": fl.budget, "gates": {}}
   for name, key in SCORES:
     if not all(r.get(key) is not None for r in rows):
       print(f"{name} ({key}): not recorded\n")
@@ -57,6 +59,12 @@ def main(argv):
     verdict = "met" if need is not None and need["lesion_cost"] <= fl.budget + 1e-12 else "not met"
     print(f"\n{fl.max_fpr:.0%} false lesions: {reach}; within a cost of {fl.budget:g}: {within['fpr']:.1%} at best "
           f"-> target {verdict} by any gate on the {name}\n")
+    out["gates"][name] = {"score": key, "frontier": front, "cheapest_at_max_fpr": need, "best_within_budget": within,
+                          "target_met": verdict == "met"}
+  if fl.out:
+    os.makedirs(os.path.dirname(os.path.abspath(fl.out)), exist_ok=True)
+    with open(fl.out, "w") as f:
+      json.dump(out, f, indent=2)
 
 
 if __name__ == "__main__":

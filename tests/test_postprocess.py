@@ -80,11 +80,13 @@ def test_gate_frontier_command_prints_the_verdict_and_stops_in_one_line_on_bad_i
   rows = [{"id": str(i), "dice": d, "lesion": not e, "presence": s, "max_prob": s}
           for i, (d, e, s) in enumerate(zip(FRONT_DICES, FRONT_EMPTY, FRONT_SCORES))]
   (tmp_path / "per_image.json").write_text(json.dumps(rows))
-  p = subprocess.run([sys.executable, "launch/gate_frontier.py", str(tmp_path), "--max_fpr=0.05", "--budget=0.25"],
-                     cwd=root, capture_output=True, text=True, timeout=120)
+  p = subprocess.run([sys.executable, "launch/gate_frontier.py", str(tmp_path), "--max_fpr=0.05", "--budget=0.25",
+                      f"--out={tmp_path / 'front.json'}"], cwd=root, capture_output=True, text=True, timeout=120)
   assert p.returncode == 0, p.stderr
   assert "| 0.7500 | 0.0% | 0.400 | 0.200 | 1 |" in p.stdout
   assert p.stdout.count("target met by any gate") == 2
+  written = json.loads((tmp_path / "front.json").read_text())["gates"]
+  assert written["head"]["target_met"] and written["peak"]["cheapest_at_max_fpr"]["threshold"] == pytest.approx(0.75)
   (tmp_path / "per_image.json").write_text("[{\"dice\": 1.0}]")
   p = subprocess.run([sys.executable, "launch/gate_frontier.py", str(tmp_path)], cwd=root, capture_output=True,
                      text=True, timeout=120)
