@@ -13,6 +13,8 @@ from ml_collections import config_flags  # noqa: E402
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py); override fields with --config.x=y.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, summary.json and TensorBoard events.")
+flags.DEFINE_string("compilation_cache", "auto", "Folder for compiled programs reused across runs: 'auto' "
+                    "(JAX_COMPILATION_CACHE_DIR, else ~/.cache/usjax/jax), 'none', or a path.")
 flags.mark_flags_as_required(["config"])
 
 # Keys renamed so that the fine-tuning set and the pre-training mixture cannot be mistaken for each other.
@@ -52,6 +54,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from usjax import UsjaxError, grid, report, runtime, task
   runtime.keep_host_memory()  # before JAX's first computation
+  runtime.compilation_cache(flags.FLAGS.compilation_cache)  # before its first compilation
   report.quiet_libraries()
   cfg = flags.FLAGS.config
   try:
