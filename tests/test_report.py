@@ -31,3 +31,34 @@ def test_progress_rate_and_eta_from_elapsed_steps(tmp_path, clock, caplog):
 def test_duration_formats():
   assert report._duration(59) == "00:59"
   assert report._duration(3 * 3600 + 61) == "3:01:01"
+
+
+def test_quiet_libraries_drops_orbax_task_errors_that_asyncio_logs_and_keeps_other_errors():
+  # On a full disk, orbax's other write tasks fail the same way; asyncio logs each as it is collected, possibly
+  # after the run's one-line error. Their failure already reached the caller as an exception.
+  import logging as pylog
+  from absl import logging as absl_logging
+  from usjax import report
+  handler = absl_logging.get_absl_handler()
+  handlers = pylog.getLogger().handlers + [handler]
+  before = {id(h): list(h.filters) for h in handlers}
+  report.quiet_libraries()
+  try:
+    check_quiet(handler)
+  finally:  # the filters are process-wide: leave the other tests' logging as it was
+    for h in handlers:
+      h.filters[:] = before[id(h)]
+
+
+def check_quiet(handler):
+  import logging as pylog
+  asyncio_error = lambda msg: pylog.LogRecord("asyncio", pylog.ERROR, "/usr/lib/python3.11/asyncio/base_events.py",
+                                              1771, msg, None, None)
+  orbax_task = ("Task exception was never retrieved\nfuture: <Task finished name='Task-559' coro=<async_serialize_"
+                "from_host() done, defined at /venv/site-packages/orbax/checkpoint/_src/serialization/"
+                "serialization.py:126> exception=ValueError('RESOURCE_EXHAUSTED: No space left on device')>")
+  other_task = "Task exception was never retrieved\nfuture: <Task finished coro=<fetch() defined at /app/mine.py:3>>"
+  assert not handler.filter(asyncio_error(orbax_task))
+  assert handler.filter(asyncio_error(other_task))
+  assert handler.filter(pylog.LogRecord("usjax", pylog.ERROR, "/work/usjax/main.py", 1, "error: disk full", None,
+                                        None))

@@ -18,7 +18,8 @@ from usjax import storage
 def quiet_libraries() -> None:
   """Keeps the console to this run's progress: INFO lines from orbax, TFDS and grain internals are dropped, and
   orbax's ERROR lines too: its failures reach the caller as exceptions, which `checkpoint` and `predict` report
-  in one line, while orbax logs each from several threads with a traceback apiece (a full disk: hundreds)."""
+  in one line, while orbax logs each from several threads with a traceback apiece (a full disk: hundreds), and
+  asyncio logs those of its write tasks that nobody awaited."""
   import logging as pylog
   noisy = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/array_record/", "/jax/_src/")
   harmless = ("Using custom data configuration", "OpenCV is not installed", "read only=", "read_only=True")
@@ -26,6 +27,10 @@ def quiet_libraries() -> None:
   class Filter(pylog.Filter):
     def filter(self, record):
       if "/orbax/" in record.pathname and record.levelno >= pylog.ERROR:
+        return False
+      # The same failure from orbax's other write tasks, logged by asyncio when each is collected, at any moment
+      # up to the exit: after the one-line error, on a full disk.
+      if "/asyncio/" in record.pathname and record.levelno >= pylog.ERROR and "/orbax/" in record.getMessage():
         return False
       if any(n in record.pathname for n in noisy):
         return record.levelno >= pylog.WARNING and not str(record.msg).startswith(harmless) and not any(
