@@ -117,11 +117,10 @@ def choose_threshold(presence: Sequence[float], dices: Sequence[float], empty_tr
   the fewest masks, wins.
   """
   dices, empty = np.asarray(dices, np.float64), np.asarray(empty_true, bool)
-  values = np.unique(np.asarray(presence, np.float64))
   off = float(np.mean(dices)) if len(dices) else 1.0
   lesion_off = float(np.mean(dices[~empty])) if (~empty).any() else 1.0
   best_t, best, best_dice = None, -np.inf, off
-  for t in (values[:-1] + values[1:]) / 2:
+  for t in candidates(presence):
     gated = gated_dice(dices, empty, presence, t)
     if lesion_budget is None:
       score = float(np.mean(gated))
@@ -134,6 +133,12 @@ def choose_threshold(presence: Sequence[float], dices: Sequence[float], empty_tr
   if best_t is None or (best <= off + min_gain if lesion_budget is None else best <= 0):
     return None, off, off
   return best_t, off, best_dice
+
+
+def candidates(scores: Sequence[float]) -> np.ndarray:
+  """The thresholds worth trying on `scores`: the midpoints between consecutive distinct values."""
+  values = np.unique(np.asarray(scores, np.float64))
+  return (values[:-1] + values[1:]) / 2
 
 
 def gate_value(gate_on: str | None, presence: float | None, peak: float) -> float | None:
@@ -163,10 +168,9 @@ def gate_frontier(scores: Sequence[float], dices: Sequence[float], empty_true: S
   """
   dices, empty = np.asarray(dices, np.float64), np.asarray(empty_true, bool)
   scores = np.asarray(scores, np.float64)
-  values = np.unique(scores)
   lesion_off = float(np.mean(dices[~empty])) if (~empty).any() else 1.0
   points = []
-  for t in [None, *((values[:-1] + values[1:]) / 2)]:
+  for t in [None, *candidates(scores)]:
     gated = gated_dice(dices, empty, scores, t)
     lesion = float(np.mean(gated[~empty])) if (~empty).any() else 1.0
     points.append({
